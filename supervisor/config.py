@@ -1,0 +1,307 @@
+"""The fleet config (`fleet.yaml`): its schema, defaults and validation.
+
+Every field is parsed by a named converter that quotes the bad value; `load_config`
+turns all problems into one `ConfigError` naming file, line, key, value and expectation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from supervisor.errors import ConfigError
+from supervisor.runtimes import Runtime
+from supervisor.units import format_size, parse_duration, parse_size
+from supervisor.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
+
+DEFAULT_CONFIG_PATH = Path("/etc/fleetd/fleet.yaml")
+CONFIG_ENV = "FLEETD_CONFIG"
+
+SizeBytes = Annotated[int, BeforeValidator(parse_size)]
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+# Compose service/container names and model names: refused here rather than escaped
+# later, because no runtime accepts whitespace, quotes or `$` in them anyway.
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._:/@+~-]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid {what} (expected letters, digits, '_', '.', '-', "
+            "starting with a letter or digit)"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RungConfig(_Strict):
+    """One model of a service's ladder; the need is declared or estimated from metadata."""
+
+    model: str
+    vram: SizeBytes | None = None
+    metadata: Path | None = None
+    context: Annotated[int, Field(gt=0)] | None = None
+    parallel: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not _MODEL_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a model name (expected letters, digits and ._:/@+~- "
+                "with no spaces, quotes or control characters)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _need_known(self) -> RungConfig:
+        if self.vram is None and self.metadata is None:
+            raise ValueError(
+                f"rung {self.model!r} has no VRAM need (expected `vram: SIZE`, e.g. 2048MiB, "
+                "or `metadata: PATH` to a GGUF file or Hugging Face model folder)"
+            )
+        return self
+
+
+class ServiceConfig(_Strict):
+    """A served model or app: what runs it, which containers are its, and its ladder."""
+
+    runtime: Runtime
+    containers: Annotated[list[str], Field(min_length=1)]
+    watch: list[str] | None = None
+    restart: list[str] | None = None
+    ladder: Annotated[list[RungConfig], Field(min_length=1)]
+    priority: int = 0
+    gpu: int | list[int] | None = None
+    image: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    model_env: str | None = None
+
+    @field_validator("containers", "watch", "restart")
+    @classmethod
+    def _container_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            _check_name(name, "container name")
+        return value
+
+    @field_validator("model_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_RE.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _generic_needs_image(self) -> ServiceConfig:
+        if self.runtime is Runtime.GENERIC and self.image is None:
+            raise ValueError("a `generic` service needs `image:` (the app's container image)")
+        return self
+
+    @property
+    def pinned_gpus(self) -> frozenset[int] | None:
+        if self.gpu is None:
+            return None
+        return frozenset([self.gpu] if isinstance(self.gpu, int) else self.gpu)
+
+    @property
+    def watched(self) -> list[str]:
+        return self.watch if self.watch is not None else self.containers
+
+    @property
+    def restarted(self) -> list[str]:
+        return self.restart if self.restart is not None else self.containers
+
+
+class GpuDeclaration(_Strict):
+    """A GPU declared in the config instead of discovered through NVML."""
+
+    name: str = "declared GPU"
+    memory: SizeBytes
+
+    @field_validator("memory")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"{value!r} is not a positive size")
+        return value
+
+
+class PolicyConfig(_Strict):
+    """When incidents step a service down, and how long fleetd waits after a change."""
+
+    incidents_to_step_down: Annotated[int, Field(ge=1)] = 3
+    incident_window: Seconds = 600.0
+    cooldown: Seconds = 60.0
+    burst_window: Seconds = 2.0
+    stop_timeout: Seconds = 10.0
+
+
+class FleetConfig(_Strict):
+    """The whole `fleet.yaml`."""
+
+    budget: Annotated[float, Field(gt=0, le=1)] = 0.85
+    gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
+    ollama_instances_per_gpu: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    policy: PolicyConfig = PolicyConfig()
+    services: dict[str, ServiceConfig]
+    _source: Path = PrivateAttr(default=Path("fleet.yaml"))
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, value: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+        for name in value:
+            _check_name(name, "service name")
+        return value
+
+    @model_validator(mode="after")
+    def _containers_unique(self) -> FleetConfig:
+        owner: dict[str, str] = {}
+        for name, service in self.services.items():
+            for container in service.containers:
+                if container in owner:
+                    raise ValueError(
+                        f"container {container!r} belongs to both {owner[container]!r} and "
+                        f"{name!r} (expected each container in one service)"
+                    )
+                owner[container] = name
+        return self
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return path if path.is_absolute() else self._source.parent / path
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path) -> FleetConfig:
+    """Read and validate a fleet config; every problem is reported in one ConfigError."""
+    data, lines = load_yaml_with_lines(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping with at least `services:`")
+    try:
+        config = FleetConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_report(_relevant(e.errors()), lines, path)) from None
+    config._source = path
+    return config
+
+
+def _relevant(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """Drop a union branch's complaint when another branch got further into the value.
+
+    `gpus: [{memroy: 12GiB}]` fails both as `'auto'` and as a list; only the list's
+    complaint about `memroy` helps the reader.
+    """
+    paths = [_yaml_path(error["loc"]) for error in errors]
+    return [
+        error
+        for error, at in zip(errors, paths, strict=True)
+        if _yaml_path(error["loc"]) == error["loc"]
+        or not any(len(other) > len(at) and other[: len(at)] == at for other in paths)
+    ]
+
+
+def _report(errors: list[ErrorDetails], lines: dict[KeyPath, int], path: Path) -> str:
+    """One line per bad key; a union's alternatives merge (`expected 'auto' or a list`)."""
+    by_key: dict[str, list[str]] = {}
+    for error in errors:
+        at = _yaml_path(error["loc"])
+        line = line_of(lines, at)
+        where = f"{path}:{line}" if line is not None else str(path)
+        by_key.setdefault(f"{where}: {dotted(at)}", []).append(_explain(error, at))
+    return "\n".join(f"{key}: {_merge(reasons)}" for key, reasons in by_key.items())
+
+
+def _merge(reasons: list[str]) -> str:
+    got = reasons[0].split("; expected ")[0]
+    if len(reasons) > 1 and all(r.startswith(got + "; expected ") for r in reasons):
+        return f"{got}; expected " + " or ".join(r.split("; expected ", 1)[1] for r in reasons)
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> KeyPath:
+    # pydantic adds entries for union members and dict keys; keep only real YAML keys.
+    skip = {"[key]", "literal['auto']", "list[GpuDeclaration]", "int", "list[int]"}
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in skip or "[" in p)))
+
+
+def _explain(error: ErrorDetails, at: KeyPath) -> str:
+    kind, message, value = error["type"], error["msg"], error.get("input")
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    if kind == "missing":
+        return "missing (this key is required)"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(at[:-1]))
+        return f"unknown key (expected one of: {allowed})"
+    if kind == "too_short":
+        return f"got {_show(value)}; expected at least {error['ctx']['min_length']} item(s)"
+    expected = message.removeprefix("Input should be ").removeprefix("Input ")
+    return f"got {_show(value)}; expected {expected}"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 1024**2:
+        return f"{value!r} ({format_size(value)})"
+    return repr(value)
+
+
+def _allowed_keys(at: KeyPath) -> list[str]:
+    """The keys a mapping at this path accepts, found by walking the annotations."""
+    annotation: Any = FleetConfig
+    for part in at:
+        annotation = _child(annotation, part)
+    model = _child(annotation, None)
+    return (
+        sorted(model.model_fields)
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        else []
+    )
+
+
+def _child(annotation: Any, part: str | int | None) -> Any:
+    """Step from a type to the type of its `part` (None: the model itself, if any)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if part is None:
+            return annotation
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and isinstance(part, int):
+        return args[0]
+    if origin is dict and isinstance(part, str):
+        return args[1]
+    if origin in (Union, types.UnionType, Annotated):
+        for arg in args:
+            found = _child(arg, part)
+            if found is not None:
+                return found
+    return None
