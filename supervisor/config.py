@@ -98,6 +98,9 @@ class ServiceConfig(_Strict):
     image: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     model_env: str | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    volumes: list[str] = Field(default_factory=list)
+    healthcheck: str | None = None
 
     @field_validator("containers", "watch", "restart")
     @classmethod
@@ -111,6 +114,14 @@ class ServiceConfig(_Strict):
     def _env_name(cls, value: str | None) -> str | None:
         if value is not None and not _ENV_RE.match(value):
             raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_RE.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
         return value
 
     @model_validator(mode="after")

@@ -1,0 +1,1 @@
+"""Command-line entry points: `fleetd` (the daemon) and `fleetctl` (people and scripts)."""

@@ -1,0 +1,130 @@
+"""`fleetctl`: plan the fleet, generate compose files (and, with the daemon, control it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from supervisor import __version__
+from supervisor.analyzer import FleetPlan, analyze
+from supervisor.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    config_option,
+    default_state_dir,
+    gpu_option,
+    json_option,
+    read_config,
+    run_cli,
+    state_dir_option,
+)
+from supervisor.compose import build_project
+from supervisor.config import FleetConfig
+from supervisor.errors import UsageError
+from supervisor.fsutil import atomic_write
+from supervisor.gpus import Nvml, resolve_gpus
+from supervisor.report import plan_json, print_plan
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fleetctl")
+def cli() -> None:
+    """Plan, generate and control a fleet of LLM serving containers on GPU hosts.
+
+    Exit codes: 0 ok, 1 failure (e.g. a service that fits nowhere), 2 usage or config error.
+    """
+
+
+def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
+    nvml = Nvml()
+    try:
+        discovery = resolve_gpus(config, gpu_specs, nvml)
+    finally:
+        nvml.shutdown()
+    if discovery.problem and not quiet:  # the text plan prints it among its notes
+        click.echo(f"fleetctl: {discovery.problem}", err=True)
+    return analyze(config, discovery)
+
+
+@cli.command()
+@config_option
+@gpu_option
+@json_option
+def plan(config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool) -> int:
+    """Show which rung of each ladder runs on which GPU, and why.
+
+    Per GPU: budget, planned VRAM and headroom; per service: the chosen rung, how each
+    VRAM need was obtained, and why each more-preferred rung did not fit.
+    Exits 0 when every service is placed, 1 when one is not.
+    """
+    result = _plan(read_config(config_path), gpu_specs, quiet=not as_json)
+    if as_json:
+        click.echo(json.dumps(plan_json(result), indent=2))
+    else:
+        # Never truncate a table cell: scripts and pagers get the full width.
+        print_plan(result, Console(highlight=False, width=max(Console().width, 160)))
+    return EXIT_OK if result.all_placed else EXIT_FAILURE
+
+
+@cli.command()
+@config_option
+@gpu_option
+@state_dir_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for compose.yml and .env (created if missing).",
+)
+@click.option(
+    "--templates",
+    "template_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Jinja templates to use instead of the built-in ones.",
+)
+def generate(
+    config_path: Path | None,
+    gpu_specs: tuple[str, ...],
+    state_dir: Path | None,
+    out_dir: Path,
+    template_dir: Path | None,
+) -> int:
+    """Write a compose project sized to the plan: compose.yml and .env.
+
+    Also writes each service's model hand-off file (STATE_DIR/services/NAME/model) when it
+    does not exist yet; an existing one belongs to fleetd and is left alone.
+    Exits 0 when every service is placed, 1 when one is not (it is left out of the file).
+    """
+    if template_dir is not None and not (template_dir / "compose.yml.j2").is_file():
+        raise UsageError(f"--templates {template_dir}: no compose.yml.j2 there")
+    result = _plan(read_config(config_path), gpu_specs)
+    state = (state_dir or default_state_dir()).resolve()
+    project = build_project(result, state, template_dir)  # raises before anything is written
+    atomic_write(out_dir / "compose.yml", project.compose_yaml)
+    atomic_write(out_dir / ".env", "".join(f"{k}={v}\n" for k, v in project.env.items()))
+    count = len(project.models)
+    click.echo(
+        f"wrote {out_dir / 'compose.yml'} ({count} service{'s' * (count != 1)}) "
+        f"and {out_dir / '.env'}"
+    )
+    for service, model in project.models.items():
+        handoff = state / "services" / service / "model"
+        if not handoff.exists():
+            atomic_write(handoff, model + "\n")
+            click.echo(f"wrote {handoff} ({model})")
+    for service in project.skipped:
+        click.echo(
+            f"fleetctl: {service} is NOT PLACED and was left out: "
+            f"{result.services[service].reason}",
+            err=True,
+        )
+    return EXIT_OK if not project.skipped else EXIT_FAILURE
+
+
+def main() -> None:
+    run_cli(cli, "fleetctl")

@@ -1,0 +1,330 @@
+"""Render the plan into a compose project (compose.yml + .env) from Jinja templates.
+
+Safety: every `{{ }}` in a template must pass through `q` (a JSON-quoted scalar, which
+is valid YAML, with `$` doubled so compose does not interpolate it) or be a number; the
+environment's `finalize` refuses any other value. The rendered YAML is then parsed back
+and compared with what was meant, so no value can change the file's structure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from supervisor import __version__
+from supervisor.analyzer import FleetPlan, ServicePlan
+from supervisor.errors import RenderError
+from supervisor.runtimes import Runtime
+
+HANDOFF_DIR = "/run/fleetd"
+DEFAULT_IMAGES = {
+    Runtime.OLLAMA: "ollama/ollama:latest",
+    Runtime.VLLM: "vllm/vllm-openai:latest",
+    Runtime.LLAMACPP: "ghcr.io/ggml-org/llama.cpp:server-cuda",
+}
+FIRST_PORT = {Runtime.OLLAMA: 11434, Runtime.VLLM: 8000, Runtime.LLAMACPP: 8080}
+CONTAINER_PORT = {Runtime.OLLAMA: 11434, Runtime.VLLM: 8000, Runtime.LLAMACPP: 8080}
+
+# Start scripts read the hand-off file when the container starts, so a restart through
+# the Docker SDK picks up a new model with the same container (no compose drift).
+_OLLAMA_START = (
+    "ollama serve & pid=$!; trap 'kill -TERM $pid' TERM INT; "
+    "until ollama list >/dev/null 2>&1; do sleep 1; done; "
+    'ollama pull "$(cat /run/fleetd/model)" || echo "fleetd: pull failed, using local models"; '
+    "wait $pid"
+)
+_VLLM_START = 'exec vllm serve "$(cat /run/fleetd/model)" "$@"'
+_LLAMACPP_START = 'exec /app/llama-server -m "$(cat /run/fleetd/model)" "$@"'
+
+
+class Quoted(str):
+    """A value already rendered as a safe YAML scalar."""
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    test: list[str]
+    interval: str = "30s"
+    timeout: str = "10s"
+    retries: int = 3
+    start_period: str = "60s"
+
+
+@dataclass(frozen=True)
+class RenderedService:
+    name: str
+    template: str
+    runtime: str
+    container: str
+    image: str
+    gpu: int
+    model: str
+    handoff_mount: Quoted
+    args: list[str] = field(default_factory=list)
+    environment: list[tuple[str, Quoted]] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    port_mapping: str | None = None
+    start_script: str | None = None
+    healthcheck: Healthcheck | None = None
+
+
+@dataclass(frozen=True)
+class ComposeProject:
+    compose_yaml: str
+    env: dict[str, str]
+    models: dict[str, str]  # service -> model to hand off
+    skipped: list[str]  # services with no place in the plan
+
+
+def quote(value: object) -> Quoted:
+    """A YAML double-quoted scalar (JSON is valid YAML) with `$` escaped for compose."""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise RenderError(f"cannot render {value!r} into a compose file")
+    return Quoted(json.dumps(str(value).replace("$", "$$")))
+
+
+def quote_raw(value: object) -> Quoted:
+    """A quoted scalar whose `${VAR}` compose must interpolate (fleetd's own values only)."""
+    return Quoted(json.dumps(str(value)))
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, Quoted) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise RenderError(f"template printed an unquoted value {value!r}; pipe it through `q`")
+
+
+def default_template_dir() -> Path:
+    """`templates/` of the checkout when run from one, else the copy inside the package."""
+    checkout = Path(__file__).resolve().parent.parent / "templates"
+    if (checkout / "compose.yml.j2").is_file():
+        return checkout
+    return Path(str(resources.files("supervisor") / "templates"))
+
+
+def template_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir or default_template_dir())),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        autoescape=False,  # YAML, not HTML: `q` does the escaping
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = quote
+    env.filters["qraw"] = quote_raw
+    return env
+
+
+_SAFE_ENV_VALUE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:@+~-"
+)
+
+
+def model_env_var(service: str) -> str:
+    """The .env variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
+    return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
+
+
+def build_project(
+    plan: FleetPlan, state_dir: Path, template_dir: Path | None = None
+) -> ComposeProject:
+    """Render the compose project for the placed services of a plan."""
+    placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
+    _check_env_value("state dir", str(state_dir))
+    ports = _assign_ports(placed)
+    services = [_service(s, plan, ports.get(s.name)) for s in placed]
+    volumes = sorted({v.split(":")[0] for s in services for v in s.volumes if _is_named(v)})
+    env = {"FLEETD_STATE_DIR": str(state_dir)}
+    env.update({model_env_var(s.name): s.model for s in services})
+    text = (
+        template_environment(template_dir)
+        .get_template("compose.yml.j2")
+        .render(
+            version=__version__,
+            config_path=str(plan.config.source),
+            gpus=[_gpu_label(g.gpu.index, g.gpu.name, g.gpu.total_bytes) for g in plan.gpus],
+            services=services,
+            volumes=volumes,
+        )
+    )
+    _verify(text, services, volumes)
+    skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
+    return ComposeProject(text, env, {s.name: s.model for s in services}, skipped)
+
+
+def _gpu_label(index: int, name: str, total_bytes: int) -> dict[str, Any]:
+    return {"index": index, "label": f"{name} ({total_bytes / 1024**3:.1f} GiB)"}
+
+
+def _is_named(volume: str) -> bool:
+    source = volume.split(":")[0]
+    return bool(source) and not source.startswith(("/", ".", "~", "$"))
+
+
+def _assign_ports(placed: list[ServicePlan]) -> dict[str, int]:
+    """Host ports: the configured ones, then 11434, 11435, ... per runtime, never twice."""
+    taken: dict[int, str] = {}
+    for svc in placed:
+        port = svc.service.port
+        if port is not None:
+            if port in taken:
+                raise RenderError(
+                    f"services {taken[port]!r} and {svc.name!r} both ask for port {port}"
+                )
+            taken[port] = svc.name
+    ports = {s.name: s.service.port for s in placed if s.service.port is not None}
+    for svc in sorted(placed, key=lambda s: s.name):
+        first = FIRST_PORT.get(svc.service.runtime)
+        if svc.name in ports or first is None:
+            continue
+        port = next(p for p in range(first, 65536) if p not in taken)
+        taken[port], ports[svc.name] = svc.name, port
+    return {k: v for k, v in ports.items() if v is not None}
+
+
+def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:
+    assert svc.rung is not None and svc.gpu is not None and svc.model is not None
+    runtime, config = svc.service.runtime, svc.service
+    rung = config.ladder[svc.rung]
+    gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
+    container_port = CONTAINER_PORT.get(runtime, host_port)
+    env: list[tuple[str, Quoted]] = [("FLEETD_MODEL_FILE", quote(f"{HANDOFF_DIR}/model"))]
+    if config.model_env:
+        env.append((config.model_env, quote_raw("${" + model_env_var(svc.name) + "}")))
+    env += [(k, quote(v)) for k, v in _runtime_env(runtime, rung.context, rung.parallel)]
+    env += [(k, quote(v)) for k, v in sorted(config.environment.items())]
+    return RenderedService(
+        name=svc.name,
+        template=f"{runtime.value}.yml.j2",
+        runtime=runtime.value,
+        container=config.containers[0],
+        image=config.image or DEFAULT_IMAGES[runtime],
+        gpu=svc.gpu,
+        model=svc.model,
+        handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
+        args=_runtime_args(runtime, rung.context, rung.parallel, svc.need_bytes or 0, gpu_total),
+        environment=env,
+        volumes=_runtime_volumes(svc.name, runtime) + list(config.volumes),
+        port_mapping=f"127.0.0.1:{host_port}:{container_port}" if host_port else None,
+        start_script={
+            Runtime.OLLAMA: _OLLAMA_START,
+            Runtime.VLLM: _VLLM_START,
+            Runtime.LLAMACPP: _LLAMACPP_START,
+        }.get(runtime),
+        healthcheck=_healthcheck(runtime, config.healthcheck),
+    )
+
+
+def _runtime_env(
+    runtime: Runtime, context: int | None, parallel: int | None
+) -> list[tuple[str, str]]:
+    if runtime is not Runtime.OLLAMA:
+        return []
+    env = [
+        ("OLLAMA_HOST", "0.0.0.0:11434"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),  # the plan budgets one model per service
+        ("OLLAMA_NUM_PARALLEL", str(parallel or 1)),  # the slots the KV estimate counted
+        ("OLLAMA_KEEP_ALIVE", "-1"),  # budgeted VRAM stays loaded; fleetd unloads on change
+    ]
+    if context:
+        env.append(("OLLAMA_CONTEXT_LENGTH", str(context)))
+    return env
+
+
+def _runtime_args(
+    runtime: Runtime, context: int | None, parallel: int | None, need: int, gpu_total: int
+) -> list[str]:
+    if runtime is Runtime.VLLM:
+        # vLLM takes this share of the whole GPU for weights, activations and KV cache.
+        share = min(0.99, math.ceil(need / gpu_total * 100) / 100)
+        args = ["--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", f"{share:.2f}"]
+        return args + (["--max-model-len", str(context)] if context else [])
+    if runtime is Runtime.LLAMACPP:
+        return [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+            "-ngl",
+            "999",
+            "-c",
+            str(context or 4096),
+            "-np",
+            str(parallel or 1),
+        ]
+    return []
+
+
+def _runtime_volumes(service: str, runtime: Runtime) -> list[str]:
+    if runtime is Runtime.OLLAMA:
+        return [f"ollama-{service}:/root/.ollama"]
+    if runtime is Runtime.VLLM:
+        return ["huggingface-cache:/root/.cache/huggingface"]
+    return []
+
+
+def _healthcheck(runtime: Runtime, custom: str | None) -> Healthcheck | None:
+    if custom:
+        return Healthcheck(test=["CMD-SHELL", custom])
+    if runtime is Runtime.OLLAMA:
+        return Healthcheck(test=["CMD-SHELL", "ollama list >/dev/null 2>&1 || exit 1"])
+    if runtime is Runtime.VLLM:  # big models take minutes to load
+        return Healthcheck(
+            test=["CMD", "curl", "-fsS", "http://127.0.0.1:8000/health"], start_period="600s"
+        )
+    if runtime is Runtime.LLAMACPP:
+        return Healthcheck(
+            test=["CMD", "curl", "-fsS", "http://127.0.0.1:8080/health"], start_period="300s"
+        )
+    return None
+
+
+def _check_env_value(what: str, value: str) -> None:
+    if not value or not set(value) <= _SAFE_ENV_VALUE:
+        raise RenderError(
+            f"{what} {value!r} cannot be written to .env safely "
+            "(expected letters, digits and _./:@+~- only)"
+        )
+
+
+def _verify(text: str, services: list[RenderedService], volumes: list[str]) -> None:
+    """Parse the rendered file back: its structure and values must be exactly the plan's."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RenderError(f"rendered compose file is not valid YAML: {e}") from e
+    expected_top = {"services"} | ({"volumes"} if volumes else set())
+    if not isinstance(doc, dict) or set(doc) != expected_top:
+        raise RenderError(f"rendered compose file has top-level keys {sorted(doc or {})}")
+    if list(doc["services"]) != [s.name for s in services]:
+        raise RenderError(f"rendered services {list(doc['services'])} differ from the plan")
+    for svc in services:
+        _verify_service(doc["services"][svc.name], svc)
+
+
+def _verify_service(got: dict[str, Any], svc: RenderedService) -> None:
+    escaped = {k: json.loads(v) for k, v in svc.environment}
+    checks: Iterator[tuple[str, object, object]] = iter(
+        [
+            ("image", got.get("image"), svc.image.replace("$", "$$")),
+            ("container_name", got.get("container_name"), svc.container),
+            ("environment", got.get("environment"), escaped),
+            ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
+            (
+                "gpu",
+                got["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"],
+                [str(svc.gpu)],
+            ),
+        ]
+    )
+    for key, value, want in checks:
+        if value != want:
+            raise RenderError(f"service {svc.name!r}: rendered {key} {value!r}, expected {want!r}")
