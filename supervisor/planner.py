@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Score = tuple[tuple[int, ...], tuple[int, ...], float]
-DEFAULT_NODE_LIMIT = 100_000
+DEFAULT_NODE_LIMIT = 25_000
 _PRUNE = object()
 
 
