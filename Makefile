@@ -1,0 +1,44 @@
+# fleetd developer and CI entry points. `make test` is the README's test command: on a
+# fresh machine it installs and starts the Docker engine, builds the test images, lints,
+# and runs every test; on a machine that has all that it only lints and tests.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXAMPLE_GPU := 12GiB:"RTX 4070 SUPER"
+
+.PHONY: venv example lint test bench clean
+
+venv: $(STAMP)
+
+# Reinstall only when the dependencies may have changed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+example: venv
+	$(BIN)/fleetctl plan --config examples/fleet.yaml --gpu $(EXAMPLE_GPU)
+	$(BIN)/fleetctl generate --config examples/fleet.yaml --gpu $(EXAMPLE_GPU) \
+		--out compose/example --state-dir state
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: venv
+	bash scripts/ensure-docker.sh
+	bash scripts/build-test-images.sh
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+# Leaves state/ alone: it may hold a ladder position someone relies on.
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache \
+		.hypothesis .benchmarks compose/example
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

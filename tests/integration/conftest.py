@@ -1,0 +1,174 @@
+"""Fixtures for tests against the real Docker engine and the compose CLI.
+
+Every test in this folder is marked ``integration``. Where the engine or the compose CLI
+is missing the tests skip with the reason on a developer machine and fail in CI
+(``CI=true``): CI must never pass by skipping them.
+
+Whatever a test creates carries the label ``RUN_LABEL_KEY=<uuid of the test>`` (take
+``cleanup.labels``) and is removed, forced, when the test ends. The engine is shared by
+everyone on the machine, so teardown removes only this test's objects, never "all test
+objects".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import docker
+import docker.errors
+import pytest
+from docker.models.containers import Container
+from docker.models.images import Image
+from docker.models.networks import Network
+from docker.models.resource import Model
+from docker.models.volumes import Volume
+
+# The reaper image cannot be pulled here; tests that use testcontainers clean up themselves.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+BUILD_TEST_IMAGES = REPO_ROOT / "scripts" / "build-test-images.sh"
+
+TEST_LABEL_KEY = "org.fleetd.test"  # on every test image and object: "1"
+RUN_LABEL_KEY = "org.fleetd.test.run"  # per test: a fresh uuid, what teardown removes by
+BUSYBOX_IMAGE = "fleetd-test/busybox:1"
+
+ModelT = TypeVar("ModelT", bound=Model)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """Fail in CI, where integration tests must run; skip with the reason elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: integration tests must not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees the whole session's items, not just this folder's.
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.integration)
+
+
+def _connect_docker() -> docker.DockerClient | str:
+    """A client that reached the engine, or why none could."""
+    try:
+        # Negotiate: the engine here speaks API 1.41, older than docker-py's own default.
+        client = docker.from_env(version="auto")
+        client.ping()
+    except docker.errors.DockerException as e:
+        return f"Docker engine unreachable ({e}); run scripts/ensure-docker.sh"
+    return client
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = _connect_docker()
+    if isinstance(client, str):
+        _unavailable(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client: docker.DockerClient) -> str:
+    """The tag of the tiny busybox test image, built locally if this engine lacks it."""
+    try:
+        docker_client.images.get(BUSYBOX_IMAGE)
+    except docker.errors.ImageNotFound:
+        built = subprocess.run(
+            ["bash", str(BUILD_TEST_IMAGES), "busybox"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if built.returncode != 0:
+            _unavailable(f"cannot build {BUSYBOX_IMAGE}: {built.stderr.strip()}")
+    return BUSYBOX_IMAGE
+
+
+@pytest.fixture(scope="session")
+def compose_cli() -> str:
+    """Path of the compose v1 CLI (``docker-compose``), the only compose available here."""
+    path = shutil.which("docker-compose")
+    if path is None:
+        _unavailable("docker-compose not found on PATH; run scripts/ensure-docker.sh")
+    return path
+
+
+# Teardown order: containers hold networks and volumes, images may back containers.
+_REMOVAL_ORDER = (Container, Network, Volume, Image)
+
+
+@dataclass
+class Cleanup:
+    """Labels for what a test creates, and the teardown that removes it all."""
+
+    client: docker.DockerClient
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    extra: list[Model] = field(default_factory=list)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Put these on every container, network, volume and image the test creates."""
+        return {TEST_LABEL_KEY: "1", RUN_LABEL_KEY: self.run_id}
+
+    def add(self, obj: ModelT) -> ModelT:
+        """Also remove this object (e.g. a network compose made) that cannot carry the labels."""
+        self.extra.append(obj)
+        return obj
+
+    def created(self) -> list[Model]:
+        """Everything this test created, in the order it can be removed."""
+        selector = {"label": f"{RUN_LABEL_KEY}={self.run_id}"}
+        objects: list[Model] = [
+            *self.client.containers.list(all=True, filters=selector),
+            *self.client.networks.list(filters=selector),
+            *self.client.volumes.list(filters=selector),
+            *self.client.images.list(filters=selector),
+            *self.extra,
+        ]
+        return sorted(objects, key=_kind_rank)
+
+    def remove_all(self) -> list[str]:
+        """Remove everything this test created; return what could not be removed."""
+        failures = (self._remove(obj) for obj in self.created())
+        return [failure for failure in failures if failure]
+
+    def _remove(self, obj: Model) -> str | None:
+        try:
+            if isinstance(obj, Container):
+                obj.remove(force=True, v=True)
+            elif isinstance(obj, Volume):
+                obj.remove(force=True)
+            elif isinstance(obj, Image):
+                self.client.images.remove(obj.id, force=True)
+            else:
+                obj.remove()
+        except docker.errors.NotFound:
+            return None  # already gone: removed with its container, or by the test itself
+        except docker.errors.APIError as e:
+            return f"{type(obj).__name__} {obj.short_id}: {e}"
+        return None
+
+
+def _kind_rank(obj: Model) -> int:
+    ranks = (i for i, kind in enumerate(_REMOVAL_ORDER) if isinstance(obj, kind))
+    return next(ranks, len(_REMOVAL_ORDER))
+
+
+@pytest.fixture
+def cleanup(docker_client: docker.DockerClient) -> Iterator[Cleanup]:
+    """Per-test label values; at teardown, force-remove everything carrying them."""
+    tracker = Cleanup(docker_client)
+    yield tracker
+    leftovers = tracker.remove_all()
+    assert not leftovers, f"teardown could not remove: {leftovers}"
