@@ -18,8 +18,9 @@ from supervisor.units import GIB, format_size
 
 NeedSource = Literal["declared", "gguf", "hf", "measured"]
 # The original request's tiers: 8 GB -> 1 Ollama service, 16 GB -> 2, 24 GB -> 3, 48 GB -> 4.
-# Thresholds sit just under the marketed sizes (a "16 GB" card reports 15.99 GiB).
-_OLLAMA_TIERS_GIB = ((47, 4), (23, 3), (15, 2))
+# Thresholds sit under the marketed sizes: a "16 GB" card reports 15.99 GiB, a T4 15.0,
+# ECC cards less again (A10 and L4: 22.5 GiB, L40S and A40: 45.0 GiB).
+_OLLAMA_TIERS_GIB = ((42, 4), (21, 3), (14, 2))
 
 
 @dataclass(frozen=True)

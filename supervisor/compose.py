@@ -88,12 +88,14 @@ def quote(value: object) -> Quoted:
     """A YAML double-quoted scalar (JSON is valid YAML) with `$` escaped for compose."""
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise RenderError(f"cannot render {value!r} into a compose file")
-    return Quoted(json.dumps(str(value).replace("$", "$$")))
+    # ensure_ascii=False: a \U escape would become a surrogate pair that YAML reads back
+    # as two characters; control characters are still escaped.
+    return Quoted(json.dumps(str(value).replace("$", "$$"), ensure_ascii=False))
 
 
 def quote_raw(value: object) -> Quoted:
     """A quoted scalar whose `${VAR}` compose must interpolate (fleetd's own values only)."""
-    return Quoted(json.dumps(str(value)))
+    return Quoted(json.dumps(str(value), ensure_ascii=False))
 
 
 def _finalize(value: object) -> object:
@@ -138,12 +140,13 @@ def build_project(
 ) -> ComposeProject:
     """Render the compose project for the placed services of a plan."""
     placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
-    _check_env_value("state dir", str(state_dir))
     ports = _assign_ports(placed)
     services = [_service(s, plan, ports.get(s.name)) for s in placed]
     volumes = sorted({v.split(":")[0] for s in services for v in s.volumes if _is_named(v)})
     env = {"FLEETD_STATE_DIR": str(state_dir)}
     env.update({model_env_var(s.name): s.model for s in services})
+    for name, value in env.items():  # .env has no quoting that compose v1 and v2 agree on
+        _check_env_value("state dir" if name == "FLEETD_STATE_DIR" else f".env {name}", value)
     text = (
         template_environment(template_dir)
         .get_template("compose.yml.j2")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/fleetd/fleet.yaml")
 CONFIG_ENV = "FLEETD_CONFIG"
 
 SizeBytes = Annotated[int, BeforeValidator(parse_size)]
+# Strict: pydantic's lax mode would read YAML `true` as 1 (`gpu: true` pinning GPU 1).
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+ServiceName = Annotated[str, AfterValidator(lambda v: _check_name(v, "service name"))]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 # Compose service/container names and model names: refused here rather than escaped
@@ -44,7 +49,7 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _check_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a valid {what} (expected letters, digits, '_', '.', '-', "
             "starting with a letter or digit)"
@@ -62,13 +67,13 @@ class RungConfig(_Strict):
     model: str
     vram: SizeBytes | None = None
     metadata: Path | None = None
-    context: Annotated[int, Field(gt=0)] | None = None
-    parallel: Annotated[int, Field(gt=0)] | None = None
+    context: Annotated[Int, Field(gt=0)] | None = None
+    parallel: Annotated[Int, Field(gt=0)] | None = None
 
     @field_validator("model")
     @classmethod
     def _model_name(cls, value: str) -> str:
-        if not _MODEL_RE.match(value):
+        if not _MODEL_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a model name (expected letters, digits and ._:/@+~- "
                 "with no spaces, quotes or control characters)"
@@ -93,10 +98,10 @@ class ServiceConfig(_Strict):
     watch: list[str] | None = None
     restart: list[str] | None = None
     ladder: Annotated[list[RungConfig], Field(min_length=1)]
-    priority: int = 0
-    gpu: int | list[int] | None = None
+    priority: Int = 0
+    gpu: Annotated[Int, Field(ge=0)] | list[Annotated[Int, Field(ge=0)]] | None = None
     image: str | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    port: Annotated[Int, Field(ge=1, le=65535)] | None = None
     model_env: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
     volumes: list[str] = Field(default_factory=list)
@@ -112,7 +117,7 @@ class ServiceConfig(_Strict):
     @field_validator("model_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_RE.match(value):
+        if value is not None and not _ENV_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not an environment variable name")
         return value
 
@@ -120,7 +125,7 @@ class ServiceConfig(_Strict):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not _ENV_RE.match(name):
+            if not _ENV_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
         return value
 
@@ -162,7 +167,7 @@ class GpuDeclaration(_Strict):
 class PolicyConfig(_Strict):
     """When incidents step a service down, and how long fleetd waits after a change."""
 
-    incidents_to_step_down: Annotated[int, Field(ge=1)] = 3
+    incidents_to_step_down: Annotated[Int, Field(ge=1)] = 3
     incident_window: Seconds = 600.0
     cooldown: Seconds = 60.0
     burst_window: Seconds = 2.0
@@ -172,19 +177,12 @@ class PolicyConfig(_Strict):
 class FleetConfig(_Strict):
     """The whole `fleet.yaml`."""
 
-    budget: Annotated[float, Field(gt=0, le=1)] = 0.85
+    budget: Annotated[Float, Field(gt=0, le=1)] = 0.85
     gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
-    ollama_instances_per_gpu: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
     policy: PolicyConfig = PolicyConfig()
-    services: dict[str, ServiceConfig]
+    services: dict[ServiceName, ServiceConfig]
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))
-
-    @field_validator("services")
-    @classmethod
-    def _service_names(cls, value: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
-        for name in value:
-            _check_name(name, "service name")
-        return value
 
     @model_validator(mode="after")
     def _containers_unique(self) -> FleetConfig:
@@ -261,7 +259,11 @@ def _merge(reasons: list[str]) -> str:
 def _yaml_path(loc: tuple[int | str, ...]) -> KeyPath:
     # pydantic adds entries for union members and dict keys; keep only real YAML keys.
     skip = {"[key]", "literal['auto']", "list[GpuDeclaration]", "int", "list[int]"}
-    return tuple(p for p in loc if not (isinstance(p, str) and (p in skip or "[" in p)))
+    return tuple(
+        p
+        for p in loc
+        if not (isinstance(p, str) and (p in skip or "[" in p or p.startswith("constrained-")))
+    )
 
 
 def _explain(error: ErrorDetails, at: KeyPath) -> str:

@@ -36,7 +36,7 @@ class Gpu:
     uuid: str | None = None
     used_bytes: int | None = None
     free_bytes: int | None = None
-    processes: tuple[GpuProcess, ...] = ()
+    processes: tuple[GpuProcess, ...] | None = ()  # None: NVML could not list them
     error: str | None = None  # set on an invalid record (lost GPU, NVML error)
 
     @property
@@ -45,11 +45,11 @@ class Gpu:
 
     def unmanaged_bytes(self, managed_pids: frozenset[int] = frozenset()) -> int:
         """Memory held by processes fleetd does not manage (0 when nothing is known)."""
-        others = [p for p in self.processes if p.pid not in managed_pids]
-        if all(p.used_bytes is not None for p in self.processes):
-            return sum(p.used_bytes or 0 for p in others)
+        processes = self.processes
+        if processes is not None and all(p.used_bytes is not None for p in processes):
+            return sum(p.used_bytes or 0 for p in processes if p.pid not in managed_pids)
         # Per-process figures are missing: count all used memory but what we know is ours.
-        ours = sum(p.used_bytes or 0 for p in self.processes if p.pid in managed_pids)
+        ours = sum(p.used_bytes or 0 for p in processes or () if p.pid in managed_pids)
         return max(0, (self.used_bytes or 0) - ours)
 
 
@@ -103,7 +103,7 @@ class Nvml:
             total_bytes=int(memory.total),
             used_bytes=int(memory.used),
             free_bytes=int(memory.free),
-            processes=self._read(lambda: _processes(nvml, handle)) or (),
+            processes=self._read(lambda: _processes(nvml, handle)),
             source="nvml",
         )
 

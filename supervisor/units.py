@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -43,6 +44,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{value!r} is not {DURATION_EXPECTED}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not {DURATION_EXPECTED}")
         if value < 0:
             raise ValueError(f"{value!r} is negative; expected {DURATION_EXPECTED}")
         return float(value)
