@@ -9,7 +9,7 @@ and compared with what was meant, so no value can change the file's structure.
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -70,7 +70,7 @@ class RenderedService:
     handoff_mount: Quoted
     args: list[str] = field(default_factory=list)
     environment: list[tuple[str, Quoted]] = field(default_factory=list)
-    volumes: list[str] = field(default_factory=list)
+    volumes: list[Quoted] = field(default_factory=list)
     port_mapping: str | None = None
     start_script: str | None = None
     healthcheck: Healthcheck | None = None
@@ -88,14 +88,23 @@ def quote(value: object) -> Quoted:
     """A YAML double-quoted scalar (JSON is valid YAML) with `$` escaped for compose."""
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise RenderError(f"cannot render {value!r} into a compose file")
-    # ensure_ascii=False: a \U escape would become a surrogate pair that YAML reads back
-    # as two characters; control characters are still escaped.
-    return Quoted(json.dumps(str(value).replace("$", "$$"), ensure_ascii=False))
+    return Quoted(_json_yaml(str(value).replace("$", "$$")))
 
 
 def quote_raw(value: object) -> Quoted:
     """A quoted scalar whose `${VAR}` compose must interpolate (fleetd's own values only)."""
-    return Quoted(json.dumps(str(value), ensure_ascii=False))
+    return Quoted(_json_yaml(str(value)))
+
+
+# YAML reads U+0085/U+2028/U+2029 as line breaks and refuses DEL, C1 controls, surrogates
+# and U+FFFE/F; JSON leaves them raw with ensure_ascii=False, so escape them as \uXXXX.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff\ufffe\uffff]")
+
+
+def _json_yaml(text: str) -> str:
+    """A JSON string that YAML reads back unchanged (astral characters stay single)."""
+    encoded = json.dumps(text, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)
 
 
 def _finalize(value: object) -> object:
@@ -142,33 +151,51 @@ def build_project(
     placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
     ports = _assign_ports(placed)
     services = [_service(s, plan, ports.get(s.name)) for s in placed]
-    volumes = sorted({v.split(":")[0] for s in services for v in s.volumes if _is_named(v)})
+    volumes = sorted({_volume_source(v) for s in services for v in s.volumes if _is_named(v)})
     env = {"FLEETD_STATE_DIR": str(state_dir)}
     env.update({model_env_var(s.name): s.model for s in services})
     for name, value in env.items():  # .env has no quoting that compose v1 and v2 agree on
         _check_env_value("state dir" if name == "FLEETD_STATE_DIR" else f".env {name}", value)
-    text = (
-        template_environment(template_dir)
-        .get_template("compose.yml.j2")
-        .render(
+    if ":" in str(state_dir):  # it becomes the source of a `src:dst:ro` mount
+        raise RenderError(
+            f"state dir {str(state_dir)!r} contains ':', which a bind mount cannot carry"
+        )
+    if not services:
+        raise RenderError("no service is placed, so there is nothing to generate")
+    text = _render(template_dir, plan, services, volumes)
+    _verify(text, services, volumes)
+    skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
+    return ComposeProject(text, env, {s.name: s.model for s in services}, skipped)
+
+
+def _render(
+    template_dir: Path | None, plan: FleetPlan, services: list[RenderedService], volumes: list[str]
+) -> str:
+    try:
+        template = template_environment(template_dir).get_template("compose.yml.j2")
+        return template.render(
             version=__version__,
             config_path=str(plan.config.source),
             gpus=[_gpu_label(g.gpu.index, g.gpu.name, g.gpu.total_bytes) for g in plan.gpus],
             services=services,
             volumes=volumes,
         )
-    )
-    _verify(text, services, volumes)
-    skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
-    return ComposeProject(text, env, {s.name: s.model for s in services}, skipped)
+    except jinja2.TemplateSyntaxError as e:
+        raise RenderError(f"template {e.filename or e.name}:{e.lineno}: {e.message}") from e
+    except jinja2.TemplateError as e:
+        raise RenderError(f"template error: {e.message}") from e
 
 
 def _gpu_label(index: int, name: str, total_bytes: int) -> dict[str, Any]:
     return {"index": index, "label": f"{name} ({total_bytes / 1024**3:.1f} GiB)"}
 
 
-def _is_named(volume: str) -> bool:
-    source = volume.split(":")[0]
+def _volume_source(volume: Quoted) -> str:
+    return str(json.loads(volume)).split(":")[0]
+
+
+def _is_named(volume: Quoted) -> bool:
+    source = _volume_source(volume)
     return bool(source) and not source.startswith(("/", ".", "~", "$"))
 
 
@@ -199,11 +226,19 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
     rung = config.ladder[svc.rung]
     gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
     container_port = CONTAINER_PORT.get(runtime, host_port)
-    env: list[tuple[str, Quoted]] = [("FLEETD_MODEL_FILE", quote(f"{HANDOFF_DIR}/model"))]
+    own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}
     if config.model_env:
-        env.append((config.model_env, quote_raw("${" + model_env_var(svc.name) + "}")))
-    env += [(k, quote(v)) for k, v in _runtime_env(runtime, rung.context, rung.parallel)]
-    env += [(k, quote(v)) for k, v in sorted(config.environment.items())]
+        own[config.model_env] = quote_raw("${" + model_env_var(svc.name) + "}")
+    clash = sorted(set(own) & set(config.environment))
+    if clash:
+        raise RenderError(
+            f"service {svc.name!r}: environment sets {clash[0]}, which fleetd "
+            "sets itself for the model hand-off"
+        )
+    # The config's environment overrides the runtime defaults (e.g. OLLAMA_KEEP_ALIVE).
+    defaults = dict(_runtime_env(runtime, rung.context, rung.parallel))
+    merged = {**defaults, **dict(sorted(config.environment.items()))}
+    env = list(own.items()) + [(k, quote(v)) for k, v in merged.items()]
     return RenderedService(
         name=svc.name,
         template=f"{runtime.value}.yml.j2",
@@ -215,7 +250,8 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
         handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
         args=_runtime_args(runtime, rung.context, rung.parallel, svc.need_bytes or 0, gpu_total),
         environment=env,
-        volumes=_runtime_volumes(svc.name, runtime) + list(config.volumes),
+        volumes=[quote(v) for v in _runtime_volumes(svc.name, runtime)]
+        + [quote_raw(v) for v in config.volumes],  # written by ops: ${VAR} is theirs
         port_mapping=f"127.0.0.1:{host_port}:{container_port}" if host_port else None,
         start_script={
             Runtime.OLLAMA: _OLLAMA_START,
@@ -247,7 +283,7 @@ def _runtime_args(
 ) -> list[str]:
     if runtime is Runtime.VLLM:
         # vLLM takes this share of the whole GPU for weights, activations and KV cache.
-        share = min(0.99, math.ceil(need / gpu_total * 100) / 100)
+        share = min(0.99, -(-need * 100 // gpu_total) / 100)  # rounded up, in integers
         args = ["--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", f"{share:.2f}"]
         return args + (["--max-model-len", str(context)] if context else [])
     if runtime is Runtime.LLAMACPP:

@@ -1,0 +1,587 @@
+"""fleetd's persistent state: `<state-dir>/state.json`, its schema, and the hand-off files.
+
+The file is JSON (indent 2, mode 0644) written with `fsutil.atomic_write`, so a crash or
+`kill -9` at any instant leaves either the previous or the new content, never a mix:
+
+    {"version": 1,
+     "services": {"<name>": {"model", "rung", "state", "incidents", "changed_at",
+                             "pinned", "pending", "restarts", "last_restart_at"}},
+     "history": [{"time", "service", "from_rung", "to_rung", "from_model", "to_model",
+                  "reason", "evidence", "rule", "container_id", "actor"}],
+     "log_cursors": {"<container name>": {"container_id", "since_ns"}}}
+
+Decoding is strict: an unknown key, a wrong type or a negative count is a schema problem
+reported with its key path, the value and what was expected. `StateStore.load` never
+raises for a bad file: it moves the file aside (`state.json.corrupt-<UTC time>`, or
+`state.json.newer-v<N>-<UTC time>` for a newer schema) and starts empty, with a note.
+History is append-only in memory; the file keeps the newest `HISTORY_LIMIT` transitions.
+Services the config no longer lists are kept: dropping them is the daemon's decision.
+Writers (fleetd, fleetctl) hold `StateStore.lock()`, an flock on `state.lock` that the
+kernel releases when the holder dies, so they never write at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from supervisor.errors import FleetdError
+from supervisor.fsutil import atomic_write
+
+SCHEMA_VERSION = 1
+STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"
+HISTORY_LIMIT = 10_000
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+STALE_TEMP_S = 300.0  # a temp file this old belongs to a writer that was killed
+
+Actor = Literal["fleetd", "fleetctl"]
+T = TypeVar("T")
+
+# Same rule as service names in the config; it also keeps `../` out of hand-off paths.
+_SERVICE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+class StateError(FleetdError):
+    """The state file or directory cannot be used (schema problem, permission, lock held)."""
+
+
+class NewerStateError(StateError):
+    """The state file was written by a fleetd with a newer schema than this one reads."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"version is {version}, expected {SCHEMA_VERSION} (written by a newer fleetd)"
+        )
+        self.version = version
+
+
+class ServiceStatus(StrEnum):
+    """Where a service stands on its ladder."""
+
+    STEADY = "steady"
+    COOLDOWN = "cooldown"
+    EXHAUSTED = "exhausted"
+    PINNED = "pinned"
+
+
+@dataclass
+class Incident:
+    """One classified incident (a burst of log lines counts once); JSON key `class`."""
+
+    time: float
+    incident_class: str
+    rule: str
+    container_id: str | None
+    evidence: str
+
+
+@dataclass
+class PendingChange:
+    """A decision recorded before it is applied, so a crash mid-change can finish it."""
+
+    to_rung: int
+    to_model: str
+    reason: str
+    decided_at: float
+    evidence: str | None = None
+    rule: str | None = None
+    container_id: str | None = None
+
+
+@dataclass
+class ServiceState:
+    """One service's place on its ladder and what led there."""
+
+    model: str
+    rung: int
+    state: ServiceStatus = ServiceStatus.STEADY
+    incidents: list[Incident] = field(default_factory=list)
+    changed_at: float | None = None
+    pinned: int | None = None
+    pending: PendingChange | None = None
+    restarts: int = 0
+    last_restart_at: float | None = None
+
+
+@dataclass
+class Transition:
+    """One change of rung, with its reason and the evidence line that caused it."""
+
+    time: float
+    service: str
+    from_rung: int
+    to_rung: int
+    from_model: str
+    to_model: str
+    reason: str
+    evidence: str | None = None
+    rule: str | None = None
+    container_id: str | None = None
+    actor: Actor = "fleetd"
+
+
+@dataclass
+class LogCursor:
+    """Where reading a container's log left off, so no line is read twice or missed."""
+
+    container_id: str
+    since_ns: int
+
+
+@dataclass
+class FleetState:
+    """Everything in state.json; `FleetState()` is the empty state."""
+
+    version: int = SCHEMA_VERSION
+    services: dict[str, ServiceState] = field(default_factory=dict)
+    history: list[Transition] = field(default_factory=list)
+    log_cursors: dict[str, LogCursor] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The file's text: indent 2, services sorted, the newest HISTORY_LIMIT transitions."""
+        document = {
+            "version": self.version,
+            "services": {
+                name: _service_json(self.services[name]) for name in sorted(self.services)
+            },
+            "history": [_transition_json(t) for t in self.history[-HISTORY_LIMIT:]],
+            "log_cursors": {
+                name: {"container_id": c.container_id, "since_ns": c.since_ns}
+                for name, c in sorted(self.log_cursors.items())
+            },
+        }
+        return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> FleetState:
+        """Decode the file's text; a StateError names the key, the value and what was expected."""
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StateError(f"not valid JSON: {e}") from e
+        return _decode_fleet(_Object(document, ""))
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The loaded state and what a person should be told about how it was obtained."""
+
+    state: FleetState
+    notes: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _service_json(s: ServiceState) -> dict[str, object]:
+    return {
+        "model": s.model,
+        "rung": s.rung,
+        "state": s.state.value,
+        "incidents": [_incident_json(i) for i in s.incidents],
+        "changed_at": s.changed_at,
+        "pinned": s.pinned,
+        "pending": None if s.pending is None else _pending_json(s.pending),
+        "restarts": s.restarts,
+        "last_restart_at": s.last_restart_at,
+    }
+
+
+def _incident_json(i: Incident) -> dict[str, object]:
+    return {
+        "time": i.time,
+        "class": i.incident_class,
+        "rule": i.rule,
+        "container_id": i.container_id,
+        "evidence": i.evidence,
+    }
+
+
+def _pending_json(p: PendingChange) -> dict[str, object]:
+    return {
+        "to_rung": p.to_rung,
+        "to_model": p.to_model,
+        "reason": p.reason,
+        "decided_at": p.decided_at,
+        "evidence": p.evidence,
+        "rule": p.rule,
+        "container_id": p.container_id,
+    }
+
+
+def _transition_json(t: Transition) -> dict[str, object]:
+    return {
+        "time": t.time,
+        "service": t.service,
+        "from_rung": t.from_rung,
+        "to_rung": t.to_rung,
+        "from_model": t.from_model,
+        "to_model": t.to_model,
+        "reason": t.reason,
+        "evidence": t.evidence,
+        "rule": t.rule,
+        "container_id": t.container_id,
+        "actor": t.actor,
+    }
+
+
+# ---------------------------------------------------------------- decoding
+
+Convert = Callable[[object, str], T]
+
+
+def _shown(value: object) -> str:
+    """A value as it appears in the file, short; containers by their kind."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(where: str, value: object, expected: str) -> StateError:
+    return StateError(f"{where or 'the top level'} is {_shown(value)}, expected {expected}")
+
+
+class _Object:
+    """A JSON object being decoded: typed reads by key, each error naming the key path."""
+
+    def __init__(self, value: object, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _bad(where, value, "an object")
+        self.data: dict[str, object] = value
+        self.where = where
+        self._read: set[str] = set()
+
+    def path(self, key: str) -> str:
+        """The dotted path of `key` inside this object."""
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, convert: Convert[T]) -> T:
+        """The value at a required `key`, converted."""
+        self._read.add(key)
+        if key not in self.data:
+            raise StateError(f"{self.where or 'the top level'}: missing key {key!r}")
+        return convert(self.data[key], self.path(key))
+
+    def opt(self, key: str, convert: Convert[T], default: T) -> T:
+        """The value at an optional `key`, converted, or `default` when the key is absent."""
+        self._read.add(key)
+        return convert(self.data[key], self.path(key)) if key in self.data else default
+
+    def done(self) -> None:
+        """Refuse keys nobody read: a typo must not silently drop a value."""
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            raise StateError(
+                f"{self.where or 'the top level'}: unknown key {unknown[0]!r} "
+                f"(expected one of {', '.join(sorted(self._read))})"
+            )
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, value, "a string")
+    return value
+
+
+def _count(value: object, where: str) -> int:
+    # bool is an int in Python; `true` is not a rung.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, value, "a non-negative integer")
+    return value
+
+
+def _seconds(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(where, value, "a time in epoch seconds (a number)")
+    return float(value)
+
+
+def _nullable(convert: Convert[T]) -> Convert[T | None]:
+    def read(value: object, where: str) -> T | None:
+        return None if value is None else convert(value, where)
+
+    return read
+
+
+def _status(value: object, where: str) -> ServiceStatus:
+    if isinstance(value, str) and value in set(ServiceStatus):
+        return ServiceStatus(value)
+    raise _bad(where, value, "one of " + ", ".join(f'"{s}"' for s in ServiceStatus))
+
+
+def _actor(value: object, where: str) -> Actor:
+    if value == "fleetd":
+        return "fleetd"
+    if value == "fleetctl":
+        return "fleetctl"
+    raise _bad(where, value, '"fleetd" or "fleetctl"')
+
+
+def _list_of(convert: Callable[[_Object], T]) -> Convert[list[T]]:
+    def read(value: object, where: str) -> list[T]:
+        if not isinstance(value, list):
+            raise _bad(where, value, "a list")
+        return [convert(_Object(item, f"{where}[{n}]")) for n, item in enumerate(value)]
+
+    return read
+
+
+def _map_of(convert: Callable[[_Object], T]) -> Convert[dict[str, T]]:
+    def read(value: object, where: str) -> dict[str, T]:
+        outer = _Object(value, where)
+        return {key: convert(_Object(item, outer.path(key))) for key, item in outer.data.items()}
+
+    return read
+
+
+def _version(value: object, where: str) -> int:
+    version = _count(value, where)
+    if version > SCHEMA_VERSION:
+        raise NewerStateError(version)
+    if version != SCHEMA_VERSION:
+        raise _bad(where, value, str(SCHEMA_VERSION))
+    return version
+
+
+def _decode_fleet(o: _Object) -> FleetState:
+    state = FleetState(
+        version=o.get("version", _version),
+        services=o.opt("services", _map_of(_decode_service), {}),
+        history=o.opt("history", _list_of(_decode_transition), []),
+        log_cursors=o.opt("log_cursors", _map_of(_decode_cursor), {}),
+    )
+    o.done()
+    return state
+
+
+def _decode_service(o: _Object) -> ServiceState:
+    service = ServiceState(
+        model=o.get("model", _str),
+        rung=o.get("rung", _count),
+        state=o.opt("state", _status, ServiceStatus.STEADY),
+        incidents=o.opt("incidents", _list_of(_decode_incident), []),
+        changed_at=o.opt("changed_at", _nullable(_seconds), None),
+        pinned=o.opt("pinned", _nullable(_count), None),
+        pending=o.opt("pending", _nullable(_decode_pending_value), None),
+        restarts=o.opt("restarts", _count, 0),
+        last_restart_at=o.opt("last_restart_at", _nullable(_seconds), None),
+    )
+    o.done()
+    return service
+
+
+def _decode_incident(o: _Object) -> Incident:
+    incident = Incident(
+        time=o.get("time", _seconds),
+        incident_class=o.get("class", _str),
+        rule=o.get("rule", _str),
+        container_id=o.opt("container_id", _nullable(_str), None),
+        evidence=o.get("evidence", _str),
+    )
+    o.done()
+    return incident
+
+
+def _decode_pending_value(value: object, where: str) -> PendingChange:
+    o = _Object(value, where)
+    pending = PendingChange(
+        to_rung=o.get("to_rung", _count),
+        to_model=o.get("to_model", _str),
+        reason=o.get("reason", _str),
+        decided_at=o.get("decided_at", _seconds),
+        evidence=o.opt("evidence", _nullable(_str), None),
+        rule=o.opt("rule", _nullable(_str), None),
+        container_id=o.opt("container_id", _nullable(_str), None),
+    )
+    o.done()
+    return pending
+
+
+def _decode_transition(o: _Object) -> Transition:
+    transition = Transition(
+        time=o.get("time", _seconds),
+        service=o.get("service", _str),
+        from_rung=o.get("from_rung", _count),
+        to_rung=o.get("to_rung", _count),
+        from_model=o.get("from_model", _str),
+        to_model=o.get("to_model", _str),
+        reason=o.get("reason", _str),
+        evidence=o.opt("evidence", _nullable(_str), None),
+        rule=o.opt("rule", _nullable(_str), None),
+        container_id=o.opt("container_id", _nullable(_str), None),
+        actor=o.get("actor", _actor),
+    )
+    o.done()
+    return transition
+
+
+def _decode_cursor(o: _Object) -> LogCursor:
+    cursor = LogCursor(container_id=o.get("container_id", _str), since_ns=o.get("since_ns", _count))
+    o.done()
+    return cursor
+
+
+# ---------------------------------------------------------------- the store (files)
+
+
+class StateStore:
+    """Loads and saves state.json, holds the writers' lock, writes model hand-off files."""
+
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / STATE_FILE
+        self.lock_path = state_dir / LOCK_FILE
+        self._clock = clock
+
+    def load(self) -> LoadResult:
+        """The saved state; a missing, corrupt or newer file gives an empty state and a note."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return LoadResult(FleetState(), (f"no state yet ({self.path} does not exist)",))
+        except OSError as e:
+            raise StateError(f"cannot read {self.path}: {e.strerror or e}") from e
+        try:
+            return LoadResult(FleetState.from_json(data.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            return self._set_aside("corrupt", f"was corrupt (not UTF-8: {e.reason})")
+        except NewerStateError as e:
+            detail = f"was written by a newer fleetd (schema version {e.version}, this one reads "
+            return self._set_aside(f"newer-v{e.version}", f"{detail}{SCHEMA_VERSION})")
+        except StateError as e:
+            return self._set_aside("corrupt", f"was corrupt ({e})")
+
+    def save(self, state: FleetState) -> None:
+        """Write state.json atomically (mode 0644), creating the state dir if missing."""
+        try:
+            _make_dirs(self.state_dir)
+            atomic_write(self.path, state.to_json(), FILE_MODE)
+        except OSError as e:
+            raise StateError(f"cannot write {self.path}: {e.strerror or e}") from e
+
+    @contextlib.contextmanager
+    def lock(self, blocking: bool = True) -> Iterator[None]:
+        """Hold the exclusive writers' lock (flock on state.lock); not re-entrant."""
+        fd = self._open_lock_file()
+        try:
+            _acquire(fd, blocking)
+            _write_pid(fd)
+            self._remove_stale_temps()
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # no stale pid for the next holder's error message
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def write_model_file(self, service: str, model: str) -> Path:
+        """Atomically write `model` + newline to `<state_dir>/services/<service>/model`."""
+        path = self._model_path(service)
+        if not model or any(ch.isspace() or not ch.isprintable() for ch in model):
+            raise StateError(f"model {model!r} for {service}: expected a name without spaces")
+        try:
+            _make_dirs(path.parent)
+            atomic_write(path, model + "\n", FILE_MODE)
+        except OSError as e:
+            raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+        return path
+
+    def read_model_file(self, service: str) -> str | None:
+        """The model in a service's hand-off file, or None when it is missing or empty."""
+        path = self._model_path(service)
+        try:
+            model = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read {path}: {e}") from e
+        return model or None
+
+    def _model_path(self, service: str) -> Path:
+        if not _SERVICE_RE.fullmatch(service):
+            raise StateError(f"service name {service!r}: expected letters, digits, '_', '.', '-'")
+        return self.state_dir / "services" / service / "model"
+
+    def _set_aside(self, kind: str, why: str) -> LoadResult:
+        """Move the bad file aside (never delete a person's data) and start empty."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        aside = _free_name(self.state_dir / f"{STATE_FILE}.{kind}-{stamp}")
+        try:
+            os.rename(self.path, aside)
+        except OSError as e:
+            raise StateError(f"{self.path} {why}, and moving it aside failed: {e}") from e
+        note = (
+            f"{STATE_FILE} {why}; moved aside to {aside.name}; starting from the config's defaults"
+        )
+        return LoadResult(FleetState(), (note,))
+
+    def _open_lock_file(self) -> int:
+        try:
+            _make_dirs(self.state_dir)
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise StateError(f"cannot open {self.lock_path}: {e.strerror or e}") from e
+
+    def _remove_stale_temps(self) -> None:
+        """Drop temp files a killed writer left behind (old enough that no write is using them)."""
+        # `fleetctl generate` writes hand-off files without the lock: age, not the lock, is
+        # what makes a temp file safe to remove.
+        cutoff = time.time() - STALE_TEMP_S
+        for pattern in (f".{STATE_FILE}.*.tmp", "services/*/.model.*.tmp"):
+            for temp in self.state_dir.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if temp.stat().st_mtime < cutoff:
+                        temp.unlink()
+
+
+def _acquire(fd: int, blocking: bool) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        raise StateError(
+            f"state is locked by another fleetd/fleetctl (pid {_holder_pid(fd)})"
+        ) from e
+
+
+def _holder_pid(fd: int) -> str:
+    """The pid the holder wrote, or 'unknown' if it has not written it yet."""
+    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return holder if holder.isdigit() else "unknown"
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create `directory` and missing parents with mode 0755 whatever the umask."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, DIR_MODE)
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`... when a file set aside in the same second exists."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
