@@ -90,6 +90,23 @@ class RungConfig(_Strict):
         return self
 
 
+class RuleConfig(_Strict):
+    """An extra log rule for one service (see docs/detector.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str
+    incident_class: Literal["vram_oom", "gpu_fault", "host_oom"] = Field(alias="class")
+    pattern: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RuleConfig:
+        from supervisor.detector import compile_rule  # the detector's own checks, at load
+
+        compile_rule(self.id, self.incident_class, self.pattern)
+        return self
+
+
 class ServiceConfig(_Strict):
     """A served model or app: what runs it, which containers are its, and its ladder."""
 
@@ -106,6 +123,7 @@ class ServiceConfig(_Strict):
     environment: dict[str, str] = Field(default_factory=dict)
     volumes: list[str] = Field(default_factory=list)
     healthcheck: str | None = None
+    rules: list[RuleConfig] = Field(default_factory=list)
 
     @field_validator("containers", "watch", "restart")
     @classmethod
