@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Build the images the integration tests run, locally: there is no registry to pull from.
 #
-#   scripts/build-test-images.sh            # every image
-#   scripts/build-test-images.sh busybox    # just these
+#   scripts/build-test-images.sh                # every image
+#   scripts/build-test-images.sh oom-emitter    # just these (and what they are built FROM)
 #
 # An image is reused when `docker image inspect` finds its tag and its
 # org.fleetd.test.context label matches the hash of what it was built from, so a run on
 # a machine that has them is instant and an edited Dockerfile is rebuilt, not reused.
-# To add an image: write tests/images/NAME/, a build_NAME function, and list NAME in IMAGES.
+# An image built FROM another test image also records that image's ID in its context, so
+# rebuilding the base rebuilds it too.
+# To add an image: write tests/images/NAME/, a build_NAME function (a '-' in NAME is '_'
+# there), and list NAME in IMAGES.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGES_DIR="$ROOT/tests/images"
-IMAGES=(busybox)
+IMAGES=(busybox oom-emitter)
 
 export DOCKER_BUILDKIT=0   # no buildx on these machines; the legacy builder works offline
 
@@ -65,6 +68,19 @@ build_busybox() {
     build_context fleetd-test/busybox:1 "$ctx"
 }
 
+# fleetd-test/oom-emitter:1 — FROM fleetd-test/busybox:1 plus /emitter.sh, a stand-in for
+# an LLM runtime that prints real-format CUDA out-of-memory output when the model handed
+# off at /run/fleetd/model does not fit (its env interface is at the top of emitter.sh).
+build_oom_emitter() {
+    local base=fleetd-test/busybox:1 ctx=$WORK/oom-emitter
+    build_busybox
+    mkdir -p "$ctx"
+    cp -a "$IMAGES_DIR/oom-emitter/." "$ctx/"
+    # Not used by the Dockerfile: it puts the base image into the context hash.
+    docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
+    build_context fleetd-test/oom-emitter:1 "$ctx"
+}
+
 main() {
     docker info >/dev/null 2>&1 || die "the Docker engine does not answer (run scripts/ensure-docker.sh)"
     (( $# > 0 )) || set -- "${IMAGES[@]}"
@@ -72,8 +88,8 @@ main() {
     trap 'rm -rf "$WORK"' EXIT
     local name
     for name in "$@"; do
-        declare -F "build_$name" >/dev/null || die "unknown image '$name' (known: ${IMAGES[*]})"
-        "build_$name"
+        declare -F "build_${name//-/_}" >/dev/null || die "unknown image '$name' (known: ${IMAGES[*]})"
+        "build_${name//-/_}"
     done
 }
 
