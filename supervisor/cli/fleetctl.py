@@ -126,5 +126,48 @@ def generate(
     return EXIT_OK if not project.skipped else EXIT_FAILURE
 
 
+@cli.command()
+@click.argument("source", default="-", metavar="[FILE|-]")
+@click.option(
+    "--runtime",
+    type=click.Choice(
+        ["ollama", "vllm", "llamacpp", "tgi", "sglang", "tensorrt", "triton", "generic"]
+    ),
+    default=None,
+    help="Use only the rules for this runtime (default: every rule).",
+)
+@json_option
+def scan(source: str, runtime: str | None, as_json: bool) -> int:
+    """Classify a log offline, the way fleetd would: one result per incident line.
+
+    Reads FILE, or standard input for `-`. With --json, prints one JSON object per
+    classified line: {"line": N, "class": ..., "rule": ..., "text": ...}.
+    Exits 0 whether or not anything matched, 2 when the input cannot be read.
+    """
+    from supervisor.detector import Detector, scan_lines
+
+    detector = Detector(runtime=runtime)
+    try:
+        stream = click.open_file(source, "r", encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror or e}") from None
+    with stream:
+        try:
+            for number, match in scan_lines(stream, detector):
+                _print_match(number, match.rule.incident_class, match.rule.id, match.line, as_json)
+        except OSError as e:
+            raise UsageError(f"cannot read {source}: {e.strerror or e}") from None
+    return EXIT_OK
+
+
+def _print_match(number: int, kind: str, rule: str, text: str, as_json: bool) -> None:
+    text = text.rstrip("\n")
+    if as_json:
+        record = {"line": number, "class": str(kind), "rule": rule, "text": text}
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"{number}: {kind} [{rule}] {text}")
+
+
 def main() -> None:
     run_cli(cli, "fleetctl")

@@ -7,13 +7,22 @@ from pathlib import Path
 import click
 
 from supervisor import __version__
-from supervisor.cli.common import EXIT_OK, config_option, read_config, run_cli
+from supervisor.cli.common import (
+    EXIT_OK,
+    config_option,
+    default_state_dir,
+    read_config,
+    run_cli,
+    state_dir_option,
+)
+from supervisor.config import default_config_path
+from supervisor.logs import setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetd")
 def cli() -> None:
-    """The fleetd supervisor (the daemon itself arrives with `fleetd run`)."""
+    """The fleetd supervisor daemon; `fleetd run` is what systemd starts."""
 
 
 @cli.command("check-config")
@@ -23,6 +32,29 @@ def check_config(config_path: Path | None) -> int:
     config = read_config(config_path)
     click.echo(f"{config.source}: ok ({len(config.services)} services)")
     return EXIT_OK
+
+
+@cli.command()
+@config_option
+@state_dir_option
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def run(config_path: Path | None, state_dir: Path | None, log_level: str) -> int:
+    """Supervise the fleet in the foreground until SIGTERM (SIGHUP reloads the config).
+
+    Follows the watched containers' logs through Docker, counts VRAM out-of-memory
+    incidents, steps a service down its ladder after `policy.incidents_to_step_down`
+    of them, records it in STATE_DIR/state.json and restarts the service's containers.
+    """
+    from supervisor.daemon import Daemon  # the daemon's imports are not needed elsewhere
+
+    setup_logging(log_level.upper())
+    daemon = Daemon(config_path or default_config_path(), state_dir or default_state_dir())
+    return daemon.run()
 
 
 def main() -> None:

@@ -1,0 +1,559 @@
+"""`fleetd run`: follow the logs, count incidents, step services down, restart containers.
+
+One main loop owns the config and the state; follower threads, the event watcher, the
+scheduler's jobs and the workers that restart containers only put records on its queue.
+Signal handlers only set flags the loop reads.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import docker
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+
+from supervisor.analyzer import FleetPlan, analyze, rung_need
+from supervisor.config import FleetConfig, ServiceConfig, load_config
+from supervisor.detector import Detector, compile_rule
+from supervisor.errors import FleetdError
+from supervisor.gpus import Discovery, Nvml, resolve_gpus
+from supervisor.ladder import (
+    HOST_OOM,
+    Action,
+    BurstGrouper,
+    Decision,
+    Observed,
+    Policy,
+    apply_change,
+    end_cooldown,
+    transition,
+)
+from supervisor.rules import BUILTIN_RULES
+from supervisor.sdnotify import Notifier
+from supervisor.state import FleetState, LogCursor, ServiceState, StateStore
+from supervisor.watch import (
+    DOCKER_ERRORS,
+    ContainerEvent,
+    EventsEnded,
+    EventWatcher,
+    FollowerEnded,
+    LogFollower,
+    LogLine,
+    parse_docker_time_ns,
+)
+
+RECONCILE_S = 5.0
+CHECKPOINT_S = 5.0
+MAX_BACKOFF_S = 300.0
+
+
+@dataclass(frozen=True)
+class Tick:
+    job: str
+
+
+@dataclass(frozen=True)
+class Applied:
+    service: str
+    error: str | None
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        state_dir: Path,
+        docker_factory: Callable[[], docker.DockerClient] = lambda: docker.from_env(),
+        clock: Callable[[], float] = time.time,
+        nvml: Nvml | None = None,
+    ) -> None:
+        self.config_path, self.clock = config_path, clock
+        self.store = StateStore(state_dir, clock=clock)
+        self.docker_factory = docker_factory
+        self.nvml = nvml or Nvml()
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.notifier = Notifier()
+        self.client: docker.DockerClient | None = None
+        self.followers: dict[str, LogFollower] = {}
+        self.events: EventWatcher | None = None
+        self.busy: set[str] = set()  # services with a restart in flight
+        self.expected_stops: dict[str, float] = {}  # container -> until when a stop is ours
+        self.seen_ns: dict[str, int] = {}  # container -> newest line handled
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._docker_retry_at = 0.0
+        self._docker_backoff_s = 1.0
+        self.config: FleetConfig = load_config(config_path)  # invalid: fail before anything
+        self._index(self.config)
+        self.state = FleetState()
+
+    # --- start-up -------------------------------------------------------------------
+
+    def _index(self, config: FleetConfig) -> None:
+        """Per-service lookups derived from a config (needs, detectors, container owners)."""
+        self.needs = {
+            name: [
+                rung_need(config, svc.runtime, i, r).need_bytes for i, r in enumerate(svc.ladder)
+            ]
+            for name, svc in config.services.items()
+        }
+        self.detectors = {name: _detector(svc) for name, svc in config.services.items()}
+        self.watched = {c: name for name, svc in config.services.items() for c in svc.watched}
+        self.policy = Policy.from_config(config.policy)
+        self.grouper = BurstGrouper(config.policy.burst_window)
+
+    def start(self) -> None:
+        """Load the state, settle every service on a rung and hand off its model."""
+        with self.store.lock():
+            loaded = self.store.load()
+            for note in loaded.notes:
+                logger.warning(f"state: {note}")
+            self.state = loaded.state
+            self._seed_grouper()
+            self._settle(self._initial_plan())
+            self.store.save(self.state)
+        self._connect_docker()
+        for name, svc in list(self.state.services.items()):
+            if svc.pending is not None and name in self.config.services:
+                logger.warning(f"{name}: completing a change interrupted by a restart of fleetd")
+                self._apply(name)
+
+    def _seed_grouper(self) -> None:
+        """Bursts recorded before a restart of fleetd stay one incident after it."""
+        names = {c.container_id: name for name, c in self.state.log_cursors.items()}
+        for svc in self.state.services.values():
+            for incident in svc.incidents:
+                container = names.get(incident.container_id or "")
+                if container is not None:
+                    self.grouper.seed(container, incident.incident_class, incident.time)
+
+    def _initial_plan(self) -> FleetPlan | None:
+        try:
+            discovery = resolve_gpus(self.config, (), self.nvml)
+        except FleetdError as e:
+            discovery = Discovery(gpus=(), problem=str(e))
+        if discovery.problem:
+            logger.info(discovery.problem)
+        if not discovery.gpus:
+            return None
+        return analyze(self.config, discovery)
+
+    def _settle(self, plan: FleetPlan | None) -> None:
+        """Persisted rung, else the plan's, else the top; write every model file."""
+        for name, svc in self.config.services.items():
+            current = self.state.services.get(name)
+            if current is None or current.rung >= len(svc.ladder):
+                planned = plan.services[name].rung if plan is not None else None
+                rung = planned if planned is not None else 0
+                current = ServiceState(model=svc.ladder[rung].model, rung=rung)
+                logger.info(f"{name}: starting at rung {rung} ({current.model})")
+            elif current.model != svc.ladder[current.rung].model:
+                current = replace(current, model=svc.ladder[current.rung].model)
+            self.state.services[name] = current
+            self.store.write_model_file(name, current.model)
+        for name in set(self.state.services) - set(self.config.services):
+            logger.info(f"{name}: no longer in the config; its state is kept")
+
+    # --- the main loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        self._install_signals()
+        self.start()
+        scheduler = self._scheduler()
+        scheduler.start()
+        self.notifier.send("READY=1", f"STATUS={self.summary()}")
+        logger.info(f"fleetd running: {self.summary()}")
+        next_ping = 0.0
+        try:
+            while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self._step(timeout_s=0.5)
+                if self.notifier.watchdog_s and time.monotonic() >= next_ping:
+                    self.notifier.send("WATCHDOG=1")
+                    next_ping = time.monotonic() + self.notifier.watchdog_s
+        finally:
+            self.notifier.send("STOPPING=1")
+            scheduler.shutdown(wait=False)
+            self.shutdown()
+        return 0
+
+    def _step(self, timeout_s: float) -> None:
+        try:
+            item = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        try:
+            self._handle(item)
+        except (FleetdError, *DOCKER_ERRORS) as e:  # one bad record never stops the loop
+            logger.error(f"while handling {type(item).__name__}: {e}")
+        except Exception:  # a bug: report it with its traceback, keep supervising
+            logger.exception(f"BUG while handling {type(item).__name__}; please report it")
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, LogLine):
+            self._on_line(item)
+        elif isinstance(item, ContainerEvent):
+            self._on_event(item)
+        elif isinstance(item, Applied):
+            self._on_applied(item)
+        elif isinstance(item, FollowerEnded):
+            follower = self.followers.get(item.container)
+            if follower is not None and follower.container_id == item.container_id:
+                self._remember_cursor(follower)
+                del self.followers[item.container]
+        elif isinstance(item, EventsEnded):
+            logger.warning(f"Docker event stream ended ({item.error}); reconnecting")
+            self.events = None
+            self.client = None
+        elif isinstance(item, Tick):
+            self._on_tick(item.job)
+
+    def drain(self, timeout_s: float = 0.0) -> None:
+        """Handle everything queued (tests and shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._step(timeout_s=max(0.0, deadline - time.monotonic()) or 0.01)
+            if self.queue.empty() and time.monotonic() >= deadline:
+                return
+
+    # --- logs and incidents ---------------------------------------------------------------
+
+    def _on_line(self, line: LogLine) -> None:
+        service = self.watched.get(line.container)
+        if service is None or line.time_ns <= self.seen_ns.get(line.container, 0):
+            return  # not ours, or already handled (a new follower re-reads a little)
+        self.seen_ns[line.container] = line.time_ns
+        match = self.detectors[service].classify(line.text)
+        if match is None:
+            return
+        at = line.time_ns / 1e9
+        kind = str(match.rule.incident_class)
+        if not self.grouper.opens_incident(line.container, kind, at, line.run_ns or None):
+            return
+        # The cursor goes into the same atomic write as the incident, so a kill -9 right
+        # after it never re-reads (and re-counts) this burst.
+        self.state.log_cursors[line.container] = LogCursor(line.container_id, line.time_ns)
+        seen = Observed(at, kind, match.rule.id, line.container, line.container_id, line.text)
+        self._incident(service, seen)
+
+    def _incident(self, service: str, seen: Observed) -> None:
+        svc = self.state.services[service]
+        new, decision = transition(
+            svc, seen, self.config.services[service], self.needs[service], self.policy
+        )
+        self.state.services[service] = new
+        latency_ms = (self.clock() - seen.time) * 1000
+        logger.log(
+            _level(decision),
+            f"{service}: {seen.incident_class} incident ({seen.rule}) in "
+            f"{seen.container}: {decision.reason} | evidence: {seen.evidence.strip()} "
+            f"| detected {latency_ms:.0f} ms after the line",
+        )
+        if new is not svc:
+            self._save()
+        if decision.action is Action.STEP_DOWN:
+            self._apply(service)
+        elif decision.action is Action.EXHAUSTED:
+            logger.critical(
+                f"{service}: EXHAUSTED at rung {new.rung} ({new.model}): no "
+                "smaller model left; fleetd stops restarting it"
+            )
+        elif decision.action is Action.RESTART:
+            self._restart_with_backoff(service)
+
+    def _on_event(self, event: ContainerEvent) -> None:
+        service = self.watched.get(event.container)
+        if service is None:
+            return
+        if event.action == "start":
+            self._follow(event.container, event.container_id, event.time_ns)
+        elif event.action == "oom" or (event.action == "die" and event.exit_code == 137):
+            if self.expected_stops.get(event.container, 0.0) > self.clock():
+                return  # our own stop timing out, not a RAM kill
+            rule = "docker.oom_event" if event.action == "oom" else "docker.exit_137"
+            text = f"container {event.container} {event.action} (exit {event.exit_code})"
+            self._incident(
+                service,
+                Observed(
+                    event.time_ns / 1e9, HOST_OOM, rule, event.container, event.container_id, text
+                ),
+            )
+
+    # --- applying changes -------------------------------------------------------------------
+
+    def _apply(self, service: str) -> None:
+        """Hand off the pending model and restart the service's containers, off the loop."""
+        if service in self.busy:
+            return
+        svc = self.state.services[service]
+        assert svc.pending is not None
+        self.store.write_model_file(service, svc.pending.to_model)
+        self.busy.add(service)
+        config = self.config.services[service]
+        threading.Thread(
+            target=self._restart_worker,
+            args=(service, config, svc.pending.to_model),
+            name=f"apply-{service}",
+            daemon=True,
+        ).start()
+
+    def _restart_worker(self, service: str, config: ServiceConfig, model: str) -> None:
+        error = None
+        try:
+            self._restart_containers(config, model)
+        except (FleetdError, *DOCKER_ERRORS) as e:
+            error = str(e)
+        self.queue.put(Applied(service, error))
+
+    def _restart_containers(self, config: ServiceConfig, model: str) -> None:
+        client = self.client
+        if client is None:
+            raise FleetdError("Docker is not reachable; the change applies when it is")
+        timeout = int(self.config.policy.stop_timeout)
+        for name in config.restarted:
+            self.expected_stops[name] = self.clock() + timeout + 5
+            if config.model_env:
+                from supervisor.recreate import recreate_with_env
+
+                recreate_with_env(client, name, config.model_env, model, timeout)
+            else:
+                client.containers.get(name).restart(timeout=timeout)
+
+    def _on_applied(self, done: Applied) -> None:
+        self.busy.discard(done.service)
+        svc = self.state.services.get(done.service)
+        if svc is None or svc.pending is None:
+            return
+        if done.error is not None:
+            logger.error(
+                f"{done.service}: could not apply {svc.pending.to_model}: {done.error}; will retry"
+            )
+            return
+        new, record = apply_change(svc, done.service, self.clock())
+        self.state.services[done.service] = new
+        self.state.history.append(record)
+        self._save()
+        logger.warning(
+            f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
+            f"rung {record.from_rung} ({record.from_model}): {record.reason}"
+        )
+
+    def _restart_with_backoff(self, service: str) -> None:
+        svc = self.state.services[service]
+        wait_s = min(MAX_BACKOFF_S, 2.0**svc.restarts)
+        if svc.last_restart_at is not None and self.clock() < svc.last_restart_at + wait_s:
+            logger.warning(f"{service}: restart held back ({wait_s:.0f} s backoff)")
+            return
+        self.state.services[service] = replace(
+            svc, restarts=svc.restarts + 1, last_restart_at=self.clock()
+        )
+        self._save()
+        threading.Thread(
+            target=self._restart_worker,
+            daemon=True,
+            args=(service, self.config.services[service], svc.model),
+        ).start()
+
+    # --- Docker connection, followers, periodic jobs --------------------------------------
+
+    def _connect_docker(self) -> None:
+        if self.client is not None or time.monotonic() < self._docker_retry_at:
+            return
+        try:
+            client = self.docker_factory()
+            client.ping()
+        except DOCKER_ERRORS as e:
+            logger.warning(
+                f"Docker is not reachable ({e}); retrying in {self._docker_backoff_s:.0f} s"
+            )
+            self._docker_retry_at = time.monotonic() + self._docker_backoff_s
+            self._docker_backoff_s = min(60.0, self._docker_backoff_s * 2)
+            return
+        self.client, self._docker_backoff_s = client, 1.0
+        self.events = EventWatcher(client, self.clock(), self.queue)
+        self.events.start()
+        self._attach_all()
+
+    def _attach_all(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        for name in self.watched:
+            if name in self.followers and self.followers[name].is_alive():
+                continue
+            try:
+                container = client.containers.get(name)
+            except DOCKER_ERRORS:
+                continue  # not created yet: its start event attaches it
+            if container.status == "running":
+                self._follow(name, container.id, None)
+
+    def _follow(self, name: str, container_id: str, started_ns: int | None) -> None:
+        old = self.followers.get(name)
+        same_run = old is not None and (started_ns is None or old.run_ns >= started_ns)
+        if old is not None and old.is_alive() and old.container_id == container_id and same_run:
+            return
+        if self.client is None:
+            return
+        # Read from where we left off (the old follower's stream ends with its run; the
+        # main loop drops what both read); a container never seen is read from its start
+        # event, or from now when fleetd meets it already running.
+        cursor = self.state.log_cursors.get(name)
+        known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
+        since = known or started_ns or int(self.clock() * 1e9)
+        run_ns = started_ns or self._started_ns(name)
+        follower = LogFollower(self.client, name, container_id, since, self.queue, run_ns)
+        self.followers[name] = follower
+        follower.start()
+
+    def _started_ns(self, name: str) -> int:
+        try:
+            assert self.client is not None
+            started = self.client.containers.get(name).attrs["State"]["StartedAt"]
+            return parse_docker_time_ns(started)
+        except (KeyError, ValueError, *DOCKER_ERRORS):
+            return 0
+
+    def _remember_cursor(self, follower: LogFollower) -> None:
+        self.state.log_cursors[follower.container] = LogCursor(
+            follower.container_id, follower.since_ns
+        )
+
+    def _on_tick(self, job: str) -> None:
+        if job == "reconcile":
+            self._connect_docker()
+            self._attach_all()
+            for name, svc in self.state.services.items():
+                self.state.services[name] = end_cooldown(svc, self.clock(), self.policy)
+                if svc.pending is not None and name in self.config.services:
+                    self._apply(name)
+        elif job == "checkpoint":
+            for follower in self.followers.values():
+                self._remember_cursor(follower)
+            self._save()
+            self.notifier.send(f"STATUS={self.summary()}")
+
+    def _scheduler(self) -> BackgroundScheduler:
+        scheduler = BackgroundScheduler(daemon=True)
+        for job, every_s in (("reconcile", RECONCILE_S), ("checkpoint", CHECKPOINT_S)):
+            scheduler.add_job(
+                self.queue.put,
+                "interval",
+                args=[Tick(job)],
+                seconds=every_s,
+                id=job,
+                coalesce=True,
+                max_instances=1,
+            )
+        scheduler.add_listener(_log_job_error, EVENT_JOB_ERROR)
+        return scheduler
+
+    # --- reload, stop, state ----------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: apply added/changed/removed services; keep the old config if invalid."""
+        try:
+            config = load_config(self.config_path)
+            old = self.config
+            self._index(config)
+        except FleetdError as e:
+            logger.error(f"reload refused, keeping the running config: {e}")
+            self._index(self.config)
+            return
+        self.config = config
+        added = sorted(set(config.services) - set(old.services))
+        removed = sorted(set(old.services) - set(config.services))
+        changed = sorted(
+            n
+            for n in set(config.services) & set(old.services)
+            if config.services[n] != old.services[n]
+        )
+        for name in changed:  # a changed ladder may have moved the current model
+            svc = self.state.services[name]
+            if svc.rung >= len(config.services[name].ladder):
+                del self.state.services[name]
+        self._settle(self._initial_plan() if added or changed else None)
+        self._save()
+        for follower in [f for c, f in self.followers.items() if c not in self.watched]:
+            follower.stop()
+        self._attach_all()
+        logger.info(
+            f"config reloaded: added {added or '-'}, changed {changed or '-'}, "
+            f"removed {removed or '-'}"
+        )
+        self.notifier.send(f"STATUS={self.summary()}")
+
+    def shutdown(self) -> None:
+        for follower in list(self.followers.values()):
+            self._remember_cursor(follower)
+            follower.stop()
+        if self.events is not None:
+            self.events.stop()
+        self._save()
+        self.nvml.shutdown()
+        logger.info("fleetd stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _save(self) -> None:
+        with self.store.lock():
+            self.store.save(self.state)
+
+    def summary(self) -> str:
+        parts = []
+        for name in self.config.services:
+            svc = self.state.services.get(name)
+            if svc is not None:
+                parts.append(f"{name}={svc.model} ({svc.state})")
+        return ", ".join(parts) or "no services"
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+
+def _detector(service: ServiceConfig) -> Detector:
+    extra = [compile_rule(r.id, r.incident_class, r.pattern) for r in service.rules]
+    return Detector([*extra, *BUILTIN_RULES], runtime=service.runtime.value)
+
+
+def _level(decision: Decision) -> str:
+    return {
+        Action.NONE: "INFO",
+        Action.ALERT: "WARNING",
+        Action.RESTART: "WARNING",
+        Action.STEP_DOWN: "WARNING",
+        Action.EXHAUSTED: "ERROR",
+    }[decision.action]
+
+
+def _log_job_error(event: JobExecutionEvent) -> None:
+    logger.error(f"scheduled job {event.job_id} failed: {event.exception}")
+
+
+def running_services(state: FleetState) -> dict[str, Any]:
+    return {
+        n: {"model": s.model, "rung": s.rung, "state": str(s.state)}
+        for n, s in state.services.items()
+    }

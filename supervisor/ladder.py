@@ -1,0 +1,211 @@
+"""The ladder state machine: an incident in, a decision out. Pure: no Docker, files or clock.
+
+States (`ServiceStatus`) and their edges, each made only in `transition()` and
+`apply_change()`/`end_cooldown()`:
+
+    STEADY    -> STEADY     incident counted, fewer than N in the window
+    STEADY    -> (pending)  N vram_oom incidents in the window: step down (decision recorded)
+    (pending) -> COOLDOWN   the change applied: new rung, counters cleared
+    COOLDOWN  -> STEADY     the cooldown has passed
+    STEADY    -> EXHAUSTED  N incidents at the bottom rung: no smaller model, stop restarting
+    PINNED    -> PINNED     a person holds the rung: incidents are recorded, never acted on
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from supervisor.config import PolicyConfig, ServiceConfig
+from supervisor.state import Incident, PendingChange, ServiceState, ServiceStatus, Transition
+from supervisor.units import format_duration, format_size
+
+VRAM_OOM, GPU_FAULT, HOST_OOM = "vram_oom", "gpu_fault", "host_oom"
+
+
+class Action(StrEnum):
+    NONE = "none"  # recorded or ignored; nothing to do
+    STEP_DOWN = "step_down"  # apply `pending`: hand off the smaller model and restart
+    EXHAUSTED = "exhausted"  # no smaller rung: say so loudly, stop restarting
+    RESTART = "restart"  # a GPU fault: restart the container, never step down
+    ALERT = "alert"  # host RAM OOM, or a pinned service: report, change nothing
+
+
+@dataclass(frozen=True)
+class Policy:
+    incidents_to_step_down: int = 3
+    window_s: float = 600.0
+    cooldown_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, policy: PolicyConfig) -> Policy:
+        return cls(policy.incidents_to_step_down, policy.incident_window, policy.cooldown)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One incident seen in a container's log (a burst of matching lines counts once)."""
+
+    time: float  # the first line's timestamp (epoch seconds)
+    incident_class: str
+    rule: str
+    container: str
+    container_id: str | None
+    evidence: str  # the first matching line
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+
+
+def next_rung_down(needs_bytes: Sequence[int], current: int) -> int | None:
+    """The first rung below `current` that needs less VRAM than `current` (a ladder is a
+    preference order, not a size order, so rungs that are no smaller are skipped)."""
+    for rung in range(current + 1, len(needs_bytes)):
+        if needs_bytes[rung] < needs_bytes[current]:
+            return rung
+    return None
+
+
+def transition(
+    svc: ServiceState,
+    seen: Observed,
+    service: ServiceConfig,
+    needs_bytes: Sequence[int],
+    policy: Policy,
+) -> tuple[ServiceState, Decision]:
+    """Record an incident and decide; the only place incidents change a service's state."""
+    if svc.changed_at is not None and seen.time < svc.changed_at:
+        return svc, Decision(Action.NONE, "ignored: a line from before the last change")
+    cooling = svc.changed_at is not None and seen.time < svc.changed_at + policy.cooldown_s
+    if cooling and seen.incident_class == VRAM_OOM:
+        # The new model is still loading and warming up: do not count yet.
+        return svc, Decision(Action.NONE, "ignored: within the cooldown after a change")
+    incident = Incident(seen.time, seen.incident_class, seen.rule, seen.container_id, seen.evidence)
+    recent = [i for i in svc.incidents if i.time > seen.time - policy.window_s]
+    svc = replace(svc, incidents=[*recent, incident])
+    if seen.incident_class == GPU_FAULT:
+        return svc, Decision(Action.RESTART, f"GPU fault ({seen.rule}): restart, never step down")
+    if seen.incident_class != VRAM_OOM:
+        return svc, Decision(
+            Action.ALERT,
+            f"{seen.incident_class} ({seen.rule}): not a VRAM problem, so no step down",
+        )
+    return _count_vram(svc, service, needs_bytes, policy)
+
+
+def _count_vram(
+    svc: ServiceState, service: ServiceConfig, needs_bytes: Sequence[int], policy: Policy
+) -> tuple[ServiceState, Decision]:
+    oom = [i for i in svc.incidents if i.incident_class == VRAM_OOM]
+    window = format_duration(policy.window_s)
+    counted = f"{len(oom)} vram_oom incidents in {window}"
+    if svc.state is ServiceStatus.EXHAUSTED:
+        return svc, Decision(Action.ALERT, f"{counted}, and the service is already exhausted")
+    if len(oom) < policy.incidents_to_step_down:
+        return svc, Decision(Action.NONE, f"{counted} ({policy.incidents_to_step_down} step down)")
+    if svc.pinned is not None:
+        return svc, Decision(Action.ALERT, f"{counted}, but rung {svc.pinned} is pinned")
+    target = next_rung_down(needs_bytes, svc.rung)
+    if target is None:
+        # STEADY -> EXHAUSTED
+        reason = f"{counted} at rung {svc.rung} ({svc.model}), and no rung below needs less VRAM"
+        return replace(svc, state=ServiceStatus.EXHAUSTED), Decision(Action.EXHAUSTED, reason)
+    reason = f"{counted}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
+    reason += _rung_text(service, needs_bytes, target) + _skipped(needs_bytes, svc.rung, target)
+    last = oom[-1]
+    pending = PendingChange(
+        to_rung=target,
+        to_model=service.ladder[target].model,
+        reason=reason,
+        decided_at=last.time,
+        evidence=last.evidence,
+        rule=last.rule,
+        container_id=last.container_id,
+    )
+    # STEADY -> (pending)
+    return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
+
+
+def _rung_text(service: ServiceConfig, needs_bytes: Sequence[int], rung: int) -> str:
+    return f"rung {rung} {service.ladder[rung].model} ({format_size(needs_bytes[rung])})"
+
+
+def _skipped(needs_bytes: Sequence[int], current: int, target: int) -> str:
+    if target == current + 1:
+        return ""
+    skipped = ", ".join(str(r) for r in range(current + 1, target))
+    return f" (skipped rung {skipped}: needs no less VRAM than rung {current})"
+
+
+def apply_change(
+    svc: ServiceState, service_name: str, now: float, actor: str = "fleetd"
+) -> tuple[ServiceState, Transition]:
+    """(pending) -> COOLDOWN: the pending change took effect; counters start afresh."""
+    pending = svc.pending
+    assert pending is not None, "apply_change needs a recorded decision"
+    record = Transition(
+        time=now,
+        service=service_name,
+        from_rung=svc.rung,
+        to_rung=pending.to_rung,
+        from_model=svc.model,
+        to_model=pending.to_model,
+        reason=pending.reason,
+        evidence=pending.evidence,
+        rule=pending.rule,
+        container_id=pending.container_id,
+        actor="fleetctl" if actor == "fleetctl" else "fleetd",
+    )
+    status = ServiceStatus.PINNED if svc.pinned is not None else ServiceStatus.COOLDOWN
+    svc = replace(
+        svc,
+        rung=pending.to_rung,
+        model=pending.to_model,
+        state=status,
+        incidents=[],
+        changed_at=now,
+        pending=None,
+    )
+    return svc, record
+
+
+def end_cooldown(svc: ServiceState, now: float, policy: Policy) -> ServiceState:
+    """COOLDOWN -> STEADY once the cooldown has passed."""
+    cooling = svc.state is ServiceStatus.COOLDOWN and svc.changed_at is not None
+    if cooling and now >= (svc.changed_at or 0.0) + policy.cooldown_s:
+        return replace(svc, state=ServiceStatus.STEADY)
+    return svc
+
+
+class BurstGrouper:
+    """Matching lines of one container within `window_s` of an incident's first line are
+    that incident: a traceback, or a ggml line plus a runner line, counts once. Anchored on
+    the first line (not chained), so a server failing every second is many incidents; a
+    new run of the container (a restart) always opens a new one, so a crash loop counts."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self._window_s = window_s
+        self._first: dict[tuple[str, str], tuple[float, int | None]] = {}
+
+    def opens_incident(
+        self, container: str, incident_class: str, time: float, run: int | None = None
+    ) -> bool:
+        key = (container, incident_class)
+        first = self._first.get(key)
+        if first is not None:
+            first_time, first_run = first
+            new_run = run is not None and first_run is not None and run != first_run
+            if not new_run and first_time <= time <= first_time + self._window_s:
+                return False
+        self._first[key] = (time, run)
+        return True
+
+    def seed(self, container: str, incident_class: str, time: float) -> None:
+        """Remember an incident recorded before a restart of fleetd (its run unknown)."""
+        key = (container, incident_class)
+        if key not in self._first or self._first[key][0] < time:
+            self._first[key] = (time, None)
