@@ -236,9 +236,7 @@ class Daemon:
         if service is None or line.time_ns <= self.seen_ns.get(line.container, 0):
             return  # not ours, or already handled (a new follower re-reads a little)
         self.seen_ns[line.container] = line.time_ns
-        match = self.detectors[service].classify(line.text)
-        if match is None:
-            return
+        match = line.match
         at = line.time_ns / 1e9
         kind = str(match.rule.incident_class)
         if not self.grouper.opens_incident(line.container, kind, at, line.run_ns or None):
@@ -415,7 +413,10 @@ class Daemon:
         known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
         since = known or started_ns or int(self.clock() * 1e9)
         run_ns = started_ns or self._started_ns(name)
-        follower = LogFollower(self.client, name, container_id, since, self.queue, run_ns)
+        detector = self.detectors[self.watched[name]]
+        follower = LogFollower(
+            self.client, name, container_id, since, self.queue, run_ns, detector.classify
+        )
         self.followers[name] = follower
         follower.start()
 
@@ -487,8 +488,13 @@ class Daemon:
                 del self.state.services[name]
         self._settle(self._initial_plan() if added or changed else None)
         self._save()
-        for follower in [f for c, f in self.followers.items() if c not in self.watched]:
-            follower.stop()
+        for container, follower in list(self.followers.items()):
+            service = self.watched.get(container)
+            if service is not None and service not in changed:
+                continue
+            self._remember_cursor(follower)
+            follower.stop()  # gone, or its service's rules changed: re-attach below
+            del self.followers[container]
         self._attach_all()
         logger.info(
             f"config reloaded: added {added or '-'}, changed {changed or '-'}, "

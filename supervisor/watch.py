@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,11 +26,14 @@ DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestExcep
 
 @dataclass(frozen=True)
 class LogLine:
+    """A line the follower's classifier matched (the others never leave the thread)."""
+
     container: str
     container_id: str
     time_ns: int
     text: str
     run_ns: int = 0  # when the container run that printed it started
+    match: Any = None  # what the classifier returned for it
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,15 @@ class LogFollower(threading.Thread):
         since_ns: int,
         out: queue.Queue[object],
         run_ns: int = 0,
+        classify: Callable[[str], Any] = lambda line: line,
     ) -> None:
         super().__init__(name=f"follow-{name}", daemon=True)
         self.client, self.container, self.container_id = client, name, container_id
         self.since_ns, self._out, self.run_ns = since_ns, out, run_ns
+        # Classifying here, not in the main loop, keeps one flooding container from
+        # delaying the detection of another: only matches are queued.
+        self._classify = classify
+        self.lines = 0
         self._stream: Any = None
         self._stopped = threading.Event()
 
@@ -123,7 +131,12 @@ class LogFollower(threading.Thread):
         if parsed is None or parsed[0] <= self.since_ns:
             return
         self.since_ns = parsed[0]
-        self._out.put(LogLine(self.container, self.container_id, parsed[0], parsed[1], self.run_ns))
+        self.lines += 1
+        match = self._classify(parsed[1])
+        if match is not None:
+            self._out.put(
+                LogLine(self.container, self.container_id, parsed[0], parsed[1], self.run_ns, match)
+            )
 
 
 class EventWatcher(threading.Thread):
