@@ -22,6 +22,7 @@ import yaml
 from supervisor import __version__
 from supervisor.analyzer import FleetPlan, ServicePlan
 from supervisor.errors import RenderError
+from supervisor.fsutil import atomic_write
 from supervisor.runtimes import Runtime
 
 HANDOFF_DIR = "/run/fleetd"
@@ -142,6 +143,18 @@ _SAFE_ENV_VALUE = frozenset(
 def model_env_var(service: str) -> str:
     """The .env variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
     return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
+
+
+def update_env_file(path: Path, service: str, model: str) -> bool:
+    """Set FLEETD_<SERVICE>_MODEL in a generated .env, keeping every other line; False if
+    the file does not exist (nothing was generated there)."""
+    if not path.is_file():
+        return False
+    key = model_env_var(service)
+    _check_env_value(f".env {key}", model)
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(f"{key}=")]
+    atomic_write(path, "\n".join([*lines, f"{key}={model}"]) + "\n")
+    return True
 
 
 def build_project(

@@ -198,6 +198,7 @@ class FleetConfig(_Strict):
     budget: Annotated[Float, Field(gt=0, le=1)] = 0.85
     gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
     ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
+    compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current
     policy: PolicyConfig = PolicyConfig()
     services: dict[ServiceName, ServiceConfig]
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))

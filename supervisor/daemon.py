@@ -23,10 +23,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from supervisor.analyzer import FleetPlan, analyze, rung_need
+from supervisor.compose import update_env_file
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.detector import Detector, compile_rule
 from supervisor.errors import FleetdError
-from supervisor.gpus import Discovery, Nvml, resolve_gpus
+from supervisor.gpus import Discovery, Gpu, Nvml, resolve_gpus
 from supervisor.ladder import (
     HOST_OOM,
     Action,
@@ -53,6 +54,7 @@ from supervisor.watch import (
 )
 
 RECONCILE_S = 5.0
+GPU_SAMPLE_S = 30.0
 CHECKPOINT_S = 5.0
 MAX_BACKOFF_S = 300.0
 
@@ -89,6 +91,8 @@ class Daemon:
         self.busy: set[str] = set()  # services with a restart in flight
         self.expected_stops: dict[str, float] = {}  # container -> until when a stop is ours
         self.seen_ns: dict[str, int] = {}  # container -> newest line handled
+        self.gpus: tuple[Gpu, ...] = ()  # the latest NVML reading
+        self.gpu_problems: dict[int, str | None] = {}
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._docker_retry_at = 0.0
@@ -299,6 +303,10 @@ class Daemon:
         svc = self.state.services[service]
         assert svc.pending is not None
         self.store.write_model_file(service, svc.pending.to_model)
+        if self.config.compose_dir is not None:  # so a later `docker compose up` agrees
+            env_file = self.config.resolve(self.config.compose_dir) / ".env"
+            if not update_env_file(env_file, service, svc.pending.to_model):
+                logger.warning(f"{env_file} does not exist; compose_dir is not updated")
         self.busy.add(service)
         config = self.config.services[service]
         threading.Thread(
@@ -441,15 +449,33 @@ class Daemon:
                 self.state.services[name] = end_cooldown(svc, self.clock(), self.policy)
                 if svc.pending is not None and name in self.config.services:
                     self._apply(name)
+        elif job == "gpus":
+            self._sample_gpus()
         elif job == "checkpoint":
             for follower in self.followers.values():
                 self._remember_cursor(follower)
             self._save()
             self.notifier.send(f"STATUS={self.summary()}")
 
+    def _sample_gpus(self) -> None:
+        """Read NVML; a GPU lost or found again is reported once, never a crash."""
+        if self.config.gpus != "auto":
+            return
+        discovery = self.nvml.discover()
+        problems = {g.index: g.error for g in discovery.gpus if not g.valid}
+        if discovery.problem:
+            problems[-1] = discovery.problem
+        for index, error in problems.items():
+            if self.gpu_problems.get(index) != error:
+                logger.error(f"GPU {index if index >= 0 else '(all)'}: {error}")
+        for index in set(self.gpu_problems) - set(problems):
+            logger.warning(f"GPU {index if index >= 0 else '(all)'} is back")
+        self.gpu_problems, self.gpus = problems, discovery.gpus
+
     def _scheduler(self) -> BackgroundScheduler:
         scheduler = BackgroundScheduler(daemon=True)
-        for job, every_s in (("reconcile", RECONCILE_S), ("checkpoint", CHECKPOINT_S)):
+        jobs = (("reconcile", RECONCILE_S), ("checkpoint", CHECKPOINT_S), ("gpus", GPU_SAMPLE_S))
+        for job, every_s in jobs:
             scheduler.add_job(
                 self.queue.put,
                 "interval",

@@ -53,10 +53,13 @@ class Fleet:
         self.process: subprocess.Popen[str] | None = None
         self.log = tmp / "fleetd.log"
 
-    def write_config(self, services: dict[str, dict[str, Any]], cooldown: str = "1s") -> None:
+    def write_config(
+        self, services: dict[str, dict[str, Any]], cooldown: str = "1s", **top: Any
+    ) -> None:
         import yaml
 
         body = {
+            **top,
             "budget": 0.85,
             "gpus": [{"name": "test", "memory": "8GiB"}],
             "policy": {
@@ -219,4 +222,34 @@ def test_kill_9_loses_nothing_and_counts_nothing_twice(fleet: Fleet) -> None:
     assert change["to_model"] == "medium"
     times = [i["time"] for i in first["services"]["svc"]["incidents"]]
     assert len(times) == len(set(times))
+    assert fleet.stop() == 0
+
+
+def test_env_strategy_recreates_the_container_and_updates_the_compose_env(
+    fleet: Fleet, docker_client: docker.DockerClient
+) -> None:
+    name = f"svc-{uuid.uuid4().hex[:8]}"
+    compose_dir = fleet.tmp / "compose"
+    compose_dir.mkdir()
+    (compose_dir / ".env").write_text("FLEETD_STATE_DIR=/x\nFLEETD_SVC_MODEL=big\n")
+    fleet.write_config(
+        {"svc": fleet.service("vllm", name, model_env="MODEL")}, compose_dir=str(compose_dir)
+    )
+    old = fleet.run_container(name, "vllm", capacity_mib=3000, MODEL_FROM_ENV="1", MODEL="big")
+    fleet.start()
+
+    state = fleet.wait_for("a step down to medium", _rung("svc", 1), timeout_s=60)
+
+    assert state["services"]["svc"]["model"] == "medium"
+    new = docker_client.containers.get(name)
+    assert new.id != old.id, "the env strategy recreates the container"
+    assert "MODEL=medium" in new.attrs["Config"]["Env"]
+    assert new.attrs["HostConfig"]["RestartPolicy"]["Name"] == "on-failure"
+    assert new.labels == old.labels
+    time.sleep(2)
+    new.reload()
+    assert new.status == "running"
+    assert "Application startup complete" in new.logs().decode()
+    env = (compose_dir / ".env").read_text().splitlines()
+    assert env == ["FLEETD_STATE_DIR=/x", "FLEETD_SVC_MODEL=medium"]
     assert fleet.stop() == 0
