@@ -120,8 +120,10 @@ class Daemon:
         """Load the state, settle every service on a rung and hand off its model."""
         with self.store.lock():
             loaded = self.store.load()
-            for note in loaded.notes:
-                logger.warning(f"state: {note}")
+            for note in loaded.notes:  # a missing file is normal on the first start
+                logger.log(
+                    "INFO" if note.startswith("no state yet") else "WARNING", f"state: {note}"
+                )
             self.state = loaded.state
             self._seed_grouper()
             self._settle(self._initial_plan())

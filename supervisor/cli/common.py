@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,8 +73,10 @@ def read_config(path: Path | None) -> FleetConfig:
     return load_config(path or default_config_path())
 
 
-def run_cli(group: click.Group, prog: str) -> None:
+def run_cli(group: click.Group, prog: str, *, die_on_sigpipe: bool = False) -> None:
     """Run a click group; fleetd errors become one `prog: error: ...` line and an exit code."""
+    if die_on_sigpipe:  # `fleetctl ... | head` ends quietly, as `cat` does
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = group.main(prog_name=prog, standalone_mode=False)
     except FleetdError as e:

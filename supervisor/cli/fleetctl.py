@@ -170,4 +170,4 @@ def _print_match(number: int, kind: str, rule: str, text: str, as_json: bool) ->
 
 
 def main() -> None:
-    run_cli(cli, "fleetctl")
+    run_cli(cli, "fleetctl", die_on_sigpipe=True)
