@@ -272,9 +272,10 @@ class Daemon:
             self._apply(service)
         elif decision.action is Action.EXHAUSTED:
             logger.critical(
-                f"{service}: EXHAUSTED at rung {new.rung} ({new.model}): no "
-                "smaller model left; fleetd stops restarting it"
+                f"{service}: EXHAUSTED at rung {new.rung} ({new.model}): no smaller model "
+                "left; stopping its containers so they do not crash-loop (kept for inspection)"
             )
+            self._stop_containers(service)
         elif decision.action is Action.RESTART:
             self._restart_with_backoff(service)
 
@@ -358,6 +359,24 @@ class Daemon:
             f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
             f"rung {record.from_rung} ({record.from_model}): {record.reason}"
         )
+
+    def _stop_containers(self, service: str) -> None:
+        """Stop (not remove) a service's containers: Docker never restarts a manual stop."""
+        client, names = self.client, self.config.services[service].restarted
+        stop_s = self.config.policy.stop_timeout
+        if client is None:
+            return
+        for name in names:
+            self.expected_stops[name] = self.clock() + stop_s + 5
+
+        def stop_all() -> None:
+            for name in names:
+                try:
+                    client.containers.get(name).stop(timeout=int(stop_s))
+                except DOCKER_ERRORS as e:
+                    logger.error(f"{service}: could not stop {name}: {e}")
+
+        threading.Thread(target=stop_all, name=f"stop-{service}", daemon=True).start()
 
     def _restart_with_backoff(self, service: str) -> None:
         svc = self.state.services[service]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -23,7 +24,7 @@ from supervisor.cli.common import (
 )
 from supervisor.compose import build_project
 from supervisor.config import FleetConfig
-from supervisor.errors import UsageError
+from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
 from supervisor.gpus import Nvml, resolve_gpus
 from supervisor.report import plan_json, print_plan
@@ -167,6 +168,59 @@ def _print_match(number: int, kind: str, rule: str, text: str, as_json: bool) ->
         click.echo(json.dumps(record))
     else:
         click.echo(f"{number}: {kind} [{rule}] {text}")
+
+
+def _optional_config(config_path: Path | None) -> FleetConfig | None:
+    """The config when it loads; status still works from the state alone when it does not."""
+    try:
+        return read_config(config_path)
+    except FleetdError as e:
+        click.echo(f"fleetctl: config not used ({str(e).splitlines()[0]})", err=True)
+        return None
+
+
+@cli.command()
+@click.argument("service", required=False)
+@config_option
+@state_dir_option
+@json_option
+def status(
+    service: str | None, config_path: Path | None, state_dir: Path | None, as_json: bool
+) -> int:
+    """Per service: model, rung, state, incidents in the window, last change and its evidence.
+
+    Reads the saved state (STATE_DIR/state.json); it never changes it.
+    """
+    from supervisor.cli.views import print_status, read_state, status_json
+
+    directory = state_dir or default_state_dir()
+    state = read_state(directory)
+    config = _optional_config(config_path)
+    report = status_json(state, config, time.time())
+    if service is not None:
+        if service not in report["services"]:
+            raise UsageError(f"no service {service!r} in {directory / 'state.json'}")
+        report["services"] = {service: report["services"][service]}
+    click.echo(f"fleetctl: showing the saved state in {directory / 'state.json'}", err=True)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_status(report, state, Console(highlight=False, width=max(Console().width, 160)))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("service", required=False)
+@state_dir_option
+@json_option
+def history(service: str | None, state_dir: Path | None, as_json: bool) -> int:
+    """Every change of rung, oldest first, with its reason and evidence line."""
+    from supervisor.cli.views import print_history, read_state
+
+    state = read_state(state_dir or default_state_dir())
+    transitions = [t for t in state.history if service is None or t.service == service]
+    print_history(transitions, as_json)
+    return EXIT_OK
 
 
 def main() -> None:

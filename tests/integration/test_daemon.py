@@ -198,6 +198,17 @@ def test_skips_a_rung_that_needs_no_less_and_exhausts_at_the_bottom(fleet: Fleet
     assert [h["to_model"] for h in state["history"]] == ["medium", "small", "tiny"]
     assert "skipped rung 2" in state["history"][1]["reason"]
     assert "EXHAUSTED" in fleet.log.read_text()
+    container = fleet.client.containers.get(name)
+    for _ in range(50):  # stopped, so Docker's restart policy stops the crash loop
+        container.reload()
+        if container.status == "exited":
+            break
+        time.sleep(0.2)
+    assert container.status == "exited"
+    restarts = container.attrs["RestartCount"]
+    time.sleep(2)
+    container.reload()
+    assert container.attrs["RestartCount"] == restarts and container.status == "exited"
     assert fleet.stop() == 0
 
 

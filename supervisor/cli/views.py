@@ -1,0 +1,132 @@
+"""`fleetctl status` and `history` from the saved state (read-only: never moves a file)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from supervisor.config import FleetConfig
+from supervisor.errors import FleetdError
+from supervisor.state import STATE_FILE, FleetState, ServiceState, StateError, Transition
+
+
+def read_state(state_dir: Path) -> FleetState:
+    path = state_dir / STATE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FleetdError(
+            f"{path}: no state yet (fleetd has not run with this state dir)"
+        ) from None
+    except OSError as e:
+        raise FleetdError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return FleetState.from_json(text)
+    except StateError as e:
+        raise FleetdError(f"{path}: {e} (fleetd moves such a file aside when it starts)") from None
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _last(state: FleetState, service: str) -> Transition | None:
+    return next((t for t in reversed(state.history) if t.service == service), None)
+
+
+def status_json(state: FleetState, config: FleetConfig | None, now: float) -> dict[str, Any]:
+    services = {}
+    for name, svc in state.services.items():
+        window = config.policy.incident_window if config else None
+        last = _last(state, name)
+        services[name] = {
+            "model": svc.model,
+            "rung": svc.rung,
+            "rungs": len(config.services[name].ladder)
+            if config and name in config.services
+            else None,
+            "state": str(svc.state),
+            "in_config": None if config is None else name in config.services,
+            "incidents_in_window": _recent(svc, now, window),
+            "pinned": svc.pinned,
+            "pending": None if svc.pending is None else svc.pending.to_model,
+            "last_transition": None if last is None else _transition_json(last),
+        }
+    return {"services": services}
+
+
+def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
+    return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)
+
+
+def _transition_json(t: Transition) -> dict[str, Any]:
+    return {
+        "time": t.time,
+        "service": t.service,
+        "from_rung": t.from_rung,
+        "to_rung": t.to_rung,
+        "from_model": t.from_model,
+        "to_model": t.to_model,
+        "reason": t.reason,
+        "evidence": t.evidence,
+        "rule": t.rule,
+        "container_id": t.container_id,
+        "actor": t.actor,
+    }
+
+
+def print_status(report: dict[str, Any], state: FleetState, console: Console) -> None:
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for column in ("SERVICE", "MODEL", "RUNG", "STATE", "INCIDENTS", "LAST CHANGE"):
+        table.add_column(column, no_wrap=True)
+    for name, row in report["services"].items():
+        last = row["last_transition"]
+        change = (
+            "-"
+            if last is None
+            else (f"{_when(last['time'])} {last['from_model']} -> {last['to_model']}")
+        )
+        rungs = f" of {row['rungs']}" if row["rungs"] else ""
+        state_text = row["state"] + (" (not in config)" if row["in_config"] is False else "")
+        table.add_row(
+            name,
+            row["model"],
+            f"{row['rung']}{rungs}",
+            state_text,
+            str(row["incidents_in_window"]),
+            change,
+        )
+    console.print(table)
+    for name, row in report["services"].items():
+        last = row["last_transition"]
+        if last is not None and last["evidence"]:
+            console.print(
+                f"{name}: {last['reason']}", markup=False, highlight=False, soft_wrap=True
+            )
+            console.print(
+                f"  evidence: {last['evidence']}", markup=False, highlight=False, soft_wrap=True
+            )
+
+
+def print_history(transitions: list[Transition], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([_transition_json(t) for t in transitions], indent=2))
+        return
+    if not transitions:
+        click.echo("no transitions yet")
+    for t in transitions:
+        click.echo(
+            f"{_when(t.time)}  {t.service}: rung {t.from_rung} {t.from_model} -> rung "
+            f"{t.to_rung} {t.to_model} ({t.actor})"
+        )
+        click.echo(f"    reason: {t.reason}")
+        if t.evidence:
+            click.echo(f"    evidence: {t.evidence}" + (f"  [{t.rule}]" if t.rule else ""))
