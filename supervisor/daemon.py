@@ -114,7 +114,10 @@ class Daemon:
         self.detectors = {name: _detector(svc) for name, svc in config.services.items()}
         self.watched = {c: name for name, svc in config.services.items() for c in svc.watched}
         self.policy = Policy.from_config(config.policy)
-        self.grouper = BurstGrouper(config.policy.burst_window)
+        # The grouper outlives reloads: a burst that spans a SIGHUP stays one incident.
+        grouper: BurstGrouper | None = getattr(self, "grouper", None)
+        if grouper is None or grouper.window_s != config.policy.burst_window:
+            self.grouper = BurstGrouper(config.policy.burst_window, grouper)
 
     def start(self) -> None:
         """Load the state, settle every service on a rung and hand off its model."""
@@ -404,7 +407,8 @@ class Daemon:
             client.ping()
         except DOCKER_ERRORS as e:
             logger.warning(
-                f"Docker is not reachable ({e}); retrying in {self._docker_backoff_s:.0f} s"
+                f"Docker is not reachable ({e}); next try in at least "
+                f"{self._docker_backoff_s:.0f} s"
             )
             self._docker_retry_at = time.monotonic() + self._docker_backoff_s
             self._docker_backoff_s = min(60.0, self._docker_backoff_s * 2)

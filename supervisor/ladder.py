@@ -187,9 +187,11 @@ class BurstGrouper:
     the first line (not chained), so a server failing every second is many incidents; a
     new run of the container (a restart) always opens a new one, so a crash loop counts."""
 
-    def __init__(self, window_s: float = 2.0) -> None:
-        self._window_s = window_s
-        self._first: dict[tuple[str, str], tuple[float, int | None]] = {}
+    def __init__(self, window_s: float = 2.0, previous: BurstGrouper | None = None) -> None:
+        self.window_s = window_s
+        self._first: dict[tuple[str, str], tuple[float, int | None]] = (
+            dict(previous._first) if previous is not None else {}
+        )
 
     def opens_incident(
         self, container: str, incident_class: str, time: float, run: int | None = None
@@ -199,7 +201,7 @@ class BurstGrouper:
         if first is not None:
             first_time, first_run = first
             new_run = run is not None and first_run is not None and run != first_run
-            if not new_run and first_time <= time <= first_time + self._window_s:
+            if not new_run and first_time <= time <= first_time + self.window_s:
                 return False
         self._first[key] = (time, run)
         return True
