@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXAMPLE_GPU := 12GiB:"RTX 4070 SUPER"
 
-.PHONY: venv example lint test bench clean
+.PHONY: venv example demo lint test bench clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,12 @@ example: venv
 	$(BIN)/fleetctl plan --config examples/fleet.yaml --gpu $(EXAMPLE_GPU)
 	$(BIN)/fleetctl generate --config examples/fleet.yaml --gpu $(EXAMPLE_GPU) \
 		--out compose/example --state-dir state
+
+# The supervision loop end to end on stand-in containers, no GPU needed (seconds).
+demo: venv
+	bash scripts/ensure-docker.sh
+	bash scripts/build-test-images.sh oom-emitter
+	bash scripts/demo.sh
 
 lint: venv
 	$(BIN)/ruff check .
