@@ -156,7 +156,7 @@ class FleetState:
             "services": {
                 name: _service_json(self.services[name]) for name in sorted(self.services)
             },
-            "history": [_transition_json(t) for t in self.history[-HISTORY_LIMIT:]],
+            "history": [transition_json(t) for t in self.history[-HISTORY_LIMIT:]],
             "log_cursors": {
                 name: {"container_id": c.container_id, "since_ns": c.since_ns}
                 for name, c in sorted(self.log_cursors.items())
@@ -221,7 +221,8 @@ def _pending_json(p: PendingChange) -> dict[str, object]:
     }
 
 
-def _transition_json(t: Transition) -> dict[str, object]:
+def transition_json(t: Transition) -> dict[str, object]:
+    """A transition as state.json writes it (also what `fleetctl history --json` prints)."""
     return {
         "time": t.time,
         "service": t.service,

@@ -71,7 +71,21 @@ def split_stamped(raw: str) -> tuple[int, str] | None:
         return None
 
 
-class LogFollower(threading.Thread):
+class _StreamThread(threading.Thread):
+    """A thread reading one Docker stream; `stop()` closes the stream to wake it up."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stream: Any = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._stream is not None:
+            self._stream.close()
+
+
+class LogFollower(_StreamThread):
     """Follows one container's log from `since_ns` until the container stops or `stop()`."""
 
     def __init__(
@@ -84,20 +98,13 @@ class LogFollower(threading.Thread):
         run_ns: int = 0,
         classify: Callable[[str], Any] = lambda line: line,
     ) -> None:
-        super().__init__(name=f"follow-{name}", daemon=True)
+        super().__init__(name=f"follow-{name}")
         self.client, self.container, self.container_id = client, name, container_id
         self.since_ns, self._out, self.run_ns = since_ns, out, run_ns
         # Classifying here, not in the main loop, keeps one flooding container from
         # delaying the detection of another: only matches are queued.
         self._classify = classify
         self.lines = 0
-        self._stream: Any = None
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._stream is not None:
-            self._stream.close()
 
     def run(self) -> None:
         try:
@@ -139,21 +146,14 @@ class LogFollower(threading.Thread):
             )
 
 
-class EventWatcher(threading.Thread):
+class EventWatcher(_StreamThread):
     """Puts container start/die/oom/destroy/health events on the queue until stopped."""
 
     ACTIONS = frozenset({"start", "die", "oom", "destroy", "kill", "stop"})
 
     def __init__(self, client: docker.DockerClient, since_s: float, out: queue.Queue[object]):
-        super().__init__(name="docker-events", daemon=True)
+        super().__init__(name="docker-events")
         self.client, self.since_s, self._out = client, since_s, out
-        self._stream: Any = None
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._stream is not None:
-            self._stream.close()
 
     def run(self) -> None:
         error = "stopped"

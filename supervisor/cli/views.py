@@ -13,7 +13,14 @@ from rich.table import Table
 
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError
-from supervisor.state import STATE_FILE, FleetState, ServiceState, StateError, Transition
+from supervisor.state import (
+    STATE_FILE,
+    FleetState,
+    ServiceState,
+    StateError,
+    Transition,
+    transition_json,
+)
 
 
 def read_state(state_dir: Path) -> FleetState:
@@ -58,29 +65,13 @@ def status_json(state: FleetState, config: FleetConfig | None, now: float) -> di
             "incidents_in_window": _recent(svc, now, window),
             "pinned": svc.pinned,
             "pending": None if svc.pending is None else svc.pending.to_model,
-            "last_transition": None if last is None else _transition_json(last),
+            "last_transition": None if last is None else transition_json(last),
         }
     return {"services": services}
 
 
 def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
     return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)
-
-
-def _transition_json(t: Transition) -> dict[str, Any]:
-    return {
-        "time": t.time,
-        "service": t.service,
-        "from_rung": t.from_rung,
-        "to_rung": t.to_rung,
-        "from_model": t.from_model,
-        "to_model": t.to_model,
-        "reason": t.reason,
-        "evidence": t.evidence,
-        "rule": t.rule,
-        "container_id": t.container_id,
-        "actor": t.actor,
-    }
 
 
 def print_status(report: dict[str, Any], state: FleetState, console: Console) -> None:
@@ -118,7 +109,7 @@ def print_status(report: dict[str, Any], state: FleetState, console: Console) ->
 
 def print_history(transitions: list[Transition], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps([_transition_json(t) for t in transitions], indent=2))
+        click.echo(json.dumps([transition_json(t) for t in transitions], indent=2))
         return
     if not transitions:
         click.echo("no transitions yet")
