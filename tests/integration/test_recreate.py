@@ -457,7 +457,9 @@ def test_recreate_preserves_everything_but_the_variable(
     assert new["HostConfig"] == old["HostConfig"]
     assert new["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 3}
     assert new["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m"}}
-    assert new["Mounts"] == old["Mounts"]
+    # The engine lists mounts in no fixed order.
+    by_target = lambda mounts: sorted(mounts, key=lambda m: m["Destination"])  # noqa: E731
+    assert by_target(new["Mounts"]) == by_target(old["Mounts"])
 
     # Both networks: aliases (each container has its own short-ID alias) and static IPs.
     new_networks = new["NetworkSettings"]["Networks"]
