@@ -39,6 +39,7 @@ from supervisor.ladder import (
     end_cooldown,
     transition,
 )
+from supervisor.managed import container_names, managed_pids
 from supervisor.rules import BUILTIN_RULES
 from supervisor.sdnotify import Notifier
 from supervisor.state import FleetState, LogCursor, ServiceState, StateStore
@@ -129,9 +130,12 @@ class Daemon:
                 )
             self.state = loaded.state
             self._seed_grouper()
+        # Docker first, so the plan can tell the fleet's own GPU processes from others';
+        # followers only queue lines, which the loop handles once `run` starts.
+        self._connect_docker()
+        with self.store.lock():
             self._settle(self._initial_plan())
             self.store.save(self.state)
-        self._connect_docker()
         for name, svc in list(self.state.services.items()):
             if svc.pending is not None and name in self.config.services:
                 logger.warning(f"{name}: completing a change interrupted by a restart of fleetd")
@@ -155,7 +159,8 @@ class Daemon:
             logger.info(discovery.problem)
         if not discovery.gpus:
             return None
-        return analyze(self.config, discovery)
+        pids = managed_pids(self.client, container_names(self.config)) if self.client else None
+        return analyze(self.config, discovery, pids or frozenset())
 
     def _settle(self, plan: FleetPlan | None) -> None:
         """Persisted rung, else the plan's, else the top; write every model file."""

@@ -27,6 +27,7 @@ from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
 from supervisor.gpus import Nvml, resolve_gpus
+from supervisor.managed import managed_pids_if_reachable
 from supervisor.report import plan_json, print_plan
 
 
@@ -47,7 +48,12 @@ def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) 
         nvml.shutdown()
     if discovery.problem and not quiet:  # the text plan prints it among its notes
         click.echo(f"fleetctl: {discovery.problem}", err=True)
-    return analyze(config, discovery)
+    pids: frozenset[int] = frozenset()
+    if any(g.processes for g in discovery.gpus):  # only NVML readings list processes
+        pids, problem = managed_pids_if_reachable(config)
+        if problem:
+            click.echo(f"fleetctl: {problem}", err=True)
+    return analyze(config, discovery, pids)
 
 
 @cli.command()
