@@ -16,12 +16,14 @@ die() { printf 'ensure-docker: error: %s\n' "$*" >&2; exit 1; }
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
-# Debian packages this project needs: the engine (docker.io), compose v1 (docker-compose)
-# and a static busybox for the tiny test images (busybox-static).
+# Debian packages this project needs: the engine (docker.io), compose v1 (docker-compose),
+# a static busybox for the tiny test images (busybox-static) and systemd-analyze to verify
+# the unit file (systemd; nothing is started with it).
 missing_packages() {
     local missing=()
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # busybox-static conflicts with the dynamic busybox package; ask dpkg, not PATH.
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
         || missing+=(busybox-static)
