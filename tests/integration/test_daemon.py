@@ -264,3 +264,55 @@ def test_env_strategy_recreates_the_container_and_updates_the_compose_env(
     env = (compose_dir / ".env").read_text().splitlines()
     assert env == ["FLEETD_STATE_DIR=/x", "FLEETD_SVC_MODEL=medium"]
     assert fleet.stop() == 0
+
+
+def test_a_decision_interrupted_by_a_crash_is_completed_at_the_next_start(fleet: Fleet) -> None:
+    name = f"svc-{uuid.uuid4().hex[:8]}"
+    fleet.write_config({"svc": fleet.service("llamacpp", name)})
+    fleet.state_dir.mkdir(parents=True, exist_ok=True)
+    # What fleetd leaves when it dies between recording a step down and applying it: the
+    # decision is in state.json, the model file and the container still have `big`.
+    (fleet.state_dir / "state.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "services": {
+                    "svc": {
+                        "model": "big",
+                        "rung": 0,
+                        "state": "steady",
+                        "incidents": [],
+                        "pending": {
+                            "to_rung": 1,
+                            "to_model": "medium",
+                            "reason": "3 vram_oom incidents",
+                            "decided_at": time.time() - 5,
+                            "evidence": "cudaMalloc failed",
+                        },
+                    }
+                },
+                "history": [],
+                "log_cursors": {},
+            }
+        )
+    )
+    (fleet.state_dir / "services/svc").mkdir(parents=True)
+    (fleet.state_dir / "services/svc/model").write_text("big\n")
+    container = fleet.run_container(name, "llamacpp", capacity_mib=5000)  # big would fit
+    fleet.start()
+
+    state = fleet.wait_for("the pending change applied", _rung("svc", 1), timeout_s=30)
+
+    assert state["services"]["svc"]["pending"] is None
+    [change] = state["history"]
+    assert (change["from_model"], change["to_model"], change["evidence"]) == (
+        "big",
+        "medium",
+        "cudaMalloc failed",
+    )
+    assert (fleet.state_dir / "services/svc/model").read_text().strip() == "medium"
+    time.sleep(1)
+    container.reload()
+    assert "model=medium" in container.logs(tail=50).decode(), "the container was restarted"
+    assert "interrupted" in fleet.log.read_text()
+    assert fleet.stop() == 0
