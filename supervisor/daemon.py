@@ -612,10 +612,3 @@ def _level(decision: Decision) -> str:
 
 def _log_job_error(event: JobExecutionEvent) -> None:
     logger.error(f"scheduled job {event.job_id} failed: {event.exception}")
-
-
-def running_services(state: FleetState) -> dict[str, Any]:
-    return {
-        n: {"model": s.model, "rung": s.rung, "state": str(s.state)}
-        for n, s in state.services.items()
-    }
