@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import docker
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
