@@ -94,12 +94,18 @@ def plan(config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool) ->
     default=None,
     help="Jinja templates to use instead of the built-in ones.",
 )
+@click.option(
+    "--no-model-files",
+    is_flag=True,
+    help="Do not write the hand-off files (when generating for another host).",
+)
 def generate(
     config_path: Path | None,
     gpu_specs: tuple[str, ...],
     state_dir: Path | None,
     out_dir: Path,
     template_dir: Path | None,
+    no_model_files: bool,
 ) -> int:
     """Write a compose project sized to the plan: compose.yml and .env.
 
@@ -121,7 +127,7 @@ def generate(
     )
     for service, model in project.models.items():
         handoff = state / "services" / service / "model"
-        if not handoff.exists():
+        if not no_model_files and not handoff.exists():
             atomic_write(handoff, model + "\n")
             click.echo(f"wrote {handoff} ({model})")
     for service in project.skipped:
