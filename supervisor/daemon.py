@@ -55,6 +55,7 @@ from supervisor.watch import (
 
 RECONCILE_S = 5.0
 GPU_SAMPLE_S = 30.0
+FIRST_READ_MARGIN_NS = 2_000_000_000
 CHECKPOINT_S = 5.0
 MAX_BACKOFF_S = 300.0
 
@@ -448,7 +449,11 @@ class Daemon:
         # event, or from now when fleetd meets it already running.
         cursor = self.state.log_cursors.get(name)
         known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
-        since = known or started_ns or int(self.clock() * 1e9)
+        # Docker stamps a fast process's first lines a few ms before its start event, so a
+        # container never read before is read from a little earlier (nothing of it can
+        # have been counted yet).
+        since = known or (started_ns - FIRST_READ_MARGIN_NS if started_ns else 0)
+        since = since or int(self.clock() * 1e9)
         run_ns = started_ns or self._started_ns(name)
         detector = self.detectors[self.watched[name]]
         follower = LogFollower(

@@ -8,6 +8,7 @@ twice and none is missed.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -59,8 +60,13 @@ class EventsEnded:
 def parse_docker_time_ns(stamp: str) -> int:
     """`2026-11-23T07:12:01.123456789Z` -> epoch nanoseconds (Docker keeps 9 digits)."""
     base, _, frac = stamp.rstrip("Z").partition(".")
-    seconds = int(datetime.fromisoformat(base + "+00:00").timestamp())
-    return seconds * 1_000_000_000 + int((frac + "000000000")[:9])
+    return _epoch_seconds(base) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(base: str) -> int:
+    # Cached: a busy log repeats the same second thousands of times, and this is the hot path.
+    return int(datetime.fromisoformat(base + "+00:00").timestamp())
 
 
 def split_stamped(raw: str) -> tuple[int, str] | None:

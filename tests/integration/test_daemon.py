@@ -316,3 +316,30 @@ def test_a_decision_interrupted_by_a_crash_is_completed_at_the_next_start(fleet:
     assert "model=medium" in container.logs(tail=50).decode(), "the container was restarted"
     assert "interrupted" in fleet.log.read_text()
     assert fleet.stop() == 0
+
+
+def test_the_first_lines_of_a_container_started_while_fleetd_runs_are_counted(
+    fleet: Fleet, busybox_image: str
+) -> None:
+    # Docker stamps a fast process's first lines a few ms before its start event; reading a
+    # new container from that event lost them in about one run in five.
+    names = {f"s{i}": f"s{i}-{uuid.uuid4().hex[:8]}" for i in range(8)}
+    fleet.write_config({svc: fleet.service("llamacpp", c) for svc, c in names.items()})
+    fleet.start()
+    fleet.wait_for("fleetd settled", lambda s: len(s["services"]) == len(names), timeout_s=20)
+    time.sleep(1)
+    for container in names.values():  # the OOM line is the process's very first output
+        fleet.client.containers.run(
+            busybox_image,
+            ["sh", "-c", "echo 'CUDA error: out of memory'; sleep 30"],
+            name=container,
+            detach=True,
+            labels=fleet.labels,
+        )
+
+    def all_counted(state: dict[str, Any]) -> bool:
+        return all(len(state["services"][svc]["incidents"]) >= 1 for svc in names)
+
+    state = fleet.wait_for("one incident per container", all_counted, timeout_s=30)
+    assert [len(state["services"][svc]["incidents"]) for svc in names] == [1] * len(names)
+    assert fleet.stop() == 0
