@@ -30,6 +30,8 @@ from docker.models.networks import Network
 from docker.models.resource import Model
 from docker.models.volumes import Volume
 
+from tests.integration.fleet_harness import Fleet
+
 # The reaper image cannot be pulled here; tests that use testcontainers clean up themselves.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -40,6 +42,7 @@ BUILD_TEST_IMAGES = REPO_ROOT / "scripts" / "build-test-images.sh"
 TEST_LABEL_KEY = "org.fleetd.test"  # on every test image and object: "1"
 RUN_LABEL_KEY = "org.fleetd.test.run"  # per test: a fresh uuid, what teardown removes by
 BUSYBOX_IMAGE = "fleetd-test/busybox:1"
+EMITTER_IMAGE = "fleetd-test/oom-emitter:1"
 
 ModelT = TypeVar("ModelT", bound=Model)
 
@@ -172,3 +175,32 @@ def cleanup(docker_client: docker.DockerClient) -> Iterator[Cleanup]:
     yield tracker
     leftovers = tracker.remove_all()
     assert not leftovers, f"teardown could not remove: {leftovers}"
+
+
+# --- fleetd against real containers (tests/integration/fleet_harness.py) -----------------
+
+
+@pytest.fixture(scope="module")
+def emitter_image(docker_client: docker.DockerClient) -> str:
+    """`fleetd-test/oom-emitter:1`, built (or found current) by the build script."""
+    built = subprocess.run(
+        ["bash", str(BUILD_TEST_IMAGES), "oom-emitter"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        _unavailable(f"cannot build the emitter image: {built.stderr.strip()}")
+    return EMITTER_IMAGE
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, docker_client: docker.DockerClient, cleanup: Cleanup, emitter_image: str
+) -> Iterator[Fleet]:
+    """A config, a state dir and a `fleetd run` process for one test; killed at the end."""
+    f = Fleet(tmp_path, docker_client, cleanup.labels)
+    yield f
+    if f.process is not None:
+        f.process.kill()
+        f.process.wait()

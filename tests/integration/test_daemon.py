@@ -4,155 +4,15 @@ are stepped down until the model fits, and the change survives a kill -9 of flee
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from docker.models.containers import Container
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = "fleetd-test/oom-emitter:1"
-SIZES = "big=4000,medium=2500,wide=2600,small=1000,tiny=500"
-# `wide` is preferred to `small` but needs more than `medium`: a step down skips it.
-LADDER = [
-    ("big", "4000MiB"),
-    ("medium", "2500MiB"),
-    ("wide", "2600MiB"),
-    ("small", "1000MiB"),
-    ("tiny", "500MiB"),
-]
-
-
-@pytest.fixture(scope="module")
-def emitter_image(docker_client: docker.DockerClient) -> str:
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts/build-test-images.sh"), "oom-emitter"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    return IMAGE
-
-
-class Fleet:
-    """A config, a state dir and the emitter containers of one test."""
-
-    def __init__(self, tmp: Path, client: docker.DockerClient, labels: dict[str, str]) -> None:
-        self.tmp, self.client, self.labels = tmp, client, labels
-        self.state_dir = tmp / "state"
-        self.config = tmp / "fleet.yaml"
-        self.process: subprocess.Popen[str] | None = None
-        self.log = tmp / "fleetd.log"
-
-    def write_config(
-        self, services: dict[str, dict[str, Any]], cooldown: str = "1s", **top: Any
-    ) -> None:
-        import yaml
-
-        body = {
-            **top,
-            "budget": 0.85,
-            "gpus": [{"name": "test", "memory": "8GiB"}],
-            "policy": {
-                "incidents_to_step_down": 3,
-                "incident_window": "10m",
-                "cooldown": cooldown,
-                "burst_window": "1s",
-                "stop_timeout": "2s",
-            },
-            "services": services,
-        }
-        self.config.write_text(yaml.safe_dump(body))
-
-    def service(self, runtime: str, container: str, **extra: Any) -> dict[str, Any]:
-        ladder = [{"model": m, "vram": v} for m, v in LADDER]
-        return {"runtime": runtime, "containers": [container], "ladder": ladder, **extra}
-
-    def run_container(self, name: str, runtime: str, capacity_mib: int, **env: str) -> Container:
-        handoff = self.state_dir / "services" / name.split("-", 1)[0]
-        handoff.mkdir(parents=True, exist_ok=True)
-        return self.client.containers.run(
-            IMAGE,
-            name=name,
-            detach=True,
-            labels=self.labels,
-            environment={
-                "RUNTIME": runtime,
-                "CAPACITY_MIB": str(capacity_mib),
-                "MODEL_SIZES": SIZES,
-                **env,
-            },
-            volumes={str(handoff): {"bind": "/run/fleetd", "mode": "ro"}},
-            restart_policy={"Name": "on-failure"},
-        )
-
-    def start(self) -> None:
-        code = "from supervisor.cli.fleetd import main; main()"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                code,
-                "run",
-                "--config",
-                str(self.config),
-                "--state-dir",
-                str(self.state_dir),
-                "--log-level",
-                "DEBUG",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("a"),
-            text=True,
-            env={**os.environ, "NOTIFY_SOCKET": ""},
-        )
-
-    def state(self) -> dict[str, Any]:
-        path = self.state_dir / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {"services": {}}
-
-    def wait_for(
-        self, what: str, check: Callable[[dict[str, Any]], bool], timeout_s: float
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = self.state()
-            if check(state):
-                return state
-            assert self.process is None or self.process.poll() is None, self.log.read_text()
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; state {state}\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=10)
-        self.process = None
-        return code
-
-
-@pytest.fixture
-def fleet(
-    tmp_path: Path, docker_client: docker.DockerClient, cleanup: Any, emitter_image: str
-) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, docker_client, cleanup.labels)
-    yield f
-    if f.process is not None:
-        f.process.kill()
-        f.process.wait()
-
-
-def _rung(service: str, rung: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda s: s["services"].get(service, {}).get("rung") == rung
+from tests.integration.fleet_harness import Fleet, at_rung
 
 
 @pytest.mark.parametrize("runtime", ["llamacpp", "vllm", "ollama"])
@@ -164,7 +24,7 @@ def test_steps_down_to_the_largest_rung_that_fits_and_stays(fleet: Fleet, runtim
     container = fleet.run_container(name, runtime, capacity_mib=3000, OOM_INTERVAL_S="0.3")
     fleet.start()
 
-    state = fleet.wait_for("a step down to medium", _rung("svc", 1), timeout_s=60)
+    state = fleet.wait_for("a step down to medium", at_rung("svc", 1), timeout_s=60)
 
     svc = state["services"]["svc"]
     assert svc["model"] == "medium"
@@ -227,7 +87,7 @@ def test_kill_9_loses_nothing_and_counts_nothing_twice(fleet: Fleet) -> None:
     time.sleep(1)
     fleet.start()
 
-    state = fleet.wait_for("a step down to medium", _rung("svc", 1), timeout_s=60)
+    state = fleet.wait_for("a step down to medium", at_rung("svc", 1), timeout_s=60)
 
     [change] = state["history"]
     assert change["to_model"] == "medium"
@@ -249,7 +109,7 @@ def test_env_strategy_recreates_the_container_and_updates_the_compose_env(
     old = fleet.run_container(name, "vllm", capacity_mib=3000, MODEL_FROM_ENV="1", MODEL="big")
     fleet.start()
 
-    state = fleet.wait_for("a step down to medium", _rung("svc", 1), timeout_s=60)
+    state = fleet.wait_for("a step down to medium", at_rung("svc", 1), timeout_s=60)
 
     assert state["services"]["svc"]["model"] == "medium"
     new = docker_client.containers.get(name)
@@ -301,7 +161,7 @@ def test_a_decision_interrupted_by_a_crash_is_completed_at_the_next_start(fleet:
     container = fleet.run_container(name, "llamacpp", capacity_mib=5000)  # big would fit
     fleet.start()
 
-    state = fleet.wait_for("the pending change applied", _rung("svc", 1), timeout_s=30)
+    state = fleet.wait_for("the pending change applied", at_rung("svc", 1), timeout_s=30)
 
     assert state["services"]["svc"]["pending"] is None
     [change] = state["history"]

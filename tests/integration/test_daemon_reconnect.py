@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_daemon import Fleet, _rung, emitter_image, fleet  # noqa: F401
+from tests.integration.fleet_harness import Fleet, at_rung
 
 ENGINE = "/var/run/docker.sock"
 
@@ -75,7 +75,7 @@ class SocketProxy:
 
 
 def test_reconnects_after_losing_the_engine_and_misses_no_incident(
-    fleet: Fleet,  # noqa: F811 (the fixture imported above)
+    fleet: Fleet,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -97,7 +97,7 @@ def test_reconnects_after_losing_the_engine_and_misses_no_incident(
     assert fleet.process is not None and fleet.process.poll() is None, "fleetd must not die"
     proxy.start()
 
-    state = fleet.wait_for("the step down after reconnecting", _rung("svc", 1), timeout_s=60)
+    state = fleet.wait_for("the step down after reconnecting", at_rung("svc", 1), timeout_s=60)
 
     [change] = state["history"]
     assert change["to_model"] == "medium"
