@@ -36,9 +36,7 @@ import gguf
 
 from supervisor.errors import EstimateError
 from supervisor.runtimes import Runtime
-
-MIB = 1024 * 1024
-GIB = 1024 * MIB
+from supervisor.units import GIB, MIB
 
 DEFAULT_CONTEXT: dict[Runtime, int] = {
     Runtime.OLLAMA: 4096,

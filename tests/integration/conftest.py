@@ -30,6 +30,7 @@ from docker.models.networks import Network
 from docker.models.resource import Model
 from docker.models.volumes import Volume
 
+from tests.integration.fleet_harness import IMAGE as EMITTER_IMAGE
 from tests.integration.fleet_harness import Fleet
 
 # The reaper image cannot be pulled here; tests that use testcontainers clean up themselves.
@@ -42,7 +43,6 @@ BUILD_TEST_IMAGES = REPO_ROOT / "scripts" / "build-test-images.sh"
 TEST_LABEL_KEY = "org.fleetd.test"  # on every test image and object: "1"
 RUN_LABEL_KEY = "org.fleetd.test.run"  # per test: a fresh uuid, what teardown removes by
 BUSYBOX_IMAGE = "fleetd-test/busybox:1"
-EMITTER_IMAGE = "fleetd-test/oom-emitter:1"
 
 ModelT = TypeVar("ModelT", bound=Model)
 
@@ -182,7 +182,12 @@ def cleanup(docker_client: docker.DockerClient) -> Iterator[Cleanup]:
 
 @pytest.fixture(scope="module")
 def emitter_image(docker_client: docker.DockerClient) -> str:
-    """`fleetd-test/oom-emitter:1`, built (or found current) by the build script."""
+    """`fleetd-test/oom-emitter:1`, built unless an image of the same sources is there.
+
+    The build script runs every time: its reuse check (a hash of the build context and the
+    busybox base) is instant when the image is current, and rebuilds one made from an
+    older emitter.sh, which a check for the tag alone would keep using.
+    """
     built = subprocess.run(
         ["bash", str(BUILD_TEST_IMAGES), "oom-emitter"],
         capture_output=True,
@@ -190,7 +195,8 @@ def emitter_image(docker_client: docker.DockerClient) -> str:
         check=False,
     )
     if built.returncode != 0:
-        _unavailable(f"cannot build the emitter image: {built.stderr.strip()}")
+        _unavailable(f"cannot build {EMITTER_IMAGE}: {built.stderr.strip()}")
+    docker_client.images.get(EMITTER_IMAGE)
     return EMITTER_IMAGE
 
 

@@ -32,32 +32,11 @@ from docker.models.containers import Container
 from supervisor.daemon import Daemon
 from supervisor.state import FleetState, ServiceState
 from supervisor.watch import LogLine
+from tests.integration.fleet_harness import IMAGE, LADDER, SIZES
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = "fleetd-test/oom-emitter:1"
-SIZES = "big=4000,medium=2500,wide=2600,small=1000,tiny=500"
-LADDER = [
-    ("big", "4000MiB"),
-    ("medium", "2500MiB"),
-    ("wide", "2600MiB"),
-    ("small", "1000MiB"),
-    ("tiny", "500MiB"),
-]
 WATCHDOG_USEC = 2_000_000
 FLEETD = "from supervisor.cli.fleetd import main; main()"
 MAX_SUN_PATH = 107
-
-
-@pytest.fixture(scope="module")
-def emitter_image(docker_client: docker.DockerClient) -> str:
-    built = subprocess.run(
-        ["bash", str(ROOT / "scripts/build-test-images.sh"), "oom-emitter"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    return IMAGE
 
 
 @dataclass

@@ -13,7 +13,6 @@ stops at once on SIGTERM.
 from __future__ import annotations
 
 import itertools
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -26,12 +25,9 @@ import docker
 import pytest
 from docker.models.containers import Container
 
-from .conftest import BUILD_TEST_IMAGES, _unavailable
-
 if TYPE_CHECKING:
     from .conftest import Cleanup
 
-OOM_EMITTER_IMAGE = "fleetd-test/oom-emitter:1"
 CAPACITY_MIB = 3000
 MODEL_SIZES = "big=4000,medium=2500,small=1000"
 HEALTH_PORT = 8080
@@ -92,30 +88,10 @@ OLLAMA_ERROR_LINE = (
 RunEmitter = Callable[..., Container]
 
 
-@pytest.fixture(scope="module")
-def oom_emitter_image(docker_client: docker.DockerClient) -> str:
-    """The emitter's tag, built unless an image of the same sources is already there.
-
-    The build script is run every time: its reuse check (a hash of the build context and
-    of the busybox base) is instant when the image is current, and rebuilds one made from
-    an older emitter.sh, which a check for the tag alone would keep using.
-    """
-    built = subprocess.run(
-        ["bash", str(BUILD_TEST_IMAGES), "oom-emitter"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if built.returncode != 0:
-        _unavailable(f"cannot build {OOM_EMITTER_IMAGE}: {built.stderr.strip()}")
-    docker_client.images.get(OOM_EMITTER_IMAGE)
-    return OOM_EMITTER_IMAGE
-
-
 @pytest.fixture
 def run_emitter(
     docker_client: docker.DockerClient,
-    oom_emitter_image: str,
+    emitter_image: str,
     cleanup: Cleanup,
     tmp_path: Path,
 ) -> RunEmitter:
@@ -140,7 +116,7 @@ def run_emitter(
             **env,
         }
         return docker_client.containers.run(
-            oom_emitter_image,
+            emitter_image,
             detach=True,
             environment=environment,
             labels=cleanup.labels,
