@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from supervisor.address import parse_address
 from supervisor.errors import ConfigError
 from supervisor.runtimes import Runtime
 from supervisor.units import format_size, parse_duration, parse_size
@@ -33,6 +34,10 @@ from supervisor.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleetd/fleet.yaml")
 CONFIG_ENV = "FLEETD_CONFIG"
+# Outside the exporters' range 9100-9999 (all allocated on Prometheus's default port
+# allocations page), Linux's ephemeral ports (32768-60999) and the runtimes' own ports.
+DEFAULT_METRICS_PORT = 10464
+DEFAULT_METRICS_ADDRESS = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
 
 SizeBytes = Annotated[int, BeforeValidator(parse_size)]
 # Strict: pydantic's lax mode would read YAML `true` as 1 (`gpu: true` pinning GPU 1).
@@ -40,6 +45,8 @@ Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, Field(strict=True)]
 ServiceName = Annotated[str, AfterValidator(lambda v: _check_name(v, "service name"))]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
+Bool = Annotated[bool, Field(strict=True)]
+ListenAddress = Annotated[str, BeforeValidator(lambda v: _check_address(v))]  # kept as written
 
 # Compose service/container names and model names: refused here rather than escaped
 # later, because no runtime accepts whitespace, quotes or `$` in them anyway.
@@ -54,6 +61,11 @@ def _check_name(value: str, what: str) -> str:
             f"{value!r} is not a valid {what} (expected letters, digits, '_', '.', '-', "
             "starting with a letter or digit)"
         )
+    return value
+
+
+def _check_address(value: object) -> object:
+    parse_address(value)  # raises ValueError quoting the bad value
     return value
 
 
@@ -192,6 +204,21 @@ class PolicyConfig(_Strict):
     stop_timeout: Seconds = 10.0
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint `fleetd run` serves (docs/observability.md)."""
+
+    enabled: Bool = True
+    address: ListenAddress = DEFAULT_METRICS_ADDRESS
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+
 class FleetConfig(_Strict):
     """The whole `fleet.yaml`."""
 
@@ -200,6 +227,7 @@ class FleetConfig(_Strict):
     ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
     compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current
     policy: PolicyConfig = PolicyConfig()
+    metrics: MetricsConfig = MetricsConfig()
     services: dict[ServiceName, ServiceConfig]
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))
 

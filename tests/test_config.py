@@ -116,6 +116,31 @@ def test_omitted_keys_take_documented_defaults(tmp_path: Path) -> None:
     assert service.watched == service.restarted == ["a"]
 
 
+def test_metrics_default_to_loopback_on_the_documented_port(tmp_path: Path) -> None:
+    metrics = load_config(fleet(tmp_path)).metrics
+
+    assert metrics.enabled is True
+    assert (metrics.address, metrics.host, metrics.port) == ("127.0.0.1:10464", "127.0.0.1", 10464)
+
+
+@pytest.mark.parametrize(
+    ("written", "host", "port"),
+    [
+        ('"0.0.0.0:9999"', "0.0.0.0", 9999),
+        ('"[::1]:10464"', "::1", 10464),
+        ('"localhost:0"', "localhost", 0),
+    ],
+)
+def test_metrics_address_is_read_as_host_and_port(
+    tmp_path: Path, written: str, host: str, port: int
+) -> None:
+    path = fleet(tmp_path, policy=f"metrics: {{address: {written}, enabled: false}}")
+
+    metrics = load_config(path).metrics
+
+    assert (metrics.host, metrics.port, metrics.enabled) == (host, port, False)
+
+
 def test_declared_gpus_are_read_with_sizes(tmp_path: Path) -> None:
     path = fleet(tmp_path, gpus='gpus: [{name: "RTX 4070 SUPER", memory: 12GiB}, {memory: 16GB}]')
 
@@ -292,6 +317,41 @@ BAD_VALUES = [
         ["1.5", "2048MiB"],
     ),
     (
+        "metrics-address-no-port",
+        {"policy": 'metrics: {address: "0.0.0.0"}'},
+        "metrics:",
+        "metrics.address",
+        ["'0.0.0.0'", "no port", "127.0.0.1:10464"],
+    ),
+    (
+        "metrics-address-port-range",
+        {"policy": 'metrics: {address: "127.0.0.1:70000"}'},
+        "metrics:",
+        "metrics.address",
+        ["'127.0.0.1:70000'", "'70000' is not a port", "65535"],
+    ),
+    (
+        "metrics-address-bare-ipv6",
+        {"policy": 'metrics: {address: "::1:10464"}'},
+        "metrics:",
+        "metrics.address",
+        ["'::1:10464'", "brackets", "[::1]:10464"],
+    ),
+    (
+        "metrics-address-number",
+        {"policy": "metrics: {address: 10464}"},
+        "metrics:",
+        "metrics.address",
+        ["10464 is not HOST:PORT"],
+    ),
+    (
+        "metrics-enabled-words",
+        {"policy": "metrics: {enabled: sometimes}"},
+        "metrics:",
+        "metrics.enabled",
+        ["'sometimes'", "boolean"],
+    ),
+    (
         "rung-without-need",
         {"rung": '- {model: "phi3:mini"}'},
         "phi3",
@@ -409,6 +469,13 @@ UNKNOWN_KEYS = [
         "vrma",
         "services.alpha.ladder[0].vrma",
         ["model", "vram", "metadata"],
+    ),
+    (
+        "metrics",
+        {"policy": "metrics: {adress: 127.0.0.1:1}"},
+        "adress",
+        "metrics.adress",
+        ["address", "enabled"],
     ),
     (
         "gpu",
