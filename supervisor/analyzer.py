@@ -129,10 +129,19 @@ def analyze(
     return FleetPlan(config, tuple(gpu_plans), services, solution.optimal, tuple(notes))
 
 
-def _slot(config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int]) -> GpuSlot:
+def gpu_budget_bytes(
+    config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int] = frozenset()
+) -> int:
+    """What fleetd may plan for on a GPU: the budget share, less others' processes."""
     budget = int(config.budget * gpu.total_bytes) - gpu.unmanaged_bytes(managed_pids)
+    return max(0, budget)
+
+
+def _slot(config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int]) -> GpuSlot:
     return GpuSlot(
-        index=gpu.index, budget_bytes=max(0, budget), ollama_limit=ollama_limit(config, gpu)
+        index=gpu.index,
+        budget_bytes=gpu_budget_bytes(config, gpu, managed_pids),
+        ollama_limit=ollama_limit(config, gpu),
     )
 
 

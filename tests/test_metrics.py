@@ -1,0 +1,393 @@
+"""Tests for supervisor.metrics: what a scrape of fleetd shows, read back with the client's
+own parser, and the HTTP endpoint's binding and errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.config import FleetConfig, load_config
+from supervisor.gpus import Gpu, GpuProcess
+from supervisor.ladder import apply_change
+from supervisor.metrics import (
+    Direction,
+    FleetMetrics,
+    FleetSnapshot,
+    MetricsError,
+    TransitionReason,
+    build_snapshot,
+)
+from supervisor.state import FleetState, Incident, PendingChange, ServiceState, ServiceStatus
+
+MIB, GIB = 1024**2, 1024**3
+NOW = 1_800_000_000.0
+FLEET = """\
+policy: {incidents_to_step_down: 3, incident_window: 10m}
+services:
+  coder:
+    runtime: llamacpp
+    containers: [coder-1]
+    ladder:
+      - {model: big, vram: 4000MiB}
+      - {model: medium, vram: 2500MiB}
+  chat:
+    runtime: ollama
+    containers: [chat-app]
+    watch: [chat-server]
+    ladder:
+      - {model: "llama3.2:3b", vram: 2048MiB}
+"""
+NEEDS = {"coder": [4000 * MIB, 2500 * MIB], "chat": [2048 * MIB]}
+GPU = Gpu(
+    index=0,
+    name="RTX 4070 SUPER",
+    total_bytes=12 * GIB,
+    source="nvml",
+    uuid="GPU-6a1f",
+    used_bytes=5 * GIB,
+    free_bytes=7 * GIB,
+    processes=(GpuProcess(pid=10, used_bytes=GIB),),
+)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> FleetConfig:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET, encoding="utf-8")
+    return load_config(path)
+
+
+@pytest.fixture
+def metrics() -> Iterator[FleetMetrics]:
+    m = FleetMetrics()
+    yield m
+    m.close()
+
+
+def fresh_state() -> FleetState:
+    return FleetState(
+        services={
+            "coder": ServiceState(model="big", rung=0),
+            "chat": ServiceState(model="llama3.2:3b", rung=0),
+        }
+    )
+
+
+def publish(
+    metrics: FleetMetrics,
+    config: FleetConfig,
+    state: FleetState,
+    gpus: tuple[Gpu, ...] = (GPU,),
+    budgets: dict[int, int] | None = None,
+) -> None:
+    budgets = {0: 9 * GIB} if budgets is None else budgets
+    metrics.publish(build_snapshot(config, state, gpus, NEEDS, budgets, NOW, docker_up=True))
+
+
+def samples(metrics: FleetMetrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample called `name` in the exposition text, keyed by its sorted labels."""
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.render())
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def value(metrics: FleetMetrics, name: str, **labels: str) -> float | None:
+    return samples(metrics, name).get(tuple(sorted(labels.items())))
+
+
+def step_down(state: FleetState, service: str, to_rung: int, to_model: str) -> FleetState:
+    svc = replace(
+        state.services[service], pending=PendingChange(to_rung, to_model, "3 vram_oom", NOW - 1)
+    )
+    new, _record = apply_change(svc, service, NOW)
+    return replace(state, services={**state.services, service: new})
+
+
+# --- services: model, rung, state ---------------------------------------------------------
+
+
+def test_after_a_step_down_the_info_metric_shows_only_the_new_model(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    state = fresh_state()
+    publish(metrics, config, state)
+    assert value(metrics, "fleetd_service_rung", service="coder") == 0
+    assert value(metrics, "fleetd_transitions_total", **DOWN_OOM) == 0
+
+    publish(metrics, config, step_down(state, "coder", 1, "medium"))
+    metrics.transition("coder", Direction.DOWN, TransitionReason.VRAM_OOM)
+
+    info = samples(metrics, "fleetd_service_info")
+    coder = [dict(labels) for labels in info if ("service", "coder") in labels]
+    assert coder == [{"service": "coder", "model": "medium", "runtime": "llamacpp"}]
+    assert info[tuple(sorted(coder[0].items()))] == 1
+    assert value(metrics, "fleetd_service_rung", service="coder") == 1
+    assert value(metrics, "fleetd_service_rung", service="chat") == 0
+    assert value(metrics, "fleetd_transitions_total", **DOWN_OOM) == 1
+    others = {k: v for k, v in samples(metrics, "fleetd_transitions_total").items() if v}
+    assert list(others) == [tuple(sorted(DOWN_OOM.items()))]
+    assert value(metrics, "fleetd_service_state", service="coder", state="cooldown") == 1
+    assert value(metrics, "fleetd_service_state", service="coder", state="steady") == 0
+    assert value(metrics, "fleetd_service_last_change_timestamp_seconds", service="coder") == NOW
+
+
+DOWN_OOM = {"service": "coder", "direction": "down", "reason": "vram_oom"}
+
+
+def test_every_state_is_shown_with_exactly_one_set(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    state = fresh_state()
+    exhausted = replace(state.services["chat"], state=ServiceStatus.EXHAUSTED)
+    publish(metrics, config, replace(state, services={**state.services, "chat": exhausted}))
+
+    chat = {
+        dict(k)["state"]: v
+        for k, v in samples(metrics, "fleetd_service_state").items()
+        if ("service", "chat") in k
+    }
+    assert chat == {"steady": 0, "cooldown": 0, "exhausted": 1, "pinned": 0}
+
+
+def test_ladder_length_and_every_rungs_vram_need_are_shown_as_estimated(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    publish(metrics, config, fresh_state())
+
+    vram = samples(metrics, "fleetd_model_vram_bytes")
+    assert vram == {
+        (("model", "big"), ("rung", "0"), ("service", "coder"), ("source", "estimated")): 4000
+        * MIB,
+        (("model", "medium"), ("rung", "1"), ("service", "coder"), ("source", "estimated")): 2500
+        * MIB,
+        (
+            ("model", "llama3.2:3b"),
+            ("rung", "0"),
+            ("service", "chat"),
+            ("source", "estimated"),
+        ): 2048 * MIB,
+    }
+    assert value(metrics, "fleetd_service_ladder_rungs", service="coder") == 2
+
+
+def test_services_without_a_rung_yet_or_gone_from_the_config_are_not_shown(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    state = FleetState(
+        services={"coder": ServiceState("big", 0), "retired": ServiceState("old", 2)}
+    )
+    publish(metrics, config, state)
+
+    shown = {dict(k)["service"] for k in samples(metrics, "fleetd_service_rung")}
+    assert shown == {"coder"}
+
+
+def test_recent_incidents_count_only_inside_the_policy_window(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    def oom(age_s: float) -> Incident:
+        return Incident(NOW - age_s, "vram_oom", "llamacpp.cuda_malloc_failed", "c1", "oom")
+
+    state = fresh_state()
+    coder = replace(
+        state.services["coder"],
+        incidents=[oom(700), oom(30), oom(5), Incident(NOW, "gpu_fault", "xid", "c1", "Xid 79")],
+    )
+    publish(metrics, config, replace(state, services={**state.services, "coder": coder}))
+
+    recent = samples(metrics, "fleetd_service_recent_incidents")
+    coder_counts = {dict(k)["class"]: v for k, v in recent.items() if ("service", "coder") in k}
+    assert coder_counts == {"vram_oom": 2, "gpu_fault": 1, "host_oom": 0}
+    assert value(metrics, "fleetd_policy_incidents_to_step_down") == 3
+
+
+# --- events: incidents, transitions, latency, lag -------------------------------------------
+
+
+def test_counters_of_every_known_service_start_at_zero(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    publish(metrics, config, fresh_state())
+
+    incidents = samples(metrics, "fleetd_incidents_total")
+    transitions = samples(metrics, "fleetd_transitions_total")
+    assert len(incidents) == 2 * 3 and set(incidents.values()) == {0}
+    assert len(transitions) == 2 * 5 and set(transitions.values()) == {0}
+    assert value(metrics, "fleetd_detection_latency_seconds_count", service="chat") == 0
+
+
+def test_incidents_are_counted_by_service_and_class(metrics: FleetMetrics) -> None:
+    metrics.incident("coder", "vram_oom")
+    metrics.incident("coder", "vram_oom")
+    metrics.incident("chat", "host_oom")
+
+    assert value(metrics, "fleetd_incidents_total", service="coder", **{"class": "vram_oom"}) == 2
+    assert value(metrics, "fleetd_incidents_total", service="chat", **{"class": "host_oom"}) == 1
+
+
+def test_labels_take_only_the_fixed_values(metrics: FleetMetrics) -> None:
+    with pytest.raises(ValueError):
+        metrics.incident("coder", "CUDA error: out of memory")
+    with pytest.raises(ValueError, match="no transition up for reason vram_oom"):
+        metrics.transition("coder", Direction.UP, TransitionReason.VRAM_OOM)
+    with pytest.raises(ValueError):
+        metrics.transition("coder", Direction.DOWN, TransitionReason("free text"))
+
+
+def test_detection_latency_lands_in_its_bucket(metrics: FleetMetrics) -> None:
+    metrics.detection_latency("coder", 0.007)
+    metrics.detection_latency("coder", 0.2)
+
+    def bucket(le: str) -> float | None:
+        return value(metrics, "fleetd_detection_latency_seconds_bucket", service="coder", le=le)
+
+    assert (bucket("0.005"), bucket("0.01"), bucket("0.25"), bucket("+Inf")) == (0, 1, 2, 2)
+    assert value(metrics, "fleetd_detection_latency_seconds_sum", service="coder") == pytest.approx(
+        0.207
+    )
+
+
+def test_follow_lag_is_per_container_and_dropped_when_no_longer_followed(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    metrics.follow_lag("chat-server", 0.25)
+    metrics.follow_lag("gone-1", 3.0)
+    assert value(metrics, "fleetd_log_follow_lag_seconds", container="gone-1") == 3.0
+
+    publish(metrics, config, fresh_state())
+
+    assert samples(metrics, "fleetd_log_follow_lag_seconds") == {
+        (("container", "chat-server"),): 0.25
+    }
+
+
+# --- GPUs -----------------------------------------------------------------------------------
+
+
+def test_gpu_bytes_match_the_nvml_readings_and_the_budget(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    lost = Gpu(index=1, name="unknown", total_bytes=0, source="nvml", error="GPU is lost")
+    publish(metrics, config, fresh_state(), gpus=(GPU, lost), budgets={0: 9 * GIB})
+
+    key = {"gpu": "0", "uuid": "GPU-6a1f"}
+    assert value(metrics, "fleetd_gpu_memory_total_bytes", **key) == 12 * GIB
+    assert value(metrics, "fleetd_gpu_memory_used_bytes", **key) == 5 * GIB
+    assert value(metrics, "fleetd_gpu_memory_free_bytes", **key) == 7 * GIB
+    assert value(metrics, "fleetd_gpu_budget_bytes", **key) == 9 * GIB
+    assert len(samples(metrics, "fleetd_gpu_memory_total_bytes")) == 1  # the lost one: none
+
+
+def test_a_declared_gpu_shows_its_size_and_no_invented_usage(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    declared = Gpu(index=0, name="test", total_bytes=8 * GIB, source="declared")
+    publish(metrics, config, fresh_state(), gpus=(declared,), budgets={})
+
+    assert value(metrics, "fleetd_gpu_memory_total_bytes", gpu="0", uuid="") == 8 * GIB
+    assert samples(metrics, "fleetd_gpu_memory_used_bytes") == {}
+    assert samples(metrics, "fleetd_gpu_budget_bytes") == {}
+
+
+# --- fleetd itself --------------------------------------------------------------------------
+
+
+def test_before_the_first_publish_only_fleetds_version_has_a_value(metrics: FleetMetrics) -> None:
+    families = list(text_string_to_metric_families(metrics.render()))
+
+    with_values = {s.name for f in families for s in f.samples}
+    assert with_values == {"fleetd_build_info"}
+    assert metrics.snapshot == FleetSnapshot()
+
+
+def test_publish_time_and_docker_reachability_are_shown(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    publish(metrics, config, fresh_state())
+
+    assert value(metrics, "fleetd_last_publish_timestamp_seconds") == NOW
+    assert value(metrics, "fleetd_docker_up") == 1
+
+
+def test_scrapes_while_the_loop_publishes_never_fail(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        try:
+            while not done.is_set():
+                list(text_string_to_metric_families(metrics.render()))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    state = fresh_state()
+    for n in range(300):
+        state = step_down(state, "coder", n % 2, ["big", "medium"][n % 2])
+        publish(metrics, config, state)
+        metrics.incident("coder", "vram_oom")
+    done.set()
+    scraper.join()
+
+    assert errors == []
+
+
+# --- the HTTP endpoint ----------------------------------------------------------------------
+
+
+def test_the_default_address_binds_loopback_only(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    # The configured default host, on a free port (the default port may be in use here).
+    host, port = metrics.serve(config.metrics.host, 0)
+
+    assert config.metrics.host == "127.0.0.1"
+    assert metrics.bound_address == ("127.0.0.1", port) == (host, port)
+    publish(metrics, config, fresh_state())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    assert 'fleetd_service_info{model="medium"' not in body
+    assert 'fleetd_service_rung{service="coder"} 0.0' in body
+
+
+def test_a_taken_port_is_refused_naming_the_address(metrics: FleetMetrics) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(MetricsError) as caught:
+            metrics.serve("127.0.0.1", port)
+
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "already in use" in message and "--metrics-address" in message
+
+
+def test_an_address_this_host_does_not_have_is_refused(metrics: FleetMetrics) -> None:
+    with pytest.raises(MetricsError, match=r"192\.0\.2\.1:10464: this host has no such address"):
+        metrics.serve("192.0.2.1", 10464)  # TEST-NET-1: never assigned to a host
+
+
+def test_close_frees_the_port(metrics: FleetMetrics) -> None:
+    _host, port = metrics.serve("127.0.0.1", 0)
+    metrics.close()
+
+    again = FleetMetrics()
+    try:
+        assert again.serve("127.0.0.1", port)[1] == port
+    finally:
+        again.close()
