@@ -142,7 +142,7 @@ def _skipped(needs_bytes: Sequence[int], current: int, target: int) -> str:
 
 
 def apply_change(
-    svc: ServiceState, service_name: str, now: float, actor: str = "fleetd"
+    svc: ServiceState, service_name: str, now: float
 ) -> tuple[ServiceState, Transition]:
     """(pending) -> COOLDOWN: the pending change took effect; counters start afresh."""
     pending = svc.pending
@@ -158,7 +158,7 @@ def apply_change(
         evidence=pending.evidence,
         rule=pending.rule,
         container_id=pending.container_id,
-        actor="fleetctl" if actor == "fleetctl" else "fleetd",
+        actor=pending.actor,
     )
     status = ServiceStatus.PINNED if svc.pinned is not None else ServiceStatus.COOLDOWN
     svc = replace(

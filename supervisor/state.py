@@ -17,7 +17,9 @@ raises for a bad file: it moves the file aside (`state.json.corrupt-<UTC time>`,
 History is append-only in memory; the file keeps the newest `HISTORY_LIMIT` transitions.
 Services the config no longer lists are kept: dropping them is the daemon's decision.
 Writers (fleetd, fleetctl) hold `StateStore.lock()`, an flock on `state.lock` that the
-kernel releases when the holder dies, so they never write at the same time.
+kernel releases when the holder dies, so they never write at the same time. A running
+fleetd also holds `daemon.lock` (its pid and control socket inside) for its whole life:
+fleetctl finds the daemon through it, and never changes the state behind a live daemon.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from supervisor.fsutil import atomic_write
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
+DAEMON_LOCK_FILE = "daemon.lock"  # held by a running fleetd for its whole life
 HISTORY_LIMIT = 10_000
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -98,6 +101,7 @@ class PendingChange:
     evidence: str | None = None
     rule: str | None = None
     container_id: str | None = None
+    actor: Actor = "fleetd"  # who decided: fleetd (an incident) or a person (fleetctl)
 
 
 @dataclass
@@ -175,6 +179,31 @@ class FleetState:
 
 
 @dataclass(frozen=True)
+class DaemonInfo:
+    """What a running fleetd writes into `daemon.lock`: its pid and control socket."""
+
+    pid: int | None
+    socket: str | None
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps({"pid": self.pid, "socket": self.socket}) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> DaemonInfo | None:
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(document, dict):
+            return None
+        pid, socket = document.get("pid"), document.get("socket")
+        return cls(
+            pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            socket if isinstance(socket, str) else None,
+        )
+
+
+@dataclass(frozen=True)
 class LoadResult:
     """The loaded state and what a person should be told about how it was obtained."""
 
@@ -218,6 +247,7 @@ def _pending_json(p: PendingChange) -> dict[str, object]:
         "evidence": p.evidence,
         "rule": p.rule,
         "container_id": p.container_id,
+        "actor": p.actor,
     }
 
 
@@ -408,6 +438,7 @@ def _decode_pending_value(value: object, where: str) -> PendingChange:
         evidence=o.opt("evidence", _nullable(_str), None),
         rule=o.opt("rule", _nullable(_str), None),
         container_id=o.opt("container_id", _nullable(_str), None),
+        actor=o.opt("actor", _actor, "fleetd"),
     )
     o.done()
     return pending
@@ -489,6 +520,52 @@ class StateStore:
                 os.ftruncate(fd, 0)  # no stale pid for the next holder's error message
         finally:
             os.close(fd)  # closing releases the flock
+
+    def hold_daemon_lock(self, socket_path: Path | None) -> int:
+        """Take `daemon.lock` for the life of this process (one fleetd per state dir);
+        returns its fd, which the caller keeps open. The file names the pid and socket."""
+        path = self.state_dir / DAEMON_LOCK_FILE
+        try:
+            _make_dirs(self.state_dir)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as e:
+            raise StateError(f"cannot open {path}: {e.strerror or e}") from e
+        # fleetctl tests the lock with a shared flock for an instant: retry briefly.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = DaemonInfo.parse(os.pread(fd, 4096, 0))
+                    os.close(fd)
+                    pid = holder.pid if holder else "unknown"
+                    raise StateError(
+                        f"another fleetd (pid {pid}) is running with state dir {self.state_dir}"
+                    ) from None
+                time.sleep(0.05)
+        info = DaemonInfo(os.getpid(), str(socket_path) if socket_path else None)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.to_bytes(), 0)
+        return fd
+
+    def running_daemon(self) -> DaemonInfo | None:
+        """The fleetd holding `daemon.lock` on this state dir, or None when none runs."""
+        path = self.state_dir / DAEMON_LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # never started here, or not readable: nothing to go by
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return DaemonInfo.parse(os.pread(fd, 4096, 0)) or DaemonInfo(None, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def write_model_file(self, service: str, model: str) -> Path:
         """Atomically write `model` + newline to `<state_dir>/services/<service>/model`."""

@@ -1,0 +1,56 @@
+"""Handing a service its new model: the hand-off files, then its containers restarted.
+
+The one place a change of model reaches the outside world; fleetd's main loop and an
+offline `fleetctl downgrade` both go through here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import docker
+
+from supervisor.compose import update_env_file
+from supervisor.config import FleetConfig
+from supervisor.errors import FleetdError
+from supervisor.state import StateStore
+
+# Extra seconds after a stop's own timeout during which a container's exit is ours.
+STOP_GRACE_S = 5
+
+
+def write_handoff(store: StateStore, config: FleetConfig, service: str, model: str) -> str | None:
+    """Write the model file (and the compose `.env` when `compose_dir` is set); returns a
+    warning for a person when the `.env` could not be kept in step."""
+    store.write_model_file(service, model)
+    if config.compose_dir is None:
+        return None
+    env_file = config.resolve(config.compose_dir) / ".env"  # so `docker compose up` agrees
+    if not update_env_file(env_file, service, model):
+        return f"{env_file} does not exist; compose_dir is not updated"
+    return None
+
+
+def restart_service(
+    client: docker.DockerClient,
+    config: FleetConfig,
+    service: str,
+    model: str,
+    expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
+) -> None:
+    """Restart (file strategy) or recreate with the new env var (env strategy) each of the
+    service's containers. `expect_stop(name, seconds)` is told first, so the exit that
+    follows is not taken for a crash. A stopped container is started."""
+    svc = config.services[service]
+    timeout = int(config.policy.stop_timeout)
+    for name in svc.restarted:
+        expect_stop(name, timeout + STOP_GRACE_S)
+        try:
+            if svc.model_env:
+                from supervisor.recreate import recreate_with_env
+
+                recreate_with_env(client, name, svc.model_env, model, timeout)
+            else:
+                client.containers.get(name).restart(timeout=timeout)
+        except docker.errors.NotFound:
+            raise FleetdError(f"container {name} does not exist (is the fleet up?)") from None
