@@ -7,6 +7,7 @@ Signal handlers only set flags the loop reads.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import threading
@@ -21,12 +22,14 @@ from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
+from supervisor import __version__, ops
 from supervisor.analyzer import FleetPlan, analyze, rung_need
-from supervisor.compose import update_env_file
 from supervisor.config import FleetConfig, ServiceConfig, load_config
+from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
-from supervisor.errors import FleetdError
+from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery, Gpu, Nvml, resolve_gpus
+from supervisor.handoff import restart_service, write_handoff
 from supervisor.ladder import (
     HOST_OOM,
     Action,
@@ -41,7 +44,7 @@ from supervisor.ladder import (
 from supervisor.managed import container_names, managed_pids
 from supervisor.rules import BUILTIN_RULES
 from supervisor.sdnotify import Notifier
-from supervisor.state import FleetState, LogCursor, ServiceState, StateStore
+from supervisor.state import FleetState, LogCursor, ServiceState, StateStore, transition_json
 from supervisor.watch import (
     DOCKER_ERRORS,
     ContainerEvent,
@@ -79,12 +82,19 @@ class Daemon:
         docker_factory: Callable[[], docker.DockerClient] = lambda: docker.from_env(),
         clock: Callable[[], float] = time.time,
         nvml: Nvml | None = None,
+        socket_path: Path | None = None,
+        socket_gid: int | None = None,
     ) -> None:
         self.config_path, self.clock = config_path, clock
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.control = (
+            ControlServer(socket_path, self.queue.put, socket_gid) if socket_path else None
+        )
+        self.waiters: dict[str, list[Call]] = {}  # service -> calls waiting for its restart
+        self.started_at = clock()
         self.store = StateStore(state_dir, clock=clock)
         self.docker_factory = docker_factory
         self.nvml = nvml or Nvml()
-        self.queue: queue.Queue[object] = queue.Queue()
         self.notifier = Notifier()
         self.client: docker.DockerClient | None = None
         self.followers: dict[str, LogFollower] = {}
@@ -151,10 +161,7 @@ class Daemon:
                     self.grouper.seed(container, incident.incident_class, incident.time)
 
     def _initial_plan(self) -> FleetPlan | None:
-        try:
-            discovery = resolve_gpus(self.config, (), self.nvml)
-        except FleetdError as e:
-            discovery = Discovery(gpus=(), problem=str(e))
+        discovery = self._discover()
         if discovery.problem:
             logger.info(discovery.problem)
         if not discovery.gpus:
@@ -183,11 +190,23 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status."""
         self._install_signals()
+        lock_fd = self.store.hold_daemon_lock(self.control.path if self.control else None)
+        try:
+            if self.control is not None:  # before start: a socket in use fails fast
+                self.control.start()
+            return self._run()
+        finally:
+            if self.control is not None:
+                self.control.stop()
+            os.close(lock_fd)
+
+    def _run(self) -> int:
         self.start()
         scheduler = self._scheduler()
         scheduler.start()
         self.notifier.send("READY=1", f"STATUS={self.summary()}")
-        logger.info(f"fleetd running: {self.summary()}")
+        where = f"; control socket {self.control.path}" if self.control else ""
+        logger.info(f"fleetd running: {self.summary()}{where}")
         next_ping = 0.0
         try:
             while not self._stop.is_set():
@@ -234,6 +253,8 @@ class Daemon:
             self.client = None
         elif isinstance(item, Tick):
             self._on_tick(item.job)
+        elif isinstance(item, Call):
+            self._on_call(item)
 
     def drain(self, timeout_s: float = 0.0) -> None:
         """Handle everything queued (tests and shutdown)."""
@@ -313,51 +334,42 @@ class Daemon:
             return
         svc = self.state.services[service]
         assert svc.pending is not None
-        self.store.write_model_file(service, svc.pending.to_model)
-        if self.config.compose_dir is not None:  # so a later `docker compose up` agrees
-            env_file = self.config.resolve(self.config.compose_dir) / ".env"
-            if not update_env_file(env_file, service, svc.pending.to_model):
-                logger.warning(f"{env_file} does not exist; compose_dir is not updated")
+        warning = write_handoff(self.store, self.config, service, svc.pending.to_model)
+        if warning:
+            logger.warning(warning)
         self.busy.add(service)
-        config = self.config.services[service]
         threading.Thread(
             target=self._restart_worker,
-            args=(service, config, svc.pending.to_model),
+            args=(service, self.config, svc.pending.to_model),
             name=f"apply-{service}",
             daemon=True,
         ).start()
 
-    def _restart_worker(self, service: str, config: ServiceConfig, model: str) -> None:
+    def _restart_worker(self, service: str, config: FleetConfig, model: str) -> None:
         error = None
         try:
-            self._restart_containers(config, model)
+            client = self.client
+            if client is None:
+                raise FleetdError("Docker is not reachable; the change applies when it is")
+            restart_service(client, config, service, model, self._expect_stop)
         except (FleetdError, *DOCKER_ERRORS) as e:
             error = str(e)
         self.queue.put(Applied(service, error))
 
-    def _restart_containers(self, config: ServiceConfig, model: str) -> None:
-        client = self.client
-        if client is None:
-            raise FleetdError("Docker is not reachable; the change applies when it is")
-        timeout = int(self.config.policy.stop_timeout)
-        for name in config.restarted:
-            self.expected_stops[name] = self.clock() + timeout + 5
-            if config.model_env:
-                from supervisor.recreate import recreate_with_env
-
-                recreate_with_env(client, name, config.model_env, model, timeout)
-            else:
-                client.containers.get(name).restart(timeout=timeout)
+    def _expect_stop(self, container: str, seconds: float) -> None:
+        self.expected_stops[container] = self.clock() + seconds
 
     def _on_applied(self, done: Applied) -> None:
         self.busy.discard(done.service)
         svc = self.state.services.get(done.service)
         if svc is None or svc.pending is None:
             return
+        waiting = self.waiters.pop(done.service, [])
         if done.error is not None:
-            logger.error(
-                f"{done.service}: could not apply {svc.pending.to_model}: {done.error}; will retry"
-            )
+            message = f"{done.service}: could not apply {svc.pending.to_model}: {done.error}"
+            logger.error(f"{message}; will retry")
+            for call in waiting:
+                call.fail("failed", f"{message}; the change is recorded and fleetd retries it")
             return
         new, record = apply_change(svc, done.service, self.clock())
         self.state.services[done.service] = new
@@ -367,6 +379,16 @@ class Daemon:
             f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
             f"rung {record.from_rung} ({record.from_model}): {record.reason}"
         )
+        for call in waiting:
+            message = f"{done.service}: now {record.to_model} (rung {record.to_rung})"
+            call.answer(
+                200,
+                {
+                    "service": done.service,
+                    "message": message,
+                    "transition": transition_json(record),
+                },
+            )
 
     def _stop_containers(self, service: str) -> None:
         """Stop (not remove) a service's containers: Docker never restarts a manual stop."""
@@ -399,8 +421,83 @@ class Daemon:
         threading.Thread(
             target=self._restart_worker,
             daemon=True,
-            args=(service, self.config.services[service], svc.model),
+            args=(service, self.config, svc.model),
         ).start()
+
+    # --- the control API (calls come from the socket's threads through the queue) ---------
+
+    def _on_call(self, call: Call) -> None:
+        try:
+            self._answer(call)
+        except ops.Refused as e:
+            call.fail("refused", str(e))
+        except UsageError as e:
+            call.fail("usage", str(e))
+        except FleetdError as e:
+            call.fail("failed", str(e))
+        except Exception as e:  # a bug: the caller gets an answer, the log the traceback
+            logger.exception(f"BUG while answering {call.op}; please report it")
+            call.fail("failed", f"internal error: {e!r}")
+
+    def _answer(self, call: Call) -> None:
+        from supervisor.cli.views import gpus_json, status_json
+
+        if call.op == "status":
+            report = status_json(self.state, self.config, self.clock(), call.service)
+            discovery = self._discover()
+            report["gpus"] = gpus_json(discovery, self.config)
+            report["daemon"] = {
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": self.started_at,
+                "config": str(self.config_path),
+                "docker": self.client is not None,
+            }
+            call.answer(200, report)
+        elif call.op == "history":
+            records = [t for t in self.state.history if call.service in (None, t.service)]
+            call.answer(200, [transition_json(t) for t in records])
+        elif call.op == "reload":
+            call.answer(200, {"message": self.apply_config()})
+        else:
+            self._operate(call)
+
+    def _operate(self, call: Call) -> None:
+        name, now = call.service or "", self.clock()
+        if name in self.busy:
+            raise ops.Refused(f"a change of {name} is being applied; try again in a few seconds")
+        who = f"with fleetctl by {call.peer.who}"
+        force = call.args.get("force") is True
+        if call.op == "reset":
+            outcome = ops.reset(self.state, self.config, name, now, who)
+        elif call.op == "downgrade":
+            outcome = ops.downgrade(self.state, self.config, name, now, who)
+        elif call.op == "upgrade":
+            outcome = ops.upgrade(self.state, self.config, name, now, who, self._fit, force)
+        elif call.op == "pin":
+            rung = str(call.args.get("rung", ""))
+            outcome = ops.pin(self.state, self.config, name, rung, now, who, self._fit, force)
+        else:
+            outcome = ops.unpin(self.state, self.config, name, now, who)
+        self._save()
+        logger.warning(f"{outcome.message} ({call.op} {who})")
+        if outcome.change is None:
+            call.answer(200, outcome.to_json())
+            return
+        self.waiters.setdefault(name, []).append(call)
+        self._apply(name)
+
+    def _fit(self, service: str, rung: int) -> ops.Fit:
+        pids = managed_pids(self.client, container_names(self.config)) if self.client else None
+        return ops.check_fit(
+            self.config, self.state, service, rung, self._discover(), pids or frozenset()
+        )
+
+    def _discover(self) -> Discovery:
+        try:
+            return resolve_gpus(self.config, (), self.nvml)
+        except FleetdError as e:
+            return Discovery(gpus=(), problem=str(e))
 
     # --- Docker connection, followers, periodic jobs --------------------------------------
 
@@ -527,13 +624,19 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: apply added/changed/removed services; keep the old config if invalid."""
         try:
-            config = load_config(self.config_path)
-            old = self.config
-            self._index(config)
+            self.apply_config()
         except FleetdError as e:
             logger.error(f"reload refused, keeping the running config: {e}")
-            self._index(self.config)
-            return
+
+    def apply_config(self) -> str:
+        """Re-read the config and apply it; raises (changing nothing) when it is invalid."""
+        old = self.config
+        try:
+            config = load_config(self.config_path)
+            self._index(config)
+        except FleetdError:
+            self._index(old)
+            raise
         self.config = config
         added = sorted(set(config.services) - set(old.services))
         removed = sorted(set(old.services) - set(config.services))
@@ -556,11 +659,13 @@ class Daemon:
             follower.stop()  # gone, or its service's rules changed: re-attach below
             del self.followers[container]
         self._attach_all()
-        logger.info(
+        summary = (
             f"config reloaded: added {added or '-'}, changed {changed or '-'}, "
             f"removed {removed or '-'}"
         )
+        logger.info(summary)
         self.notifier.send(f"STATUS={self.summary()}")
+        return summary
 
     def shutdown(self) -> None:
         for follower in list(self.followers.values()):

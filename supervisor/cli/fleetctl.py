@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from supervisor.analyzer import FleetPlan, analyze
 from supervisor.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    F,
     config_option,
     default_state_dir,
     gpu_option,
@@ -22,13 +24,17 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
+from supervisor.cli.link import Link, connect, discover, operate_offline
+from supervisor.cli.views import read_state
 from supervisor.compose import build_project
 from supervisor.config import FleetConfig
+from supervisor.control import SOCKET_ENV
 from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
 from supervisor.gpus import Nvml, resolve_gpus
 from supervisor.managed import managed_pids_if_reachable
 from supervisor.report import plan_json, print_plan
+from supervisor.state import transition_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +42,8 @@ from supervisor.report import plan_json, print_plan
 def cli() -> None:
     """Plan, generate and control a fleet of LLM serving containers on GPU hosts.
 
-    Exit codes: 0 ok, 1 failure (e.g. a service that fits nowhere), 2 usage or config error.
+    Exit codes: 0 ok, 1 failure (a service that fits nowhere, a refused change),
+    2 usage or config error, 3 the command needs a running fleetd and none answers.
     """
 
 
@@ -182,6 +189,18 @@ def _print_match(number: int, kind: str, rule: str, text: str, as_json: bool) ->
         click.echo(f"{number}: {kind} [{rule}] {text}")
 
 
+def socket_option(func: F) -> F:
+    return click.option(
+        "--socket",
+        "socket_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar=SOCKET_ENV,
+        default=None,
+        help="fleetd's control socket [env FLEETD_SOCKET; default: the one the running "
+        "fleetd recorded in STATE_DIR, else /run/fleetd/fleetd.sock].",
+    )(func)
+
+
 def _optional_config(config_path: Path | None) -> FleetConfig | None:
     """The config when it loads; status still works from the state alone when it does not."""
     try:
@@ -191,48 +210,274 @@ def _optional_config(config_path: Path | None) -> FleetConfig | None:
         return None
 
 
+def _link(state_dir: Path | None, socket_path: Path | None) -> Link:
+    return connect(state_dir or default_state_dir(), socket_path)
+
+
+def _complete_service(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Service names for shell completion: the state's, else the config's."""
+    state_dir = ctx.params.get("state_dir") or default_state_dir()
+    try:
+        names = set(read_state(state_dir).services)
+    except FleetdError:
+        names = set()
+    if not names:
+        with contextlib.suppress(FleetdError):
+            names = set(read_config(ctx.params.get("config_path")).services)
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+SERVICE = click.argument("service", shell_complete=_complete_service)
+OPTIONAL_SERVICE = click.argument("service", required=False, shell_complete=_complete_service)
+
+
 @cli.command()
-@click.argument("service", required=False)
+@OPTIONAL_SERVICE
 @config_option
 @state_dir_option
+@socket_option
 @json_option
 def status(
-    service: str | None, config_path: Path | None, state_dir: Path | None, as_json: bool
+    service: str | None,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
 ) -> int:
-    """Per service: model, rung, state, incidents in the window, last change and its evidence.
+    """Per service: model, rung, state, incidents in the window, last change and its
+    evidence; per GPU: memory used and total against the budget.
 
-    Reads the saved state (STATE_DIR/state.json); it never changes it.
+    Asks the running fleetd; when none answers, reads the saved state (never changing
+    it) and says so on stderr. `--json` prints the same object either way.
     """
-    from supervisor.cli.views import print_status, read_state, status_json
+    from supervisor.cli.views import gpus_json, print_status, status_json
 
-    directory = state_dir or default_state_dir()
-    state = read_state(directory)
-    config = _optional_config(config_path)
-    report = status_json(state, config, time.time())
-    if service is not None:
-        if service not in report["services"]:
-            raise UsageError(f"no service {service!r} in {directory / 'state.json'}")
-        report["services"] = {service: report["services"][service]}
-    click.echo(f"fleetctl: showing the saved state in {directory / 'state.json'}", err=True)
+    link = _link(state_dir, socket_path)
+    if link.client is not None:
+        query = f"?service={service}" if service else ""
+        report = link.client.call("GET", f"/v1/status{query}")
+    else:
+        click.echo(f"fleetctl: {link.offline_note()}", err=True)
+        state = read_state(link.state_dir)
+        config = _optional_config(config_path)
+        report = status_json(state, config, time.time(), service)
+        discovery = discover(config)
+        report["gpus"], report["gpu_problem"] = gpus_json(discovery, config), discovery.problem
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        print_status(report, state, Console(highlight=False, width=max(Console().width, 160)))
+        print_status(report, _console())
     return EXIT_OK
 
 
 @cli.command()
-@click.argument("service", required=False)
+@OPTIONAL_SERVICE
 @state_dir_option
+@socket_option
 @json_option
-def history(service: str | None, state_dir: Path | None, as_json: bool) -> int:
+def history(
+    service: str | None, state_dir: Path | None, socket_path: Path | None, as_json: bool
+) -> int:
     """Every change of rung, oldest first, with its reason and evidence line."""
-    from supervisor.cli.views import print_history, read_state
+    from supervisor.cli.views import print_history
 
-    state = read_state(state_dir or default_state_dir())
-    transitions = [t for t in state.history if service is None or t.service == service]
-    print_history(transitions, as_json)
+    link = _link(state_dir, socket_path)
+    if link.client is not None:
+        query = f"?service={service}" if service else ""
+        records = link.client.call("GET", f"/v1/history{query}")
+    else:
+        click.echo(f"fleetctl: {link.offline_note()}", err=True)
+        state = read_state(link.state_dir)
+        records = [transition_json(t) for t in state.history if service in (None, t.service)]
+    print_history(records, as_json)
     return EXIT_OK
+
+
+def _operate(
+    op: str,
+    services: list[str],
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+    rung: str | None = None,
+    force: bool = False,
+) -> int:
+    """Run one operation per service, through fleetd or, without one, here."""
+    link = _link(state_dir, socket_path)
+    client = link.client
+    if client is None and link.permission:
+        link.require()  # a live fleetd this user may not use: never work around it
+    config = None if client is not None else read_config(config_path)
+    if client is None and link.holder is None:
+        note = f"fleetd is not running ({link.why_not}); changing the state here"
+        click.echo(f"fleetctl: {note}", err=True)
+    answers = []
+    for service in services:
+        if client is not None:
+            body = {"rung": rung, "force": force}
+            answer = client.call("POST", f"/v1/services/{service}/{op}", body)
+            answer.setdefault("applied", True)
+        else:
+            assert config is not None
+            answer = operate_offline(link, config, op, service, rung, force)
+        answers.append(answer)
+        if not as_json:
+            click.echo(answer["message"])
+    if as_json:
+        click.echo(json.dumps(answers if len(answers) != 1 else answers[0], indent=2))
+    return EXIT_OK
+
+
+def _all_services(
+    config_path: Path | None, state_dir: Path | None, socket_path: Path | None
+) -> list[str]:
+    link = _link(state_dir, socket_path)
+    if link.client is not None:
+        report = link.client.call("GET", "/v1/status")
+        return [n for n, row in report["services"].items() if row["in_config"]]
+    return list(read_config(config_path).services)
+
+
+@cli.command()
+@click.argument("service", required=False, shell_complete=_complete_service)
+@click.option("--all", "all_services", is_flag=True, help="Reset every service in the config.")
+@config_option
+@state_dir_option
+@socket_option
+@json_option
+def reset(
+    service: str | None,
+    all_services: bool,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+) -> int:
+    """Back to the top rung, counters cleared, pin removed (restarts if the model changes)."""
+    if (service is None) == (not all_services):
+        raise UsageError("give a SERVICE or --all (not both)")
+    if service is not None:
+        services = [service]
+    else:
+        services = _all_services(config_path, state_dir, socket_path)
+    return _operate("reset", services, config_path, state_dir, socket_path, as_json)
+
+
+@cli.command()
+@SERVICE
+@config_option
+@state_dir_option
+@socket_option
+@json_option
+def downgrade(
+    service: str,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+) -> int:
+    """Step down to the next rung now, whatever its size, and restart the containers."""
+    return _operate("downgrade", [service], config_path, state_dir, socket_path, as_json)
+
+
+FORCE = click.option("--force", is_flag=True, help="Skip the VRAM check (it is still reported).")
+
+
+@cli.command()
+@SERVICE
+@FORCE
+@config_option
+@state_dir_option
+@socket_option
+@json_option
+def upgrade(
+    service: str,
+    force: bool,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+) -> int:
+    """One rung up, refused (exit 1) with the reason when the VRAM check says it will not
+    fit beside the other services, unless --force."""
+    return _operate("upgrade", [service], config_path, state_dir, socket_path, as_json, force=force)
+
+
+@cli.command()
+@SERVICE
+@click.argument("rung", metavar="RUNG")
+@FORCE
+@config_option
+@state_dir_option
+@socket_option
+@json_option
+def pin(
+    service: str,
+    rung: str,
+    force: bool,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+) -> int:
+    """Hold SERVICE on RUNG (its 0-based index or its model): incidents are recorded but
+    never move it. Moving up to pin is VRAM-checked like `upgrade`."""
+    return _operate(
+        "pin", [service], config_path, state_dir, socket_path, as_json, rung=rung, force=force
+    )
+
+
+@cli.command()
+@SERVICE
+@config_option
+@state_dir_option
+@socket_option
+@json_option
+def unpin(
+    service: str,
+    config_path: Path | None,
+    state_dir: Path | None,
+    socket_path: Path | None,
+    as_json: bool,
+) -> int:
+    """Let incidents move SERVICE along its ladder again."""
+    return _operate("unpin", [service], config_path, state_dir, socket_path, as_json)
+
+
+@cli.command()
+@state_dir_option
+@socket_option
+def reload(state_dir: Path | None, socket_path: Path | None) -> int:
+    """Make the running fleetd re-read its config (as `systemctl reload fleetd` does).
+
+    Exits 3 when no fleetd answers, 2 when the new config is invalid (fleetd keeps the
+    one it runs).
+    """
+    client = _link(state_dir, socket_path).require()
+    click.echo(client.call("POST", "/v1/reload")["message"])
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> int:
+    """Print the shell's completion script for fleetctl.
+
+    e.g. `fleetctl completion bash > /etc/bash_completion.d/fleetctl`; service names
+    complete from the saved state (else the config).
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None
+    click.echo(completer(cli, {}, "fleetctl", "_FLEETCTL_COMPLETE").source())
+    return EXIT_OK
+
+
+def _console() -> Console:
+    # Never truncate a table cell: scripts and pagers get the full width.
+    return Console(highlight=False, width=max(Console().width, 160))
 
 
 def main() -> None:

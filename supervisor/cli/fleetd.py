@@ -9,6 +9,7 @@ import click
 from supervisor import __version__
 from supervisor.cli.common import (
     EXIT_OK,
+    checkout_root,
     config_option,
     default_state_dir,
     read_config,
@@ -16,6 +17,7 @@ from supervisor.cli.common import (
     state_dir_option,
 )
 from supervisor.config import default_config_path
+from supervisor.control import SOCKET_ENV, default_socket, resolve_group
 from supervisor.logs import setup_logging
 
 
@@ -43,7 +45,31 @@ def check_config(config_path: Path | None) -> int:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def run(config_path: Path | None, state_dir: Path | None, log_level: str) -> int:
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=SOCKET_ENV,
+    default=None,
+    help="Control socket for fleetctl [env FLEETD_SOCKET; default /run/fleetd/fleetd.sock, "
+    "or STATE_DIR/fleetd.sock in a checkout].",
+)
+@click.option(
+    "--socket-group",
+    default=None,
+    metavar="GROUP",
+    help="Group (name or gid) given the control socket, mode 0660: its members may use "
+    "fleetctl's changing commands [default: fleetd's own group].",
+)
+@click.option("--no-socket", is_flag=True, help="Serve no control socket.")
+def run(
+    config_path: Path | None,
+    state_dir: Path | None,
+    log_level: str,
+    socket_path: Path | None,
+    socket_group: str | None,
+    no_socket: bool,
+) -> int:
     """Supervise the fleet in the foreground until SIGTERM (SIGHUP reloads the config).
 
     Follows the watched containers' logs through Docker, counts VRAM out-of-memory
@@ -53,7 +79,17 @@ def run(config_path: Path | None, state_dir: Path | None, log_level: str) -> int
     from supervisor.daemon import Daemon  # the daemon's imports are not needed elsewhere
 
     setup_logging(log_level.upper())
-    daemon = Daemon(config_path or default_config_path(), state_dir or default_state_dir())
+    state_dir = state_dir or default_state_dir()
+    if no_socket:
+        socket_path = None
+    else:
+        socket_path = socket_path or default_socket(state_dir, checkout_root() is not None)
+    daemon = Daemon(
+        config_path or default_config_path(),
+        state_dir,
+        socket_path=socket_path,
+        socket_gid=resolve_group(socket_group),
+    )
     return daemon.run()
 
 

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.config import FleetConfig
-from supervisor.errors import FleetdError
+from supervisor.errors import FleetdError, UsageError
+from supervisor.gpus import Discovery
 from supervisor.state import (
     STATE_FILE,
     FleetState,
@@ -21,6 +22,7 @@ from supervisor.state import (
     Transition,
     transition_json,
 )
+from supervisor.units import format_size
 
 
 def read_state(state_dir: Path) -> FleetState:
@@ -49,9 +51,17 @@ def _last(state: FleetState, service: str) -> Transition | None:
     return next((t for t in reversed(state.history) if t.service == service), None)
 
 
-def status_json(state: FleetState, config: FleetConfig | None, now: float) -> dict[str, Any]:
+def status_json(
+    state: FleetState, config: FleetConfig | None, now: float, service: str | None = None
+) -> dict[str, Any]:
+    """What `fleetctl status --json` prints (the daemon adds "gpus" and "daemon")."""
+    if service is not None and service not in state.services:
+        known = ", ".join(sorted(state.services)) or "none yet"
+        raise UsageError(f"no service {service!r} in the state; services: {known}")
     services = {}
     for name, svc in state.services.items():
+        if service is not None and name != service:
+            continue
         window = config.policy.incident_window if config else None
         last = _last(state, name)
         services[name] = {
@@ -67,14 +77,33 @@ def status_json(state: FleetState, config: FleetConfig | None, now: float) -> di
             "pending": None if svc.pending is None else svc.pending.to_model,
             "last_transition": None if last is None else transition_json(last),
         }
-    return {"services": services}
+    return {"services": services, "gpus": [], "gpu_problem": None, "daemon": None}
+
+
+def gpus_json(discovery: Discovery, config: FleetConfig | None) -> list[dict[str, Any]]:
+    """Per GPU: memory used and total (when NVML reads it) against the fleet's budget."""
+    budget = config.budget if config is not None else None
+    return [
+        {
+            "index": g.index,
+            "name": g.name,
+            "uuid": g.uuid,
+            "source": g.source,
+            "total_bytes": g.total_bytes,
+            "used_bytes": g.used_bytes,
+            "free_bytes": g.free_bytes,
+            "budget_bytes": None if budget is None else int(budget * g.total_bytes),
+            "error": g.error,
+        }
+        for g in discovery.gpus
+    ]
 
 
 def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
     return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)
 
 
-def print_status(report: dict[str, Any], state: FleetState, console: Console) -> None:
+def print_status(report: dict[str, Any], console: Console) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
     for column in ("SERVICE", "MODEL", "RUNG", "STATE", "INCIDENTS", "LAST CHANGE"):
         table.add_column(column, no_wrap=True)
@@ -96,6 +125,7 @@ def print_status(report: dict[str, Any], state: FleetState, console: Console) ->
             change,
         )
     console.print(table)
+    _print_gpus(report, console)
     for name, row in report["services"].items():
         last = row["last_transition"]
         if last is not None and last["evidence"]:
@@ -107,17 +137,45 @@ def print_status(report: dict[str, Any], state: FleetState, console: Console) ->
             )
 
 
-def print_history(transitions: list[Transition], as_json: bool) -> None:
+def _print_gpus(report: dict[str, Any], console: Console) -> None:
+    if report.get("gpu_problem"):
+        console.print(f"GPUs: {report['gpu_problem']}", markup=False, highlight=False)
+    if not report.get("gpus"):
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for column in ("GPU", "NAME", "USED", "TOTAL", "BUDGET", "USED/BUDGET"):
+        table.add_column(column, no_wrap=True)
+    for g in report["gpus"]:
+        if g["error"]:
+            table.add_row(str(g["index"]), g["name"], "-", "-", "-", f"unusable: {g['error']}")
+            continue
+        used, budget = g["used_bytes"], g["budget_bytes"]
+        share = f"{100 * used / budget:.0f}%" if used is not None and budget else "-"
+        table.add_row(
+            str(g["index"]),
+            g["name"],
+            "-" if used is None else format_size(used),
+            format_size(g["total_bytes"]),
+            "-" if budget is None else format_size(budget),
+            share if g["source"] == "nvml" else f"{share} ({g['source']}, no reading)",
+        )
+    console.print()
+    console.print(table)
+
+
+def print_history(transitions: list[dict[str, Any]], as_json: bool) -> None:
+    """Transitions as `transition_json` gives them (from the daemon or the file)."""
     if as_json:
-        click.echo(json.dumps([transition_json(t) for t in transitions], indent=2))
+        click.echo(json.dumps(transitions, indent=2))
         return
     if not transitions:
         click.echo("no transitions yet")
     for t in transitions:
         click.echo(
-            f"{_when(t.time)}  {t.service}: rung {t.from_rung} {t.from_model} -> rung "
-            f"{t.to_rung} {t.to_model} ({t.actor})"
+            f"{_when(t['time'])}  {t['service']}: rung {t['from_rung']} {t['from_model']} -> "
+            f"rung {t['to_rung']} {t['to_model']} ({t['actor']})"
         )
-        click.echo(f"    reason: {t.reason}")
-        if t.evidence:
-            click.echo(f"    evidence: {t.evidence}" + (f"  [{t.rule}]" if t.rule else ""))
+        click.echo(f"    reason: {t['reason']}")
+        if t["evidence"]:
+            rule = f"  [{t['rule']}]" if t["rule"] else ""
+            click.echo(f"    evidence: {t['evidence']}{rule}")

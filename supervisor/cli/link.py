@@ -1,0 +1,196 @@
+"""How fleetctl reaches fleetd: its control socket when it answers, else the state file.
+
+The socket is `--socket` / FLEETD_SOCKET when given, else the one a running fleetd
+recorded in STATE_DIR/daemon.lock, else the default. Without a daemon, changes are made
+here under the state lock, exactly as fleetd would make them (`supervisor.ops`), and the
+containers are restarted when Docker answers; a fleetd that holds the state directory
+but does not answer is never worked around.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import docker
+
+from supervisor import ops
+from supervisor.cli.common import checkout_root
+from supervisor.config import FleetConfig
+from supervisor.control import ControlClient, DaemonUnreachable, Peer, default_socket
+from supervisor.errors import FleetdError
+from supervisor.gpus import Discovery, Nvml, resolve_gpus
+from supervisor.handoff import restart_service, write_handoff
+from supervisor.ladder import apply_change
+from supervisor.managed import managed_pids_if_reachable
+from supervisor.state import DaemonInfo, FleetState, StateStore
+from supervisor.watch import DOCKER_ERRORS
+
+EXIT_NO_DAEMON = 3
+
+
+class NoDaemon(FleetdError):
+    """The command needs a running fleetd and none answers (exit 3)."""
+
+    exit_code = EXIT_NO_DAEMON
+
+
+@dataclass
+class Link:
+    """fleetctl's view of the daemon: a client when it answers, else why not."""
+
+    state_dir: Path
+    socket: Path
+    client: ControlClient | None
+    why_not: str | None = None  # the socket's error when there is no client
+    permission: bool = False  # the socket exists but this user may not use it
+    holder: DaemonInfo | None = None  # a fleetd holding the state dir (even if silent)
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore(self.state_dir)
+
+    def offline_note(self) -> str:
+        """One stderr line: why the saved state is shown instead of the daemon's answer."""
+        where = self.state_dir / "state.json"
+        if self.permission:
+            return f"cannot use fleetd's control socket ({self.why_not}); showing {where}"
+        if self.holder is not None:
+            return (
+                f"fleetd (pid {self.holder.pid or 'unknown'}) holds {self.state_dir} but "
+                f"does not answer ({self.why_not}); showing {where}"
+            )
+        return f"fleetd is not running ({self.why_not}); showing the saved state in {where}"
+
+    def require(self) -> ControlClient:
+        """The client, or exit 3 (1 when a live fleetd refuses this user)."""
+        if self.client is not None:
+            return self.client
+        if self.permission:
+            raise FleetdError(f"cannot use fleetd's control socket {self.socket}: {self.why_not}")
+        raise NoDaemon(f"this needs a running fleetd: {self.why_not}")
+
+
+def connect(state_dir: Path, socket_path: Path | None) -> Link:
+    """Find and greet the daemon (a version mismatch is an error, not 'not running')."""
+    holder = StateStore(state_dir).running_daemon()
+    if socket_path is None and holder is not None and holder.socket:
+        socket_path = Path(holder.socket)
+    if socket_path is None:
+        socket_path = default_socket(state_dir, checkout_root() is not None)
+    client = ControlClient(socket_path)
+    try:
+        client.hello()
+    except DaemonUnreachable as e:
+        return Link(state_dir, socket_path, None, e.reason, e.permission, holder)
+    return Link(state_dir, socket_path, client, holder=holder)
+
+
+def local_who() -> str:
+    return f"with fleetctl by {Peer(os.getpid(), os.getuid(), os.getgid()).who}"
+
+
+def discover(config: FleetConfig | None) -> Discovery:
+    """The GPUs as this process reads them (NVML, or the config's declared ones)."""
+    if config is None:
+        return Discovery(gpus=())
+    nvml = Nvml()
+    try:
+        return resolve_gpus(config, (), nvml)
+    except FleetdError as e:
+        return Discovery(gpus=(), problem=str(e))
+    finally:
+        nvml.shutdown()
+
+
+def operate_offline(
+    link: Link, config: FleetConfig, op: str, service: str, rung: str | None, force: bool
+) -> dict[str, Any]:
+    """Make the change without a daemon: under the state lock, then restart through Docker.
+
+    Returns the answer as the daemon would give it, plus "applied" (false: the change is
+    recorded and fleetd makes it when it starts)."""
+    if link.holder is not None:
+        raise FleetdError(
+            f"fleetd (pid {link.holder.pid or 'unknown'}) holds {link.state_dir} but does not "
+            f"answer on {link.socket} ({link.why_not}); refusing to change the state behind it"
+        )
+    store = link.store
+    with store.lock():
+        if store.running_daemon() is not None:  # it started since we looked
+            raise FleetdError(f"fleetd started on {link.state_dir} meanwhile; run this again")
+        loaded = store.load()
+        for note in loaded.notes:
+            if not note.startswith("no state yet"):
+                click.echo(f"fleetctl: state: {note}", err=True)
+        state = loaded.state
+        now = time.time()
+        who = f"{local_who()}, fleetd not running"
+
+        def fit(name: str, target: int) -> ops.Fit:
+            pids, _ = managed_pids_if_reachable(config)
+            return ops.check_fit(config, state, name, target, discover(config), pids)
+
+        outcome = _run_op(state, config, op, service, rung, force, now, who, fit)
+        store.save(state)
+        answer: dict[str, Any] = {**outcome.to_json(), "applied": outcome.change is None}
+        if outcome.change is not None:
+            answer.update(_apply_offline(store, config, state, service))
+    return answer
+
+
+def _run_op(
+    state: FleetState,
+    config: FleetConfig,
+    op: str,
+    service: str,
+    rung: str | None,
+    force: bool,
+    now: float,
+    who: str,
+    fit: ops.FitCheck,
+) -> ops.Outcome:
+    if op == "reset":
+        return ops.reset(state, config, service, now, who)
+    if op == "downgrade":
+        return ops.downgrade(state, config, service, now, who)
+    if op == "upgrade":
+        return ops.upgrade(state, config, service, now, who, fit, force)
+    if op == "pin":
+        return ops.pin(state, config, service, rung or "", now, who, fit, force)
+    return ops.unpin(state, config, service, now, who)
+
+
+def _apply_offline(
+    store: StateStore, config: FleetConfig, state: FleetState, service: str
+) -> dict[str, Any]:
+    svc = state.services[service]
+    assert svc.pending is not None
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DOCKER_ERRORS as e:
+        return {
+            "applied": False,
+            "message": f"{svc.pending.reason}: recorded; Docker is not reachable ({e}), "
+            "so the change applies when fleetd starts",
+        }
+    warning = write_handoff(store, config, service, svc.pending.to_model)
+    if warning:
+        click.echo(f"fleetctl: {warning}", err=True)
+    try:
+        restart_service(client, config, service, svc.pending.to_model)
+    except (FleetdError, *DOCKER_ERRORS) as e:
+        raise FleetdError(
+            f"{service}: the change to {svc.pending.to_model} is recorded, but restarting "
+            f"its containers failed ({e}); fleetd completes it when it starts"
+        ) from None
+    new, record = apply_change(svc, service, time.time())
+    state.services[service] = new
+    state.history.append(record)
+    store.save(state)
+    return {"applied": True, "message": f"{service}: now {record.to_model} (rung {record.to_rung})"}

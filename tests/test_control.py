@@ -1,0 +1,321 @@
+"""The control API on a real Unix socket (supervisor.control), and fleetctl against it and
+without it, as real subprocesses. The daemon's side is a stand-in loop answering `Call`s;
+tests/integration/test_control_api.py drives the real fleetd."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.control import (
+    API_VERSION,
+    Call,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    DaemonError,
+    DaemonUnreachable,
+)
+from supervisor.errors import FleetdError
+from supervisor.state import FleetState, ServiceState, StateStore
+
+CONFIG = """
+gpus: [{name: "test GPU", memory: 8GiB}]
+services:
+  web:
+    runtime: llamacpp
+    containers: [fleetd-test-no-such-container]
+    ladder:
+      - {model: big, vram: 4000MiB}
+      - {model: medium, vram: 2500MiB}
+"""
+
+
+class Loop:
+    """Stands in for fleetd's main loop: answers each call with `answer(call)`."""
+
+    def __init__(self, answer: Callable[[Call], tuple[int, Any]]) -> None:
+        self.calls: queue.Queue[Call] = queue.Queue()
+        self.seen: list[Call] = []
+        self.answer = answer
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Call) -> None:
+        self.calls.put(call)
+
+    def _run(self) -> None:
+        while True:
+            call = self.calls.get()
+            self.seen.append(call)
+            call.answer(*self.answer(call))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose socket path stays well under the 107-byte limit."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fleetd-") as d:
+        yield Path(d)
+
+
+def serve(path: Path, answer: Callable[[Call], tuple[int, Any]]) -> tuple[ControlServer, Loop]:
+    loop = Loop(answer)
+    server = ControlServer(path, loop.submit)
+    server.start()
+    return server, loop
+
+
+def test_the_socket_is_0660_and_removed_on_stop(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server, _ = serve(path, lambda call: (200, {}))
+    mode = os.stat(path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660  # never world-writable, whatever the umask
+    server.stop()
+    assert not path.exists()
+
+
+def test_the_socket_gets_the_configured_group(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server = ControlServer(path, lambda call: None, gid=4242)
+    server.start()
+    try:
+        assert os.stat(path).st_gid == 4242
+    finally:
+        server.stop()
+
+
+def test_a_call_reaches_the_loop_with_the_callers_uid(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server, loop = serve(path, lambda call: (200, {"message": f"{call.op} {call.service}"}))
+    try:
+        client = ControlClient(path)
+        assert client.hello()["api"] == API_VERSION
+        answer = client.call("POST", "/v1/services/web/pin", {"rung": "1", "force": False})
+        assert answer == {"message": "pin web"}
+        [call] = loop.seen
+        assert (call.op, call.service, call.args) == ("pin", "web", {"rung": "1", "force": False})
+        assert call.peer.uid == os.getuid() and call.peer.pid == os.getpid()
+    finally:
+        server.stop()
+
+
+def test_errors_carry_their_kind_and_bad_requests_never_reach_the_loop(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server, loop = serve(path, lambda call: (409, {"error": "refused!", "kind": "refused"}))
+    try:
+        client = ControlClient(path)
+        with pytest.raises(DaemonError, match="refused!") as refused:
+            client.call("POST", "/v1/services/web/downgrade", {})
+        assert refused.value.kind == "refused" and refused.value.exit_code == 1
+        with pytest.raises(DaemonError, match="no such endpoint: POST /v1/services/web/explode"):
+            client.call("POST", "/v1/services/web/explode", {})
+        with pytest.raises(DaemonError, match="GET is not allowed") as wrong:
+            client.call("GET", "/v1/services/web/downgrade")
+        assert wrong.value.exit_code == 2
+        assert len(loop.seen) == 1
+    finally:
+        server.stop()
+
+
+def test_a_socket_left_by_a_dead_fleetd_is_replaced_a_live_one_is_not(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # bound, never listening: what a killed fleetd leaves
+    server, _ = serve(path, lambda call: (200, {}))
+    try:
+        with pytest.raises(ControlError, match="another fleetd answers on"):
+            ControlServer(path, lambda call: None).start()
+    finally:
+        server.stop()
+
+
+def test_a_path_that_is_not_a_socket_is_never_replaced(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    path.write_text("someone's file\n")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlServer(path, lambda call: None).start()
+    assert path.read_text() == "someone's file\n"
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_a_clear_error(short_dir: Path) -> None:
+    path = short_dir / ("x" * 120) / "fleetd.sock"
+    with pytest.raises(ControlError, match=r"bytes; Unix sockets allow 107 \(use a shorter"):
+        ControlServer(path, lambda call: None).start()
+
+
+def test_no_daemon_is_unreachable_not_an_error(short_dir: Path) -> None:
+    with pytest.raises(DaemonUnreachable, match="no socket at"):
+        ControlClient(short_dir / "none.sock").hello()
+
+
+# ---------------------------------------------------------------- fleetctl, for real
+
+
+def fleetctl(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    code = "from supervisor.cli.fleetctl import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "FLEETD_SOCKET": "", **(env or {})},
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def fleet(short_dir: Path) -> tuple[Path, Path]:
+    config = short_dir / "fleet.yaml"
+    config.write_text(CONFIG)
+    state_dir = short_dir / "state"
+    StateStore(state_dir).save(FleetState(services={"web": ServiceState("big", 0)}))
+    return config, state_dir
+
+
+def test_fleetctl_refuses_a_daemon_with_another_api_version(short_dir: Path) -> None:
+    import socketserver
+    from http.server import BaseHTTPRequestHandler
+
+    class Future(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"api": API_VERSION + 1, "fleetd": "9.0.0"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    path = short_dir / "future.sock"
+    server = socketserver.UnixStreamServer(str(path), Future)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = fleetctl("status", "--socket", path, "--state-dir", short_dir)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 1, r
+    assert f"speaks control API v{API_VERSION + 1}; this fleetctl" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_status_without_a_daemon_says_so_on_stderr_and_keeps_stdout_json(
+    fleet: tuple[Path, Path],
+) -> None:
+    config, state_dir = fleet
+    r = fleetctl("status", "--json", "--config", config, "--state-dir", state_dir)
+    assert r.returncode == 0, r
+    assert "fleetd is not running" in r.stderr
+    report = json.loads(r.stdout)
+    assert report["services"]["web"]["model"] == "big"
+    assert report["daemon"] is None
+    assert report["gpus"][0]["budget_bytes"] == int(0.85 * 8 * 1024**3)
+
+
+def test_reload_needs_a_daemon_and_exits_3(fleet: tuple[Path, Path]) -> None:
+    _, state_dir = fleet
+    r = fleetctl("reload", "--state-dir", state_dir)
+    assert r.returncode == 3, r
+    assert "this needs a running fleetd" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_change_without_daemon_or_docker_is_recorded_for_fleetd(
+    fleet: tuple[Path, Path],
+) -> None:
+    config, state_dir = fleet
+    no_docker = {"DOCKER_HOST": f"unix://{state_dir}/no-docker.sock"}
+    r = fleetctl("downgrade", "web", "--config", config, "--state-dir", state_dir, env=no_docker)
+    assert r.returncode == 0, r
+    assert "fleetd is not running" in r.stderr
+    assert "the change applies when fleetd starts" in r.stdout
+    svc = json.loads((state_dir / "state.json").read_text())["services"]["web"]
+    assert svc["rung"] == 0  # not applied yet ...
+    assert svc["pending"]["to_model"] == "medium"  # ... but recorded, by a person
+    assert svc["pending"]["actor"] == "fleetctl"
+
+
+def test_a_refused_change_exits_1_and_leaves_the_state_file_alone(
+    fleet: tuple[Path, Path],
+) -> None:
+    config, state_dir = fleet
+    before = (state_dir / "state.json").read_bytes()
+    r = fleetctl("upgrade", "web", "--config", config, "--state-dir", state_dir)
+    assert r.returncode == 1, r
+    assert "web is already at the top, rung 0 of 2 (big)" in r.stderr
+    assert (state_dir / "state.json").read_bytes() == before
+
+
+def test_an_unknown_service_or_rung_exits_2(fleet: tuple[Path, Path]) -> None:
+    config, state_dir = fleet
+    r = fleetctl("pin", "web", "huge", "--config", config, "--state-dir", state_dir)
+    assert r.returncode == 2, r
+    assert "rung 'huge' for web: expected one of 0 (big), 1 (medium)" in r.stderr
+    r = fleetctl("downgrade", "nope", "--config", config, "--state-dir", state_dir)
+    assert r.returncode == 2, r
+    assert "no service 'nope' in the config" in r.stderr
+
+
+def test_a_fleetd_that_holds_the_state_but_does_not_answer_is_never_bypassed(
+    fleet: tuple[Path, Path],
+) -> None:
+    config, state_dir = fleet
+    before = (state_dir / "state.json").read_bytes()
+    fd = StateStore(state_dir).hold_daemon_lock(state_dir / "gone.sock")  # a hung fleetd
+    try:
+        r = fleetctl("downgrade", "web", "--config", config, "--state-dir", state_dir)
+        status = fleetctl("status", "--json", "--config", config, "--state-dir", state_dir)
+    finally:
+        os.close(fd)
+    assert r.returncode == 1, r
+    assert f"fleetd (pid {os.getpid()}) holds {state_dir} but does not answer" in r.stderr
+    assert "refusing to change the state behind it" in r.stderr
+    assert (state_dir / "state.json").read_bytes() == before
+    assert status.returncode == 0 and json.loads(status.stdout)["services"]["web"]["rung"] == 0
+    assert "does not answer" in status.stderr
+
+
+def test_two_daemons_cannot_share_a_state_dir(short_dir: Path) -> None:
+    store = StateStore(short_dir)
+    fd = store.hold_daemon_lock(None)
+    try:
+        # flock locks belong to the open file: a second open in this process conflicts too.
+        with pytest.raises(FleetdError, match=f"another fleetd \\(pid {os.getpid()}\\)"):
+            store.hold_daemon_lock(None)
+        assert store.running_daemon() is not None
+    finally:
+        os.close(fd)
+    assert store.running_daemon() is None
+
+
+def test_completion_prints_a_script_that_completes_service_names(
+    fleet: tuple[Path, Path],
+) -> None:
+    _, state_dir = fleet
+    script = fleetctl("completion", "bash")
+    assert script.returncode == 0 and "_FLEETCTL_COMPLETE=bash_complete" in script.stdout
+    r = fleetctl(
+        env={
+            "_FLEETCTL_COMPLETE": "bash_complete",
+            "COMP_WORDS": f"fleetctl downgrade --state-dir {state_dir} w",
+            "COMP_CWORD": "4",
+        }
+    )
+    assert r.stdout.split() == ["plain,web"]
