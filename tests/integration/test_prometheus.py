@@ -3,6 +3,8 @@ promtool, and a step down visible in PromQL."""
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,6 +20,9 @@ from supervisor.state import FleetState, PendingChange, ServiceState
 from tests.integration.prometheus_harness import Prometheus, prometheus_tools, promtool_check
 
 MIB, GIB = 1024**2, 1024**3
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "fleetd.json"
+# Grafana's variables, as Grafana substitutes them ("All" is ".*").
+VARIABLES = {"$instance": ".*", "$service": ".*", "$__rate_interval": "1m"}
 FLEET = """\
 services:
   svc:
@@ -79,3 +84,38 @@ def test_prometheus_scrapes_fleetd_and_sees_a_step_down(
         'increase(fleetd_transitions_total{service="svc",direction="down"}[1m]) > 0', 20
     )
     assert increase["metric"]["reason"] == "vram_oom"
+    # A declared GPU has no NVML reading; nothing here reports follow lag or latency.
+    run_dashboard_queries(
+        prometheus,
+        {"VRAM per GPU against the budget A", "Log-follow lag A"},
+    )
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Every PromQL query of the dashboard (panels, variables, annotations), by where it is."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = {
+        f"{p['title']} {t['refId']}": t["expr"]
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+    }
+    for v in dashboard["templating"]["list"]:
+        if v["type"] == "query":  # label_values(SELECTOR, LABEL): the selector is PromQL
+            found[f"${v['name']}"] = re.sub(
+                r"^label_values\((.*), *\w+\)$", r"\1", v["query"]["query"]
+            )
+    for a in dashboard["annotations"]["list"]:
+        if "expr" in a:
+            found[a["name"]] = a["expr"]
+    return found
+
+
+def run_dashboard_queries(prometheus: Prometheus, may_be_empty: set[str]) -> None:
+    """Prometheus accepts every dashboard query, and each one shows data unless allowed."""
+    empty = []
+    for where, expr in dashboard_queries().items():
+        for name, value in VARIABLES.items():
+            expr = expr.replace(name, value)
+        if not prometheus.query(expr):  # `query` fails on a query Prometheus refuses
+            empty.append(where)
+    assert set(empty) <= may_be_empty, f"no data for {sorted(set(empty) - may_be_empty)}"
