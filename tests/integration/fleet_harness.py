@@ -79,7 +79,8 @@ class Fleet:
             restart_policy={"Name": "on-failure"},
         )
 
-    def start(self) -> None:
+    def start(self, extra_args: list[str] | None = None) -> None:
+        """`fleetd run` on this fleet; its control socket is STATE_DIR/fleetd.sock."""
         code = "from supervisor.cli.fleetd import main; main()"
         self.process = subprocess.Popen(
             [
@@ -93,11 +94,12 @@ class Fleet:
                 str(self.state_dir),
                 "--log-level",
                 "DEBUG",
+                *(extra_args or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("a"),
             text=True,
-            env={**os.environ, "NOTIFY_SOCKET": ""},
+            env={**os.environ, "NOTIFY_SOCKET": "", "FLEETD_SOCKET": ""},
         )
 
     def state(self) -> dict[str, Any]:
