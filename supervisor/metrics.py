@@ -40,7 +40,7 @@ from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError
 from supervisor.gpus import Gpu
 from supervisor.rules import IncidentClass
-from supervisor.state import FleetState, ServiceStatus
+from supervisor.state import FleetState, ServiceStatus, Transition
 
 # From a log line's timestamp to the main loop acting on it: milliseconds when idle,
 # tens of milliseconds while another container floods (docs/benchmarks.md).
@@ -74,6 +74,22 @@ TRANSITION_KINDS = (
     (Direction.UP, TransitionReason.STEP_UP),
     (Direction.UP, TransitionReason.RESET),
 )
+
+
+def transition_kind(
+    record: Transition, op: str | None = None
+) -> tuple[Direction, TransitionReason] | None:
+    """How a transition is counted; `op` is the fleetctl operation that asked for it, when
+    known. None for a record that does not change rung."""
+    if record.to_rung == record.from_rung:
+        return None
+    direction = Direction.DOWN if record.to_rung > record.from_rung else Direction.UP
+    if record.actor == "fleetctl":
+        reset = op == "reset" and direction is Direction.UP
+        return direction, TransitionReason.RESET if reset else TransitionReason.MANUAL
+    if direction is Direction.DOWN:
+        return direction, TransitionReason.VRAM_OOM
+    return direction, TransitionReason.STEP_UP
 
 
 # --- the snapshot: what a scrape shows of the daemon's state -----------------------------

@@ -23,8 +23,17 @@ from supervisor.metrics import (
     MetricsError,
     TransitionReason,
     build_snapshot,
+    transition_kind,
 )
-from supervisor.state import FleetState, Incident, PendingChange, ServiceState, ServiceStatus
+from supervisor.state import (
+    Actor,
+    FleetState,
+    Incident,
+    PendingChange,
+    ServiceState,
+    ServiceStatus,
+    Transition,
+)
 
 MIB, GIB = 1024**2, 1024**3
 NOW = 1_800_000_000.0
@@ -242,6 +251,32 @@ def test_labels_take_only_the_fixed_values(metrics: FleetMetrics) -> None:
         metrics.transition("coder", Direction.UP, TransitionReason.VRAM_OOM)
     with pytest.raises(ValueError):
         metrics.transition("coder", Direction.DOWN, TransitionReason("free text"))
+
+
+@pytest.mark.parametrize(
+    ("from_rung", "to_rung", "actor", "op", "expected"),
+    [
+        (0, 1, "fleetd", None, ("down", "vram_oom")),
+        (2, 1, "fleetd", None, ("up", "step_up")),
+        (0, 2, "fleetctl", "downgrade", ("down", "manual")),
+        (2, 0, "fleetctl", "reset", ("up", "reset")),
+        (2, 0, "fleetctl", "upgrade", ("up", "manual")),
+        (1, 0, "fleetctl", None, ("up", "manual")),  # decided before a restart of fleetd
+        (1, 3, "fleetctl", "pin", ("down", "manual")),
+    ],
+)
+def test_transitions_are_counted_by_direction_and_a_fixed_reason(
+    from_rung: int, to_rung: int, actor: Actor, op: str | None, expected: tuple[str, str]
+) -> None:
+    record = Transition(NOW, "coder", from_rung, to_rung, "a", "b", "free text", actor=actor)
+
+    kind = transition_kind(record, op)
+
+    assert kind is not None and (kind[0].value, kind[1].value) == expected
+
+
+def test_a_record_that_keeps_the_rung_is_not_a_transition() -> None:
+    assert transition_kind(Transition(NOW, "coder", 1, 1, "a", "a", "x")) is None
 
 
 def test_detection_latency_lands_in_its_bucket(metrics: FleetMetrics) -> None:
