@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers on this machine, installing and starting it if needed.
 #
-# Idempotent: when `docker info` already works (and the compose CLI and busybox-static
-# are there) it does nothing. The machines fleetd is tested on run no systemd as PID 1,
-# so dockerd is started by hand, detached, with its log in /tmp/dockerd.log.
+# Idempotent: when `docker info` already works (and the compose CLI, busybox-static and
+# debootstrap are there) it does nothing. The machines fleetd is tested on run no systemd
+# as PID 1, so dockerd is started by hand, detached, with its log in /tmp/dockerd.log.
 # Prints one line per action taken; exits non-zero when the engine cannot be had.
 set -euo pipefail
 
@@ -17,13 +17,16 @@ die() { printf 'ensure-docker: error: %s\n' "$*" >&2; exit 1; }
 engine_answers() { docker info >/dev/null 2>&1; }
 
 # Debian packages this project needs: the engine (docker.io), compose v1 (docker-compose),
-# a static busybox for the tiny test images (busybox-static) and systemd-analyze to verify
-# the unit file (systemd; nothing is started with it).
+# a static busybox for the tiny test images (busybox-static), systemd-analyze to verify
+# the unit file (systemd; nothing is started with it) and debootstrap for the Debian
+# image the unit's end-to-end test boots systemd in.
 missing_packages() {
     local missing=()
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    # In /usr/sbin, which a non-root PATH may lack.
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
     # busybox-static conflicts with the dynamic busybox package; ask dpkg, not PATH.
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
         || missing+=(busybox-static)
