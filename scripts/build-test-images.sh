@@ -3,6 +3,7 @@
 #
 #   scripts/build-test-images.sh                # every image
 #   scripts/build-test-images.sh oom-emitter    # just these (and what they are built FROM)
+#   scripts/build-test-images.sh systemd        # Debian + systemd for the unit's end-to-end test
 #
 # An image is reused when `docker image inspect` finds its tag and its
 # org.fleetd.test.context label matches the hash of what it was built from, so a run on
@@ -15,9 +16,15 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGES_DIR="$ROOT/tests/images"
-IMAGES=(busybox oom-emitter)
+IMAGES=(busybox oom-emitter systemd)
 
 export DOCKER_BUILDKIT=0   # no buildx on these machines; the legacy builder works offline
+# The Python that reads pyproject.toml and downloads wheels: $PYTHON, else the
+# checkout's venv when it is made, else python3.
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ ! -x "$ROOT/.venv/bin/python" ] || PYTHON=$ROOT/.venv/bin/python
+fi
 
 say() { printf 'build-test-images: %s\n' "$*"; }
 die() { printf 'build-test-images: error: %s\n' "$*" >&2; exit 1; }
@@ -36,14 +43,19 @@ image_is_current() {  # TAG HASH
 }
 
 # Build TAG from the prepared context dir CTX unless an image built from the same
-# context is already there.
-build_context() {  # TAG CTX
-    local tag=$1 ctx=$2 hash start_s=$SECONDS
+# context is already there. FILL, when given, is a command run with CTX only when a build
+# is due, to add what is slow to fetch and already summed up in the context (the wheels
+# that requirements.txt names): it is not part of the hash.
+build_context() {  # TAG CTX [FILL]
+    local tag=$1 ctx=$2 fill=${3:-} hash start_s=$SECONDS
     hash=$(context_hash "$ctx")
     if image_is_current "$tag" "$hash"; then
         return 0
     fi
     say "building $tag"
+    if [ -n "$fill" ]; then
+        "$fill" "$ctx"
+    fi
     local out
     # Output only on failure: the 28.x client also warns that the legacy builder is deprecated.
     if ! out=$(docker build --label org.fleetd.test=1 --label "org.fleetd.test.context=$hash" \
@@ -79,6 +91,78 @@ build_oom_emitter() {
     # Not used by the Dockerfile: it puts the base image into the context hash.
     docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
     build_context fleetd-test/oom-emitter:1 "$ctx"
+}
+
+# fleetd-test/debian-systemd:1 — a Debian bookworm root filesystem made by debootstrap
+# (minbase plus tests/images/systemd/rootfs-packages), imported as an image. About a
+# minute and root, so it is rebuilt only when the package list or this function changes.
+build_debian_systemd() {
+    local tag=fleetd-test/debian-systemd:1 list=$IMAGES_DIR/systemd/rootfs-packages
+    local hash packages rootfs=$WORK/debian-systemd-rootfs start_s=$SECONDS
+    hash=$( { declare -f build_debian_systemd; cat "$list"; } | sha256sum | cut -c1-16)
+    if image_is_current "$tag" "$hash"; then
+        return 0
+    fi
+    [ "$(id -u)" -eq 0 ] || die "building $tag needs root (debootstrap)"
+    command -v debootstrap >/dev/null 2>&1 || die "debootstrap is not installed (run scripts/ensure-docker.sh)"
+    packages=$(grep -v '^#' "$list" | xargs | tr ' ' ,)
+    say "building $tag (debootstrap bookworm: $packages)"
+    local log=$WORK/debootstrap.log
+    if ! debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "debootstrap failed"
+    fi
+    # What a container never needs: docs, manuals, translations, apt's caches.
+    rm -rf "$rootfs"/usr/share/{doc,man,info,locale}/* "$rootfs"/var/cache/apt/archives/*.deb \
+        "$rootfs"/var/lib/apt/lists/*
+    # Empty, so that systemd makes a fresh machine ID at every boot of every container.
+    : >"$rootfs/etc/machine-id"
+    tar -C "$rootfs" -c . | docker import \
+        -c "LABEL org.fleetd.test=1" -c "LABEL org.fleetd.test.context=$hash" \
+        -c 'CMD ["/sbin/init"]' - "$tag" >/dev/null
+    rm -rf "$rootfs"
+    docker image prune -f --filter label=org.fleetd.test=1 >/dev/null
+    say "built $tag in $(( SECONDS - start_s ))s"
+}
+
+# fleetd's run-time dependencies (pyproject.toml's [project] dependencies), one a line.
+fleetd_requirements() {
+    "$PYTHON" - "$ROOT/pyproject.toml" <<'PY'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+PY
+}
+
+# Download the wheels of requirements.txt for Debian bookworm's python3 (CPython 3.11,
+# glibc 2.36) into CTX/wheels, from the pip index this machine is set up with.
+fetch_wheels() {  # CTX
+    local ctx=$1 platform platforms=()
+    for platform in manylinux_2_36 manylinux_2_28 manylinux_2_17 manylinux2014 manylinux2010 manylinux1; do
+        platforms+=(--platform "${platform}_x86_64")
+    done
+    local out
+    if ! out=$("$PYTHON" -m pip download --quiet --only-binary=:all: "${platforms[@]}" \
+            --python-version 3.11 --implementation cp --abi cp311 \
+            -d "$ctx/wheels" -r "$ctx/requirements.txt" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "pip download of fleetd's dependencies failed"
+    fi
+}
+
+# fleetd-test/systemd:1 — FROM fleetd-test/debian-systemd:1 plus /opt/fleetd, a virtual
+# environment with fleetd's dependencies but not fleetd: the end-to-end test installs the
+# wheel of the checkout under test into it at each run.
+build_systemd() {
+    local base=fleetd-test/debian-systemd:1 ctx=$WORK/systemd
+    build_debian_systemd
+    mkdir -p "$ctx"
+    cp "$IMAGES_DIR/systemd/Dockerfile" "$ctx/"
+    fleetd_requirements >"$ctx/requirements.txt"
+    docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
+    build_context fleetd-test/systemd:1 "$ctx" fetch_wheels
 }
 
 main() {
