@@ -43,6 +43,8 @@ class Fleet:
         import yaml
 
         body = {
+            # Any free port: tests on this machine run fleetds side by side.
+            "metrics": {"address": "127.0.0.1:0"},
             **top,
             "budget": 0.85,
             "gpus": [{"name": "test", "memory": "8GiB"}],

@@ -133,6 +133,8 @@ class Fleetd:
                 **policy,
             },
             "services": services,
+            # Any free port: tests on this machine run fleetds side by side.
+            "metrics": {"address": "127.0.0.1:0"},
         }
         self.config.write_text(yaml.safe_dump(body, sort_keys=False))
 
