@@ -23,12 +23,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from supervisor import __version__, ops
-from supervisor.analyzer import FleetPlan, analyze, rung_need
+from supervisor.address import format_address
+from supervisor.analyzer import FleetPlan, analyze, gpu_budget_bytes, rung_need
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
 from supervisor.errors import FleetdError, UsageError
-from supervisor.gpus import Discovery, Gpu, Nvml, resolve_gpus
+from supervisor.gpus import Discovery, Gpu, Nvml, declared_gpus, resolve_gpus
 from supervisor.handoff import restart_service, write_handoff
 from supervisor.ladder import (
     HOST_OOM,
@@ -42,6 +43,7 @@ from supervisor.ladder import (
     transition,
 )
 from supervisor.managed import container_names, managed_pids
+from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.rules import BUILTIN_RULES
 from supervisor.sdnotify import Notifier
 from supervisor.state import FleetState, LogCursor, ServiceState, StateStore, transition_json
@@ -84,7 +86,11 @@ class Daemon:
         nvml: Nvml | None = None,
         socket_path: Path | None = None,
         socket_gid: int | None = None,
+        metrics_address: tuple[str, int] | None = None,
+        serve_metrics: bool = True,
     ) -> None:
+        """`metrics_address` overrides the config's `metrics` (and serves even when it is
+        disabled); `serve_metrics=False` serves none whatever the config says."""
         self.config_path, self.clock = config_path, clock
         self.queue: queue.Queue[object] = queue.Queue()
         self.control = (
@@ -103,6 +109,7 @@ class Daemon:
         self.expected_stops: dict[str, float] = {}  # container -> until when a stop is ours
         self.seen_ns: dict[str, int] = {}  # container -> newest line handled
         self.gpus: tuple[Gpu, ...] = ()  # the latest NVML reading
+        self.managed: frozenset[int] = frozenset()  # host pids of the fleet's containers
         self.gpu_problems: dict[int, str | None] = {}
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -111,6 +118,19 @@ class Daemon:
         self.config: FleetConfig = load_config(config_path)  # invalid: fail before anything
         self._index(self.config)
         self.state = FleetState()
+        self.metrics = FleetMetrics()
+        self.metrics_at = self._metrics_address(metrics_address, serve_metrics)
+
+    def _metrics_address(
+        self, override: tuple[str, int] | None, serve: bool
+    ) -> tuple[str, int] | None:
+        """Where to serve /metrics: the command line's address, else the config's."""
+        if not serve:
+            return None
+        if override is not None:
+            return override
+        metrics = self.config.metrics
+        return (metrics.host, metrics.port) if metrics.enabled else None
 
     # --- start-up -------------------------------------------------------------------
 
@@ -146,6 +166,7 @@ class Daemon:
         with self.store.lock():
             self._settle(self._initial_plan())
             self.store.save(self.state)
+        self._publish()
         for name, svc in list(self.state.services.items()):
             if svc.pending is not None and name in self.config.services:
                 logger.warning(f"{name}: completing a change interrupted by a restart of fleetd")
@@ -164,10 +185,13 @@ class Daemon:
         discovery = self._discover()
         if discovery.problem:
             logger.info(discovery.problem)
+        if self.config.gpus == "auto":
+            self.gpus = discovery.gpus  # the metrics' first reading, before the sampling
         if not discovery.gpus:
             return None
         pids = managed_pids(self.client, container_names(self.config)) if self.client else None
-        return analyze(self.config, discovery, pids or frozenset())
+        self.managed = pids or frozenset()
+        return analyze(self.config, discovery, self.managed)
 
     def _settle(self, plan: FleetPlan | None) -> None:
         """Persisted rung, else the plan's, else the top; write every model file."""
@@ -194,11 +218,20 @@ class Daemon:
         try:
             if self.control is not None:  # before start: a socket in use fails fast
                 self.control.start()
+            self._serve_metrics()  # also before start: a taken port fails fast
             return self._run()
         finally:
+            self.metrics.close()
             if self.control is not None:
                 self.control.stop()
             os.close(lock_fd)
+
+    def _serve_metrics(self) -> None:
+        if self.metrics_at is None:
+            logger.info("metrics: not served (disabled)")
+            return
+        host, port = self.metrics.serve(*self.metrics_at)
+        logger.info(f"metrics: serving http://{format_address(host, port)}/metrics")
 
     def _run(self) -> int:
         self.start()
@@ -289,6 +322,8 @@ class Daemon:
         )
         self.state.services[service] = new
         latency_ms = (self.clock() - seen.time) * 1000
+        self.metrics.incident(service, seen.incident_class)
+        self.metrics.detection_latency(service, latency_ms / 1000)
         logger.log(
             _level(decision),
             f"{service}: {seen.incident_class} incident ({seen.rule}) in "
@@ -374,6 +409,9 @@ class Daemon:
         new, record = apply_change(svc, done.service, self.clock())
         self.state.services[done.service] = new
         self.state.history.append(record)
+        kind = transition_kind(record, waiting[0].op if waiting else None)
+        if kind is not None:
+            self.metrics.transition(done.service, *kind)
         self._save()
         logger.warning(
             f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
@@ -580,11 +618,15 @@ class Daemon:
                 self.state.services[name] = end_cooldown(svc, self.clock(), self.policy)
                 if svc.pending is not None and name in self.config.services:
                     self._apply(name)
+            self._publish()
         elif job == "gpus":
             self._sample_gpus()
+            self._publish()
         elif job == "checkpoint":
-            for follower in self.followers.values():
+            for name, follower in self.followers.items():
                 self._remember_cursor(follower)
+                if follower.lag_s is not None:
+                    self.metrics.follow_lag(name, follower.lag_s)
             self._save()
             self.notifier.send(f"STATUS={self.summary()}")
 
@@ -602,6 +644,8 @@ class Daemon:
         for index in set(self.gpu_problems) - set(problems):
             logger.warning(f"GPU {index if index >= 0 else '(all)'} is back")
         self.gpu_problems, self.gpus = problems, discovery.gpus
+        if self.client is not None and any(g.valid for g in discovery.gpus):
+            self.managed = managed_pids(self.client, container_names(self.config))
 
     def _scheduler(self) -> BackgroundScheduler:
         scheduler = BackgroundScheduler(daemon=True)
@@ -638,6 +682,8 @@ class Daemon:
             self._index(old)
             raise
         self.config = config
+        if config.metrics != old.metrics:
+            logger.warning("metrics: a changed `metrics:` setting applies when fleetd restarts")
         added = sorted(set(config.services) - set(old.services))
         removed = sorted(set(old.services) - set(config.services))
         changed = sorted(
@@ -681,8 +727,19 @@ class Daemon:
         self._stop.set()
 
     def _save(self) -> None:
+        self._publish()  # every change of state is saved: scrapes see it at the same time
         with self.store.lock():
             self.store.save(self.state)
+
+    def _publish(self) -> None:
+        """Hand the metrics an immutable snapshot; scrapes never read the loop's dicts."""
+        config = self.config
+        gpus = self.gpus if config.gpus == "auto" else declared_gpus(config.gpus)
+        budgets = {g.index: gpu_budget_bytes(config, g, self.managed) for g in gpus if g.valid}
+        snapshot = build_snapshot(
+            config, self.state, gpus, self.needs, budgets, self.clock(), self.client is not None
+        )
+        self.metrics.publish(snapshot)
 
     def summary(self) -> str:
         parts = []

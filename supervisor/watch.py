@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -111,6 +112,7 @@ class LogFollower(_StreamThread):
         # delaying the detection of another: only matches are queued.
         self._classify = classify
         self.lines = 0
+        self.lag_s: float | None = None  # when the newest line was read minus its timestamp
 
     def run(self) -> None:
         try:
@@ -145,6 +147,7 @@ class LogFollower(_StreamThread):
             return
         self.since_ns = parsed[0]
         self.lines += 1
+        self.lag_s = time.time() - parsed[0] / 1e9
         match = self._classify(parsed[1])
         if match is not None:
             self._out.put(

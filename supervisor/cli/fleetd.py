@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from supervisor import __version__
+from supervisor.address import parse_address
 from supervisor.cli.common import (
     EXIT_OK,
     checkout_root,
@@ -16,8 +17,9 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
-from supervisor.config import default_config_path
+from supervisor.config import DEFAULT_METRICS_ADDRESS, default_config_path
 from supervisor.control import SOCKET_ENV, default_socket, resolve_group
+from supervisor.errors import UsageError
 from supervisor.logs import setup_logging
 
 
@@ -62,6 +64,16 @@ def check_config(config_path: Path | None) -> int:
     "fleetctl's changing commands [default: fleetd's own group].",
 )
 @click.option("--no-socket", is_flag=True, help="Serve no control socket.")
+@click.option(
+    "--metrics-address",
+    metavar="HOST:PORT",
+    default=None,
+    callback=lambda _ctx, _param, value: _address(value),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics, whatever the config's "
+    f"`metrics:` says [default: metrics.address, {DEFAULT_METRICS_ADDRESS}]; port 0 picks "
+    "a free port.",
+)
+@click.option("--no-metrics", is_flag=True, help="Serve no Prometheus metrics.")
 def run(
     config_path: Path | None,
     state_dir: Path | None,
@@ -69,6 +81,8 @@ def run(
     socket_path: Path | None,
     socket_group: str | None,
     no_socket: bool,
+    metrics_address: tuple[str, int] | None,
+    no_metrics: bool,
 ) -> int:
     """Supervise the fleet in the foreground until SIGTERM (SIGHUP reloads the config).
 
@@ -78,6 +92,8 @@ def run(
     """
     from supervisor.daemon import Daemon  # the daemon's imports are not needed elsewhere
 
+    if metrics_address is not None and no_metrics:
+        raise UsageError("--metrics-address and --no-metrics exclude each other")
     setup_logging(log_level.upper())
     state_dir = state_dir or default_state_dir()
     if no_socket:
@@ -89,8 +105,17 @@ def run(
         state_dir,
         socket_path=socket_path,
         socket_gid=resolve_group(socket_group),
+        metrics_address=metrics_address,
+        serve_metrics=not no_metrics,
     )
     return daemon.run()
+
+
+def _address(value: str | None) -> tuple[str, int] | None:
+    try:
+        return None if value is None else parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def main() -> None:
