@@ -210,3 +210,68 @@ def fleet(
     if f.process is not None:
         f.process.kill()
         f.process.wait()
+
+
+# --- fleetd under a real systemd (tests/integration/test_systemd_e2e.py) ------------------
+
+SYSTEMD_IMAGE = "fleetd-test/systemd:1"
+
+
+@pytest.fixture(scope="session")
+def systemd_image(docker_client: docker.DockerClient) -> str:
+    """`fleetd-test/systemd:1` (Debian, systemd, /opt/fleetd with fleetd's dependencies).
+
+    The build script's reuse check is instant when the image is current; a first build on
+    a machine takes about a minute (debootstrap), and needs root and debootstrap.
+    """
+    built = subprocess.run(
+        ["bash", str(BUILD_TEST_IMAGES), "systemd"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        _unavailable(f"cannot build {SYSTEMD_IMAGE}: {built.stderr.strip()}")
+    docker_client.images.get(SYSTEMD_IMAGE)
+    return SYSTEMD_IMAGE
+
+
+@pytest.fixture(scope="session")
+def fleetd_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel of this checkout's fleetd, without its dependencies, built once a session.
+
+    Built from a copy of what the package is made of (pyproject.toml, the readme and the
+    package-dir folders), so setuptools' build/ and egg-info land in a temp dir and not in
+    a checkout where someone else may be building at the same time.
+    """
+    import sys
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    package_dirs = pyproject["tool"]["setuptools"]["package-dir"].values()
+    src = tmp_path_factory.mktemp("fleetd-src")
+    for name in ("pyproject.toml", pyproject["project"]["readme"]):
+        shutil.copy2(REPO_ROOT / name, src / name)
+    for top in sorted({Path(d).parts[0] for d in package_dirs}):
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(REPO_ROOT / top, src / top, ignore=ignore)
+    out = tmp_path_factory.mktemp("fleetd-wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, f"pip wheel of the checkout failed:\n{built.stderr}"
+    [wheel] = out.glob("fleetd-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def docker_socket() -> Path:
+    """The engine's unix socket on this machine ($DOCKER_HOST or the default)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    path = Path(host.removeprefix("unix://"))
+    if not host.startswith("unix://") or not path.is_socket():
+        _unavailable(f"the Docker engine is not on a local unix socket (DOCKER_HOST={host})")
+    return path
