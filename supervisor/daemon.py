@@ -96,7 +96,8 @@ class Daemon:
         self.control = (
             ControlServer(socket_path, self.queue.put, socket_gid) if socket_path else None
         )
-        self.waiters: dict[str, list[Call]] = {}  # service -> calls waiting for its restart
+        # service -> calls waiting for its restart, with what each asked for
+        self.waiters: dict[str, list[tuple[Call, str]]] = {}
         self.started_at = clock()
         self.store = StateStore(state_dir, clock=clock)
         self.docker_factory = docker_factory
@@ -403,13 +404,13 @@ class Daemon:
         if done.error is not None:
             message = f"{done.service}: could not apply {svc.pending.to_model}: {done.error}"
             logger.error(f"{message}; will retry")
-            for call in waiting:
+            for call, _ in waiting:
                 call.fail("failed", f"{message}; the change is recorded and fleetd retries it")
             return
         new, record = apply_change(svc, done.service, self.clock())
         self.state.services[done.service] = new
         self.state.history.append(record)
-        kind = transition_kind(record, waiting[0].op if waiting else None)
+        kind = transition_kind(record, waiting[0][0].op if waiting else None)
         if kind is not None:
             self.metrics.transition(done.service, *kind)
         self._save()
@@ -417,8 +418,9 @@ class Daemon:
             f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
             f"rung {record.from_rung} ({record.from_model}): {record.reason}"
         )
-        for call in waiting:
-            message = f"{done.service}: now {record.to_model} (rung {record.to_rung})"
+        restarted = ", ".join(self.config.services[done.service].restarted)
+        for call, asked in waiting:
+            message = f"{asked}; restarted {restarted}"
             call.answer(
                 200,
                 {
@@ -522,7 +524,7 @@ class Daemon:
         if outcome.change is None:
             call.answer(200, outcome.to_json())
             return
-        self.waiters.setdefault(name, []).append(call)
+        self.waiters.setdefault(name, []).append((call, outcome.message))
         self._apply(name)
 
     def _fit(self, service: str, rung: int) -> ops.Fit:

@@ -139,7 +139,7 @@ def operate_offline(
         store.save(state)
         answer: dict[str, Any] = {**outcome.to_json(), "applied": outcome.change is None}
         if outcome.change is not None:
-            answer.update(_apply_offline(store, config, state, service))
+            answer.update(_apply_offline(store, config, state, service, outcome.message))
     return answer
 
 
@@ -166,7 +166,7 @@ def _run_op(
 
 
 def _apply_offline(
-    store: StateStore, config: FleetConfig, state: FleetState, service: str
+    store: StateStore, config: FleetConfig, state: FleetState, service: str, asked: str
 ) -> dict[str, Any]:
     svc = state.services[service]
     assert svc.pending is not None
@@ -176,8 +176,8 @@ def _apply_offline(
     except DOCKER_ERRORS as e:
         return {
             "applied": False,
-            "message": f"{svc.pending.reason}: recorded; Docker is not reachable ({e}), "
-            "so the change applies when fleetd starts",
+            "message": f"{asked}: recorded; Docker is not reachable ({e}), so the change "
+            "applies when fleetd starts",
         }
     warning = write_handoff(store, config, service, svc.pending.to_model)
     if warning:
@@ -193,4 +193,5 @@ def _apply_offline(
     state.services[service] = new
     state.history.append(record)
     store.save(state)
-    return {"applied": True, "message": f"{service}: now {record.to_model} (rung {record.to_rung})"}
+    restarted = ", ".join(config.services[service].restarted)
+    return {"applied": True, "message": f"{asked}; restarted {restarted}"}

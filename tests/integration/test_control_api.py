@@ -78,7 +78,7 @@ def test_downgrade_and_reset_through_fleetd_restart_the_container(fleet: Fleet) 
 
     r = fleetctl(fleet, "downgrade", "web")
     assert r.returncode == 0, r
-    assert r.stdout.strip() == "web: now medium (rung 1)"
+    assert r.stdout.strip() == f"web: down to rung 1 of 5 (medium); restarted {container.name}"
     assert "not running" not in r.stderr
     # The reply comes once the container has been restarted into the new model.
     assert logs_show(container, "loading model 'medium'", timeout_s=10)
@@ -92,7 +92,7 @@ def test_downgrade_and_reset_through_fleetd_restart_the_container(fleet: Fleet) 
 
     r = fleetctl(fleet, "reset", "--all")
     assert r.returncode == 0, r
-    assert r.stdout.strip() == "web: now big (rung 0)"
+    assert r.stdout.strip() == f"web: back to rung 0 of 5 (big); restarted {container.name}"
     container.reload()
     assert logs_show(container, "loading model 'big'", timeout_s=10)
     assert fleet.state()["services"]["web"]["rung"] == 0
@@ -160,7 +160,7 @@ def test_without_fleetd_fleetctl_restarts_the_container_itself(fleet: Fleet) -> 
     r = fleetctl(fleet, "downgrade", "web")
     assert r.returncode == 0, r
     assert "fleetd is not running" in r.stderr
-    assert r.stdout.strip() == "web: now medium (rung 1)"
+    assert r.stdout.strip() == f"web: down to rung 1 of 5 (medium); restarted {container.name}"
     assert logs_show(container, "loading model 'medium'", timeout_s=10)
     assert (fleet.state_dir / "services/web/model").read_text() == "medium\n"
 
