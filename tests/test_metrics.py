@@ -3,7 +3,10 @@ own parser, and the HTTP endpoint's binding and errors."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -426,3 +429,60 @@ def test_close_frees_the_port(metrics: FleetMetrics) -> None:
         assert again.serve("127.0.0.1", port)[1] == port
     finally:
         again.close()
+
+
+# --- fleetd run: which address, and a taken port ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "override", "serve", "expected"),
+    [
+        ("", None, True, ("127.0.0.1", 10464)),  # the default
+        ('metrics: {address: "[::1]:9999"}', None, True, ("::1", 9999)),
+        ("metrics: {enabled: false}", None, True, None),
+        ("metrics: {enabled: false}", ("127.0.0.1", 0), True, ("127.0.0.1", 0)),
+        ('metrics: {address: "0.0.0.0:1"}', ("127.0.0.1", 2), True, ("127.0.0.1", 2)),
+        ("", None, False, None),  # --no-metrics
+    ],
+)
+def test_the_command_line_address_overrides_the_config(
+    tmp_path: Path,
+    written: str,
+    override: tuple[str, int] | None,
+    serve: bool,
+    expected: tuple[str, int] | None,
+) -> None:
+    from supervisor.daemon import Daemon
+
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"{written}\n{FLEET}", encoding="utf-8")
+
+    daemon = Daemon(path, tmp_path / "state", metrics_address=override, serve_metrics=serve)
+
+    assert daemon.metrics_at == expected
+
+
+def test_fleetd_run_on_a_taken_port_exits_1_before_touching_the_state(tmp_path: Path) -> None:
+    (tmp_path / "fleet.yaml").write_text(FLEET, encoding="utf-8")
+    state_dir = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        fleetd = [sys.executable, "-c", "from supervisor.cli.fleetd import main; main()"]
+        files = ["--config", str(tmp_path / "fleet.yaml"), "--state-dir", str(state_dir)]
+        done = subprocess.run(
+            [*fleetd, "run", *files, "--no-socket", "--metrics-address", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "NOTIFY_SOCKET": ""},
+            check=False,
+        )
+
+    assert done.returncode == 1, done.stderr
+    assert f"fleetd: error: cannot serve metrics on {address}: the port is already in use" in (
+        done.stderr
+    )
+    assert not (state_dir / "state.json").exists()
+    assert not (state_dir / "services").exists()  # no model hand-off file written either
