@@ -5,31 +5,22 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.config import load_config
-from supervisor.gpus import Gpu
-from supervisor.ladder import apply_change
-from supervisor.metrics import Direction, FleetMetrics, TransitionReason, build_snapshot
-from supervisor.state import FleetState, PendingChange, ServiceState
+from tests.integration.fleet_harness import Fleet, at_rung
 from tests.integration.prometheus_harness import Prometheus, prometheus_tools, promtool_check
 
-MIB, GIB = 1024**2, 1024**3
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "fleetd.json"
 # Grafana's variables, as Grafana substitutes them ("All" is ".*").
 VARIABLES = {"$instance": ".*", "$service": ".*", "$__rate_interval": "1m"}
-FLEET = """\
-services:
-  svc:
-    runtime: llamacpp
-    containers: [svc-1]
-    ladder: [{model: big, vram: 4000MiB}, {model: medium, vram: 2500MiB}]
-"""
+StartPrometheus = Callable[[str], Prometheus]
+SERVING = re.compile(r"metrics: serving http://(127\.0\.0\.1:\d+)/metrics")
 
 
 @pytest.fixture
@@ -38,57 +29,67 @@ def tools() -> tuple[str, str]:
 
 
 @pytest.fixture
-def metrics() -> Iterator[FleetMetrics]:
-    m = FleetMetrics()
-    yield m
-    m.close()
+def start_prometheus(tmp_path: Path, tools: tuple[str, str]) -> Iterator[StartPrometheus]:
+    """Starts a Prometheus scraping a target once the test knows it; stops it at the end."""
+    started: list[Prometheus] = []
+
+    def start(target: str) -> Prometheus:
+        server = Prometheus(tmp_path, tools[0], target)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
-@pytest.fixture
-def prometheus(
-    tmp_path: Path, tools: tuple[str, str], metrics: FleetMetrics
-) -> Iterator[Prometheus]:
-    host, port = metrics.serve("127.0.0.1", 0)
-    server = Prometheus(tmp_path, tools[0], f"{host}:{port}")
-    yield server
-    server.stop()
+def metrics_target(fleet: Fleet, timeout_s: float = 20.0) -> str:
+    """HOST:PORT from fleetd's log line `metrics: serving http://HOST:PORT/metrics`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = SERVING.search(fleet.log.read_text() if fleet.log.exists() else "")
+        if found:
+            return found.group(1)
+        assert fleet.process is not None and fleet.process.poll() is None, fleet.log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"fleetd never said where it serves metrics:\n{fleet.log.read_text()}")
 
 
-def test_prometheus_scrapes_fleetd_and_sees_a_step_down(
-    tmp_path: Path, tools: tuple[str, str], metrics: FleetMetrics, prometheus: Prometheus
+def test_prometheus_scrapes_fleetd_run_and_sees_a_step_down(
+    fleet: Fleet, tools: tuple[str, str], start_prometheus: StartPrometheus
 ) -> None:
-    (tmp_path / "fleet.yaml").write_text(FLEET)
-    config = load_config(tmp_path / "fleet.yaml")
-    needs = {"svc": [4000 * MIB, 2500 * MIB]}
-    gpu = Gpu(index=0, name="test", total_bytes=8 * GIB, source="declared")
-    state = FleetState(services={"svc": ServiceState(model="big", rung=0)})
-    metrics.publish(build_snapshot(config, state, (gpu,), needs, {0: 7 * GIB}, 0.0, True))
-    prometheus.start()
-    prometheus.wait_for('fleetd_service_rung{service="svc"} == 0', timeout_s=20)
+    name = f"svc-{uuid.uuid4().hex[:8]}"
+    # The config turns the endpoint off; the command line's address wins.
+    fleet.write_config({"svc": fleet.service("llamacpp", name)}, metrics={"enabled": False})
+    (fleet.state_dir / "services/svc").mkdir(parents=True)
+    (fleet.state_dir / "services/svc/model").write_text("big\n")
+    fleet.start(extra_args=["--metrics-address", "127.0.0.1:0"])
+    server = start_prometheus(metrics_target(fleet))
+    # Scraped at rung 0 with the counter at 0 before anything happens, so the step down
+    # shows as an increase; the container starts only now (fleetd attaches on its start).
+    down = 'fleetd_transitions_total{service="svc",direction="down",reason="vram_oom"}'
+    server.wait_for(f'fleetd_service_rung{{service="svc"}} == 0 and on() {down} == 0', 20)
+    fleet.run_container(name, "llamacpp", capacity_mib=3000, OOM_INTERVAL_S="0.3")
 
-    with urllib.request.urlopen(f"http://{prometheus.target}/metrics", timeout=5) as response:
+    fleet.wait_for("a step down to medium", at_rung("svc", 1), timeout_s=60)
+
+    [rung] = server.wait_for('fleetd_service_rung{service="svc"} == 1', timeout_s=20)
+    assert rung["value"][1] == "1"
+    [info] = server.query('fleetd_service_info{service="svc"}')
+    assert (info["metric"]["model"], info["metric"]["runtime"]) == ("medium", "llamacpp")
+    [increase] = server.wait_for(f"increase({down}[1m]) > 0", timeout_s=20)
+    assert float(increase["value"][1]) > 0
+    [incidents] = server.query('fleetd_incidents_total{service="svc",class="vram_oom"}')
+    assert float(incidents["value"][1]) >= 3
+    server.wait_for('fleetd_detection_latency_seconds_count{service="svc"} >= 3', 20)
+    server.wait_for(f'fleetd_log_follow_lag_seconds{{container="{name}"}}', timeout_s=20)
+    with urllib.request.urlopen(f"http://{server.target}/metrics", timeout=5) as response:
         checked = promtool_check(tools[1], response.read().decode())
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-    svc = replace(state.services["svc"], pending=PendingChange(1, "medium", "3 vram_oom", 0.0))
-    new, _record = apply_change(svc, "svc", 1.0)
-    state = replace(state, services={"svc": new})
-    metrics.publish(build_snapshot(config, state, (gpu,), needs, {0: 7 * GIB}, 1.0, True))
-    metrics.transition("svc", Direction.DOWN, TransitionReason.VRAM_OOM)
-
-    [rung] = prometheus.wait_for('fleetd_service_rung{service="svc"} == 1', timeout_s=20)
-    assert rung["value"][1] == "1"
-    [info] = prometheus.query('fleetd_service_info{service="svc"}')
-    assert info["metric"]["model"] == "medium"
-    [increase] = prometheus.wait_for(
-        'increase(fleetd_transitions_total{service="svc",direction="down"}[1m]) > 0', 20
-    )
-    assert increase["metric"]["reason"] == "vram_oom"
-    # A declared GPU has no NVML reading; nothing here reports follow lag or latency.
-    run_dashboard_queries(
-        prometheus,
-        {"VRAM per GPU against the budget A", "Log-follow lag A"},
-    )
+    # The test's GPU is declared, so NVML's "used" has no reading to show.
+    run_dashboard_queries(server, {"VRAM per GPU against the budget A"})
+    assert fleet.stop() == 0
 
 
 def dashboard_queries() -> dict[str, str]:
