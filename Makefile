@@ -36,6 +36,7 @@ lint: venv
 
 test: venv
 	bash scripts/ensure-docker.sh
+	bash scripts/ensure-prometheus.sh
 	bash scripts/build-test-images.sh
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
