@@ -141,7 +141,8 @@ print(service.get(sys.argv[3], ""))
 EOF
 }
 
-# fleetctl reads the saved state (it never changes it); where it read from goes to stderr.
+# fleetctl asks the running fleetd (or, before it runs, reads the saved state and says so
+# on stderr).
 print_state() {
     "$FLEETCTL" status --config "$CONFIG" --state-dir "$STATE" 2>/dev/null
 }
