@@ -53,6 +53,7 @@ ListenAddress = Annotated[str, BeforeValidator(lambda v: _check_address(v))]  # 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._:/@+~-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_URL_RE = re.compile(r"^https?://[A-Za-z0-9._\[\]:-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 
 
 def _check_name(value: str, what: str) -> str:
@@ -119,6 +120,27 @@ class RuleConfig(_Strict):
         return self
 
 
+class HealthConfig(_Strict):
+    """fleetd's own checks of a service's runtime API (`endpoint`), and its circuit breaker."""
+
+    enabled: Bool = True
+    interval: Seconds = 30.0
+    timeout: Seconds = 5.0
+    unhealthy_after: Annotated[Int, Field(ge=1)] = 3  # failures in a row
+    healthy_after: Annotated[Int, Field(ge=1)] = 2  # successes in a row
+    breaker_after: Annotated[Int, Field(ge=1)] = 5  # restarts that did not bring health back
+    breaker_reset: Seconds = 60.0  # open -> half-open: one more restart is tried
+
+
+class WarmupConfig(_Strict):
+    """The short generation fleetd runs on a new model before calling the change done."""
+
+    enabled: Bool = True
+    prompt: str = "Say hello."
+    tokens: Annotated[Int, Field(ge=1, le=4096)] = 10
+    timeout: Seconds = 300.0  # loading a large model from disk takes minutes
+
+
 class ServiceConfig(_Strict):
     """A served model or app: what runs it, which containers are its, and its ladder."""
 
@@ -136,6 +158,9 @@ class ServiceConfig(_Strict):
     volumes: list[str] = Field(default_factory=list)
     healthcheck: str | None = None
     rules: list[RuleConfig] = Field(default_factory=list)
+    endpoint: str | None = None  # the runtime's API, e.g. http://127.0.0.1:11434
+    health: HealthConfig = HealthConfig()
+    warmup: WarmupConfig = WarmupConfig()
 
     @field_validator("containers", "watch", "restart")
     @classmethod
@@ -143,6 +168,16 @@ class ServiceConfig(_Strict):
         for name in value or []:
             _check_name(name, "container name")
         return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _URL_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an endpoint (expected http://HOST:PORT, e.g. "
+                "http://127.0.0.1:11434)"
+            )
+        return value.rstrip("/") if value else value
 
     @field_validator("model_env")
     @classmethod
@@ -202,6 +237,27 @@ class PolicyConfig(_Strict):
     cooldown: Seconds = 60.0
     burst_window: Seconds = 2.0
     stop_timeout: Seconds = 10.0
+    # Stepping back up: after this long without incidents (0: never by time), and/or at
+    # the times of a cron expression (an off-peak window), one rung on probation.
+    step_up_after: Seconds = 86400.0
+    step_up_at: str | None = None
+    probation: Seconds = 1800.0
+
+    @field_validator("step_up_at")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as e:
+            raise ValueError(
+                f"{value!r} is not a cron expression ({e}; expected 5 fields: minute hour "
+                "day month weekday, e.g. '0 3 * * *' for 03:00 UTC)"
+            ) from None
+        return value
 
 
 class MetricsConfig(_Strict):

@@ -9,6 +9,10 @@ States (`ServiceStatus`) and their edges, each made only in `transition()` and
     COOLDOWN  -> STEADY     the cooldown has passed
     STEADY    -> EXHAUSTED  N incidents at the bottom rung: no smaller model, stop restarting
     PINNED    -> PINNED     a person holds the rung: incidents are recorded, never acted on
+    STEADY    -> (pending)  no incident for `step_up_after` (or a `step_up_at` time), and
+                            the bigger rung fits: one rung up, on probation
+    probation -> (pending)  one vram_oom incident before `probation_until`: straight back
+                            down, and the wait before the next try doubles
 """
 
 from __future__ import annotations
@@ -37,10 +41,22 @@ class Policy:
     incidents_to_step_down: int = 3
     window_s: float = 600.0
     cooldown_s: float = 60.0
+    step_up_after_s: float = 86400.0  # 0: never by time alone
+    probation_s: float = 1800.0
 
     @classmethod
     def from_config(cls, policy: PolicyConfig) -> Policy:
-        return cls(policy.incidents_to_step_down, policy.incident_window, policy.cooldown)
+        return cls(
+            policy.incidents_to_step_down,
+            policy.incident_window,
+            policy.cooldown,
+            policy.step_up_after,
+            policy.probation,
+        )
+
+    def step_up_wait_s(self, failures: int) -> float:
+        """How long to wait before the next step up after `failures` failed probations."""
+        return float((self.step_up_after_s or 86400.0) * 2.0**failures)
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,9 @@ def transition(
     """Record an incident and decide; the only place incidents change a service's state."""
     if svc.changed_at is not None and seen.time < svc.changed_at:
         return svc, Decision(Action.NONE, "ignored: a line from before the last change")
+    on_probation = svc.probation_until is not None and seen.time < svc.probation_until
+    if on_probation and seen.incident_class == VRAM_OOM and svc.pinned is None:
+        return _probation_failed(svc, seen, service, needs_bytes, policy)
     cooling = svc.changed_at is not None and seen.time < svc.changed_at + policy.cooldown_s
     if cooling and seen.incident_class == VRAM_OOM:
         # The new model is still loading and warming up: do not count yet.
@@ -130,6 +149,96 @@ def _count_vram(
     return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
 
 
+def _probation_failed(
+    svc: ServiceState,
+    seen: Observed,
+    service: ServiceConfig,
+    needs_bytes: Sequence[int],
+    policy: Policy,
+) -> tuple[ServiceState, Decision]:
+    """An OOM on the rung just stepped up to: back to the rung below, wait twice as long."""
+    target = min(svc.rung + 1, len(service.ladder) - 1)
+    failures = svc.step_up_failures + 1
+    wait = policy.step_up_wait_s(failures)
+    reason = (
+        f"vram_oom on probation at {_rung_text(service, needs_bytes, svc.rung)}: back down to "
+        f"{_rung_text(service, needs_bytes, target)}; next step up in {format_duration(wait)} "
+        f"at the earliest ({failures} failed in a row)"
+    )
+    incident = Incident(seen.time, seen.incident_class, seen.rule, seen.container_id, seen.evidence)
+    pending = PendingChange(
+        to_rung=target,
+        to_model=service.ladder[target].model,
+        reason=reason,
+        decided_at=seen.time,
+        evidence=seen.evidence,
+        rule=seen.rule,
+        container_id=seen.container_id,
+    )
+    svc = replace(
+        svc,
+        incidents=[*svc.incidents, incident],
+        pending=pending,
+        probation_until=None,
+        step_up_failures=failures,
+        step_up_not_before=seen.time + wait,
+    )
+    return svc, Decision(Action.STEP_DOWN, reason)
+
+
+def step_up_due(
+    svc: ServiceState, now: float, policy: Policy, quiet_since: float, window_open: bool
+) -> bool:
+    """Time to try the next rung up? Only from a settled, unpinned state below the top:
+    after `step_up_after` without a vram_oom incident, or in an off-peak window after an
+    incident window's quiet; never before `step_up_not_before` (doubling on failures)."""
+    if svc.rung == 0 or svc.pinned is not None or svc.pending is not None:
+        return False
+    if svc.state not in (ServiceStatus.STEADY, ServiceStatus.EXHAUSTED):
+        return False
+    if svc.probation_until is not None or now < (svc.step_up_not_before or 0.0):
+        return False
+    last = max(
+        [quiet_since, svc.changed_at or 0.0]
+        + [i.time for i in svc.incidents if i.incident_class == VRAM_OOM]
+    )
+    if window_open and now - last >= policy.window_s:
+        return True
+    return policy.step_up_after_s > 0 and now - last >= policy.step_up_after_s
+
+
+def step_up(
+    svc: ServiceState,
+    service: ServiceConfig,
+    needs_bytes: Sequence[int],
+    now: float,
+    policy: Policy,
+    why: str,
+) -> ServiceState:
+    """STEADY -> (pending): one rung up, to be applied on probation."""
+    target = svc.rung - 1
+    reason = (
+        f"step up {_rung_text(service, needs_bytes, svc.rung)} -> "
+        f"{_rung_text(service, needs_bytes, target)}: {why}; on probation for "
+        f"{format_duration(policy.probation_s)}"
+    )
+    pending = PendingChange(
+        to_rung=target,
+        to_model=service.ladder[target].model,
+        reason=reason,
+        decided_at=now,
+        probation_s=policy.probation_s,
+    )
+    return replace(svc, pending=pending)
+
+
+def end_probation(svc: ServiceState, now: float) -> ServiceState:
+    """Probation passed without an OOM: the step up stands, failures start afresh."""
+    if svc.probation_until is not None and now >= svc.probation_until:
+        return replace(svc, probation_until=None, step_up_failures=0, step_up_not_before=None)
+    return svc
+
+
 def _rung_text(service: ServiceConfig, needs_bytes: Sequence[int], rung: int) -> str:
     return f"rung {rung} {service.ladder[rung].model} ({format_size(needs_bytes[rung])})"
 
@@ -169,6 +278,7 @@ def apply_change(
         incidents=[],
         changed_at=now,
         pending=None,
+        probation_until=now + pending.probation_s if pending.probation_s else None,
     )
     return svc, record
 

@@ -5,10 +5,12 @@ The file is JSON (indent 2, mode 0644) written with `fsutil.atomic_write`, so a 
 
     {"version": 1,
      "services": {"<name>": {"model", "rung", "state", "incidents", "changed_at",
-                             "pinned", "pending", "restarts", "last_restart_at"}},
+                             "pinned", "pending", "restarts", "last_restart_at",
+                             "probation_until", "step_up_failures", "step_up_not_before"}},
      "history": [{"time", "service", "from_rung", "to_rung", "from_model", "to_model",
                   "reason", "evidence", "rule", "container_id", "actor"}],
-     "log_cursors": {"<container name>": {"container_id", "since_ns"}}}
+     "log_cursors": {"<container name>": {"container_id", "since_ns"}},
+     "measured": {"<model>": {"vram_bytes", "load_s", "tokens_per_s", "at"}}}
 
 Decoding is strict: an unknown key, a wrong type or a negative count is a schema problem
 reported with its key path, the value and what was expected. `StateStore.load` never
@@ -102,6 +104,7 @@ class PendingChange:
     rule: str | None = None
     container_id: str | None = None
     actor: Actor = "fleetd"  # who decided: fleetd (an incident) or a person (fleetctl)
+    probation_s: float | None = None  # a step up: on probation this long once applied
 
 
 @dataclass
@@ -117,6 +120,19 @@ class ServiceState:
     pending: PendingChange | None = None
     restarts: int = 0
     last_restart_at: float | None = None
+    probation_until: float | None = None  # after a step up: an OOM until then steps back
+    step_up_failures: int = 0  # probations failed in a row: each doubles the wait
+    step_up_not_before: float | None = None
+
+
+@dataclass
+class Measured:
+    """What a model really used once loaded (Ollama's /api/ps), and how it warmed up."""
+
+    vram_bytes: int | None
+    load_s: float | None
+    tokens_per_s: float | None
+    at: float
 
 
 @dataclass
@@ -152,6 +168,7 @@ class FleetState:
     services: dict[str, ServiceState] = field(default_factory=dict)
     history: list[Transition] = field(default_factory=list)
     log_cursors: dict[str, LogCursor] = field(default_factory=dict)
+    measured: dict[str, Measured] = field(default_factory=dict)  # by model name
 
     def to_json(self) -> str:
         """The file's text: indent 2, services sorted, the newest HISTORY_LIMIT transitions."""
@@ -165,6 +182,7 @@ class FleetState:
                 name: {"container_id": c.container_id, "since_ns": c.since_ns}
                 for name, c in sorted(self.log_cursors.items())
             },
+            "measured": {name: measured_json(m) for name, m in sorted(self.measured.items())},
         }
         return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 
@@ -225,6 +243,18 @@ def _service_json(s: ServiceState) -> dict[str, object]:
         "pending": None if s.pending is None else _pending_json(s.pending),
         "restarts": s.restarts,
         "last_restart_at": s.last_restart_at,
+        "probation_until": s.probation_until,
+        "step_up_failures": s.step_up_failures,
+        "step_up_not_before": s.step_up_not_before,
+    }
+
+
+def measured_json(m: Measured) -> dict[str, object]:
+    return {
+        "vram_bytes": m.vram_bytes,
+        "load_s": m.load_s,
+        "tokens_per_s": m.tokens_per_s,
+        "at": m.at,
     }
 
 
@@ -248,6 +278,7 @@ def _pending_json(p: PendingChange) -> dict[str, object]:
         "rule": p.rule,
         "container_id": p.container_id,
         "actor": p.actor,
+        "probation_s": p.probation_s,
     }
 
 
@@ -395,6 +426,7 @@ def _decode_fleet(o: _Object) -> FleetState:
         services=o.opt("services", _map_of(_decode_service), {}),
         history=o.opt("history", _list_of(_decode_transition), []),
         log_cursors=o.opt("log_cursors", _map_of(_decode_cursor), {}),
+        measured=o.opt("measured", _map_of(_decode_measured), {}),
     )
     o.done()
     return state
@@ -411,6 +443,9 @@ def _decode_service(o: _Object) -> ServiceState:
         pending=o.opt("pending", _nullable(_decode_pending_value), None),
         restarts=o.opt("restarts", _count, 0),
         last_restart_at=o.opt("last_restart_at", _nullable(_seconds), None),
+        probation_until=o.opt("probation_until", _nullable(_seconds), None),
+        step_up_failures=o.opt("step_up_failures", _count, 0),
+        step_up_not_before=o.opt("step_up_not_before", _nullable(_seconds), None),
     )
     o.done()
     return service
@@ -439,6 +474,7 @@ def _decode_pending_value(value: object, where: str) -> PendingChange:
         rule=o.opt("rule", _nullable(_str), None),
         container_id=o.opt("container_id", _nullable(_str), None),
         actor=o.opt("actor", _actor, "fleetd"),
+        probation_s=o.opt("probation_s", _nullable(_seconds), None),
     )
     o.done()
     return pending
@@ -460,6 +496,17 @@ def _decode_transition(o: _Object) -> Transition:
     )
     o.done()
     return transition
+
+
+def _decode_measured(o: _Object) -> Measured:
+    measured = Measured(
+        vram_bytes=o.opt("vram_bytes", _nullable(_count), None),
+        load_s=o.opt("load_s", _nullable(_seconds), None),
+        tokens_per_s=o.opt("tokens_per_s", _nullable(_seconds), None),
+        at=o.get("at", _seconds),
+    )
+    o.done()
+    return measured
 
 
 def _decode_cursor(o: _Object) -> LogCursor:

@@ -676,3 +676,51 @@ def test_valid_config_is_frozen(tmp_path: Path) -> None:
     assert isinstance(config, FleetConfig)
     with pytest.raises(ValueError):
         config.budget = 0.5  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- model lifecycle keys
+
+LIFECYCLE = """
+policy:
+  step_up_after: 12h
+  step_up_at: "0 3 * * *"
+  probation: 20m
+services:
+  chat:
+    runtime: ollama
+    containers: [chat-1]
+    endpoint: http://127.0.0.1:11434/
+    health: {interval: 10s, timeout: 2s, unhealthy_after: 4, breaker_after: 2}
+    warmup: {tokens: 5, timeout: 1m}
+    ladder: [{model: "llama3.2:3b", vram: 2GiB}]
+"""
+
+
+def test_lifecycle_keys_are_read_with_units(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, LIFECYCLE))
+    assert (config.policy.step_up_after, config.policy.probation) == (43200.0, 1200.0)
+    assert config.policy.step_up_at == "0 3 * * *"
+    chat = config.services["chat"]
+    assert chat.endpoint == "http://127.0.0.1:11434"  # the trailing slash dropped
+    assert (chat.health.interval, chat.health.unhealthy_after, chat.health.healthy_after) == (
+        10.0,
+        4,
+        2,
+    )
+    assert (chat.warmup.tokens, chat.warmup.timeout, chat.warmup.enabled) == (5, 60.0, True)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "expected"),
+    [
+        ('"0 3 * * *"', '"at three"', "policy.step_up_at", "expected 5 fields"),
+        ("http://127.0.0.1:11434/", "127.0.0.1:11434", "services.chat.endpoint", "http://HOST"),
+        ("tokens: 5", "tokens: 0", "services.chat.warmup.tokens", "greater than or equal to 1"),
+    ],
+)
+def test_bad_lifecycle_values_are_named(
+    tmp_path: Path, old: str, new: str, key: str, expected: str
+) -> None:
+    path = write(tmp_path, LIFECYCLE.replace(old, new))
+    message = problems(path)
+    assert f": {key}: " in message and expected in message, message

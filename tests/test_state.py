@@ -22,6 +22,7 @@ from supervisor.state import (
     FleetState,
     Incident,
     LogCursor,
+    Measured,
     PendingChange,
     ServiceState,
     ServiceStatus,
@@ -52,6 +53,8 @@ def full_state() -> FleetState:
         evidence=EVIDENCE,
         rule="llamacpp.cuda_alloc_failed",
         container_id="abc123",
+        actor="fleetctl",
+        probation_s=1800.0,
     )
     alpha = ServiceState(
         model="llama3.2:3b",
@@ -63,6 +66,9 @@ def full_state() -> FleetState:
         pending=pending,
         restarts=4,
         last_restart_at=1732345001.25,
+        probation_until=1732346800.0,
+        step_up_failures=2,
+        step_up_not_before=1732691000.0,
     )
     beta = ServiceState(model="phi3:mini", rung=0, state=ServiceStatus.PINNED, pinned=0)
     history = [
@@ -84,7 +90,8 @@ def full_state() -> FleetState:
         ),
     ]
     cursors = {"fleet-alpha-1": LogCursor(container_id="abc123", since_ns=1732345678123456789)}
-    return FleetState(SCHEMA_VERSION, {"alpha": alpha, "beta": beta}, history, cursors)
+    measured = {"llama3.2:3b": Measured(2_576_980_378, 2.25, 41.5, 1732345002.0)}
+    return FleetState(SCHEMA_VERSION, {"alpha": alpha, "beta": beta}, history, cursors, measured)
 
 
 @pytest.fixture
@@ -135,11 +142,15 @@ def test_file_is_json_with_the_documented_keys(store: StateStore) -> None:
         "pending",
         "restarts",
         "last_restart_at",
+        "probation_until",
+        "step_up_failures",
+        "step_up_not_before",
     }
     assert alpha["incidents"][0]["class"] == "vram_oom"
     assert alpha["pending"]["to_rung"] == 2
     assert document["history"][1]["actor"] == "fleetctl"
     assert document["log_cursors"]["fleet-alpha-1"]["since_ns"] == 1732345678123456789
+    assert document["measured"]["llama3.2:3b"]["vram_bytes"] == 2_576_980_378
 
 
 def test_documented_example_with_optional_keys_left_out_loads() -> None:
