@@ -171,6 +171,10 @@ class SystemdHost:
     def saved_state(self) -> dict[str, Any]:
         return json.loads((self.state_dir / "state.json").read_text())  # type: ignore[no-any-return]
 
+    def why(self, *facts: object) -> str:
+        """An assertion message: the facts, then the diagnosis."""
+        return "\n".join([*map(str, facts), self.diagnosis()])
+
     def diagnosis(self) -> str:
         """`systemctl status` and the journal's tail: what a red run needs to be read."""
         status = self.run("systemctl", "status", "fleetd", "--no-pager", "-l", "-n0", check=False)
@@ -322,7 +326,7 @@ def test_start_reaches_active_running_only_through_ready(host: SystemdHost) -> N
     host.run("systemctl", "start", "--no-block", "fleetd")
     host.wait_for_journal("fleetd running")  # logged just after READY=1 would have gone
     unit = host.show("ActiveState", "SubState", "StatusText")
-    assert (unit["ActiveState"], unit["SubState"]) == ("activating", "start"), host.diagnosis()
+    assert (unit["ActiveState"], unit["SubState"]) == ("activating", "start"), host.why(unit)
     host.run("systemctl", "stop", "fleetd")
     host.run("rm", f"{DROP_IN_DIR}/no-notify.conf")
     host.run("systemctl", "daemon-reload")
@@ -332,14 +336,15 @@ def test_start_reaches_active_running_only_through_ready(host: SystemdHost) -> N
     elapsed_s = time.monotonic() - started
 
     unit = host.show("Type", "ActiveState", "SubState", "MainPID", "ExecMainPID", "StatusText")
-    assert unit["Type"] == "notify", unit
-    assert (unit["ActiveState"], unit["SubState"]) == ("active", "running"), host.diagnosis()
-    assert unit["MainPID"] == unit["ExecMainPID"] != "0", unit
+    assert unit["Type"] == "notify", host.why(unit)
+    assert (unit["ActiveState"], unit["SubState"]) == ("active", "running"), host.why(unit)
+    assert unit["MainPID"] == unit["ExecMainPID"] != "0", host.why(unit)
     # STATUS= arrives with READY=1: fleetd's one-line summary, through the notify socket.
-    assert unit["StatusText"] == "coder=big (steady)", unit
+    assert unit["StatusText"] == "coder=big (steady)", host.why(unit)
     status = host.run("systemctl", "status", "fleetd", "--no-pager").stdout
-    assert "Active: active (running)" in status and 'Status: "coder=big (steady)"' in status
-    assert elapsed_s < START_S, f"systemctl start took {elapsed_s:.1f}s"
+    assert "Active: active (running)" in status, host.why(status)
+    assert 'Status: "coder=big (steady)"' in status, host.why(status)
+    assert elapsed_s < START_S, host.why(f"systemctl start took {elapsed_s:.1f}s")
 
 
 def test_fleetctl_status_works_for_root_and_for_ordinary_users(host: SystemdHost) -> None:
@@ -352,12 +357,13 @@ def test_fleetctl_status_works_for_root_and_for_ordinary_users(host: SystemdHost
     for user, live in ((None, True), ("ops", True), ("nobody", False)):
         report = host.status_json(user)
         coder = report["services"]["coder"]
-        assert (coder["model"], coder["rung"], coder["state"]) == ("big", 0, "steady"), report
-        assert (report["daemon"] is not None) == live, (user, report)
+        seen = (coder["model"], coder["rung"], coder["state"])
+        assert seen == ("big", 0, "steady"), host.why(user, report)
+        assert (report["daemon"] is not None) == live, host.why(user, report)
         argv = (FLEETCTL, "status")
         table = (host.run(*argv) if user is None else host.as_user(user, *argv)).stdout
         [row] = [line for line in table.splitlines() if line.startswith("coder ")]
-        assert row.split()[:5] == ["coder", "big", "0", "of", "5"], table
+        assert row.split()[:5] == ["coder", "big", "0", "of", "5"], host.why(user, table)
 
 
 def test_oom_lines_step_the_service_down_in_status_and_journal(
@@ -366,14 +372,14 @@ def test_oom_lines_step_the_service_down_in_status_and_journal(
     emitter = step_down(host, docker_client, cleanup.labels)
 
     coder = host.coder()
-    assert (coder["model"], coder["rung"]) == ("medium", 1), coder
+    assert (coder["model"], coder["rung"]) == ("medium", 1), host.why(coder)
     journal = host.journal()
-    assert "coder: now rung 1 (medium), was rung 0 (big)" in journal
+    assert "coder: now rung 1 (medium), was rung 0 (big)" in journal, host.why()
     assert (
         "evidence: ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4000.00 MiB on device 0:"
         " cudaMalloc failed: out of memory" in journal
-    ), host.diagnosis()
-    assert (host.state_dir / "services/coder/model").read_text().strip() == "medium"
+    ), host.why()
+    assert (host.state_dir / "services/coder/model").read_text().strip() == "medium", host.why()
     # The emitter, restarted by fleetd through the host's socket, now loads medium.
     host.wait_for(
         "the emitter serving medium",
@@ -395,12 +401,12 @@ def test_reload_applies_an_added_service(host: SystemdHost) -> None:
 
     host.wait_for_journal("config reloaded: added ['chat'], changed -, removed -")
     report = host.status_json()
-    assert report["services"]["chat"]["model"] == "llama3.2:3b", report
-    assert report["services"]["coder"]["model"] == "big", report
+    assert report["services"]["chat"]["model"] == "llama3.2:3b", host.why(report)
+    assert report["services"]["coder"]["model"] == "big", host.why(report)
     after = host.show("ActiveState", "SubState", "MainPID", "NRestarts", "StatusText")
-    assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == "0", after
+    assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == "0", host.why(after)
     # STATUS= lists the services in the config's order (safe_dump sorts them).
-    assert after["StatusText"] == "chat=llama3.2:3b (steady), coder=big (steady)", after
+    assert after["StatusText"] == "chat=llama3.2:3b (steady), coder=big (steady)", host.why(after)
 
 
 def test_reload_refuses_a_bad_config_and_keeps_the_running_one(host: SystemdHost) -> None:
@@ -413,9 +419,9 @@ def test_reload_refuses_a_bad_config_and_keeps_the_running_one(host: SystemdHost
 
     host.wait_for_journal("reload refused, keeping the running config")
     after = host.show("ActiveState", "SubState", "MainPID")
-    assert (after["ActiveState"], after["SubState"]) == ("active", "running"), host.diagnosis()
-    assert after["MainPID"] == before["MainPID"], after
-    assert host.coder()["model"] == "big"
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running"), host.why(after)
+    assert after["MainPID"] == before["MainPID"], host.why(before, after)
+    assert (coder := host.coder())["model"] == "big", host.why(coder)
 
 
 def test_stop_exits_cleanly_and_leaves_the_state_intact(host: SystemdHost) -> None:
@@ -432,13 +438,13 @@ def test_stop_exits_cleanly_and_leaves_the_state_intact(host: SystemdHost) -> No
         "Result": "success",
         "ExecMainCode": "1",  # CLD_EXITED: it exited by itself, no signal killed it
         "ExecMainStatus": "0",
-    }, host.diagnosis()
-    assert elapsed_s < 10, f"systemctl stop took {elapsed_s:.1f}s\n{host.diagnosis()}"
+    }, host.why(unit)
+    assert elapsed_s < 10, host.why(f"systemctl stop took {elapsed_s:.1f}s")
     host.wait_for_journal("fleetd stopped", f"_PID={pid}")
     state = host.saved_state()
-    assert state["version"] == 1 and state["services"]["coder"]["model"] == "big", state
-    assert not list(host.state_dir.glob(".state.json.*")), "a temp file was left behind"
-    assert host.status_json()["services"] == running["services"]
+    assert state["version"] == 1 and state["services"]["coder"]["model"] == "big", host.why(state)
+    assert not list(host.state_dir.glob(".state.json.*")), host.why("a temp file is left")
+    assert (report := host.status_json())["services"] == running["services"], host.why(report)
 
 
 def test_kill_9_is_restarted_by_systemd_with_the_state_intact(
@@ -457,32 +463,28 @@ def test_kill_9_is_restarted_by_systemd_with_the_state_intact(
         RESTART_S,
     )
     new_run = host.wait_for_journal("fleetd running", f"_PID={unit['MainPID']}")
-    assert "fleetd running: coder=medium" in new_run, new_run
-    assert "code=killed, status=9/KILL" in host.journal()
+    assert "fleetd running: coder=medium" in new_run, host.why()
+    assert "code=killed, status=9/KILL" in host.journal(), host.why()
     coder = host.coder()
-    assert (coder["model"], coder["rung"]) == ("medium", 1), coder
+    assert (coder["model"], coder["rung"]) == ("medium", 1), host.why(coder)
     history = host.saved_state()["history"]
-    assert [(h["from_model"], h["to_model"]) for h in history] == [("big", "medium")], history
-    assert (host.state_dir / "services/coder/model").read_text().strip() == "medium"
+    changes = [(h["from_model"], h["to_model"]) for h in history]
+    assert changes == [("big", "medium")], host.why(history)
+    assert (host.state_dir / "services/coder/model").read_text().strip() == "medium", host.why()
     emitter.reload()
-    assert emitter.attrs["State"]["StartedAt"] == emitter_started, "restarted the emitter again"
+    assert emitter.attrs["State"]["StartedAt"] == emitter_started, host.why("restarted again")
 
 
 def test_a_hung_fleetd_is_killed_by_the_watchdog_and_restarted(host: SystemdHost) -> None:
     # The unit's WatchdogSec=30s, shortened so that a test can wait for it.
     host.drop_in("test", "WatchdogSec=3s\nTimeoutAbortSec=2s\nTimeoutStopSec=5s\nRestartSec=1s\n")
     before = host.start()
-    assert host.show("WatchdogUSec")["WatchdogUSec"] == "3s"
-    # fleetd pings: the last ping's time moves on (it pings every WatchdogSec/2).
-    first_ping = host.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+    assert (unit := host.show("WatchdogUSec"))["WatchdogUSec"] == "3s", host.why(unit)
+    # fleetd pings: the time of the last ping moves on (it pings every WatchdogSec/2).
+    first_ping = host.last_watchdog_ping()
     host.wait_for(
         "a watchdog ping from fleetd",
-        lambda: (
-            ts
-            if (ts := host.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
-            != first_ping
-            else None
-        ),
+        lambda: ping if (ping := host.last_watchdog_ping()) != first_ping else None,
         JOURNAL_S,
     )
 
@@ -494,8 +496,8 @@ def test_a_hung_fleetd_is_killed_by_the_watchdog_and_restarted(host: SystemdHost
         RESTART_S,
     )
     journal = host.journal()
-    assert "Watchdog timeout (limit 3s)!" in journal, host.diagnosis()
-    assert "Failed with result 'watchdog'" in journal, host.diagnosis()
+    assert "Watchdog timeout (limit 3s)!" in journal, host.why()
+    assert "Failed with result 'watchdog'" in journal, host.why()
 
 
 def test_the_sandbox_the_unit_promises_is_in_force(host: SystemdHost, docker_socket: Path) -> None:
@@ -504,12 +506,13 @@ def test_the_sandbox_the_unit_promises_is_in_force(host: SystemdHost, docker_soc
         line.split(":\t", 1) for line in host.run("cat", f"/proc/{pid}/status").stdout.splitlines()
     )
     fleetd_uid = host.run("id", "-u", "fleetd").stdout.strip()
-    assert status["Uid"].split() == [fleetd_uid] * 4, status["Uid"]
-    assert str(docker_socket.stat().st_gid) in status["Groups"].split(), status["Groups"]
-    assert status["NoNewPrivs"] == "1"  # NoNewPrivileges=yes
-    assert status["Seccomp"] == "2"  # SystemCallArchitectures=, RestrictAddressFamilies= ...
+    assert status["Uid"].split() == [fleetd_uid] * 4, host.why(status)
+    assert str(docker_socket.stat().st_gid) in status["Groups"].split(), host.why(status)
+    assert status["NoNewPrivs"] == "1", host.why(status)  # NoNewPrivileges=yes
+    # SystemCallArchitectures=, RestrictAddressFamilies=, ... are a seccomp filter
+    assert status["Seccomp"] == "2", host.why(status)
     for caps in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):  # CapabilityBoundingSet= (empty)
-        assert int(status[caps], 16) == 0, (caps, status[caps])
+        assert int(status[caps], 16) == 0, host.why(status)
 
     # mount point -> (root of the mount in its file system, options); the last mount wins.
     mounts = {
@@ -518,10 +521,10 @@ def test_the_sandbox_the_unit_promises_is_in_force(host: SystemdHost, docker_soc
             line.split() for line in host.run("cat", f"/proc/{pid}/mountinfo").stdout.splitlines()
         )
     }
-    assert "ro" in mounts["/"][1]  # ProtectSystem=strict
-    assert "rw" in mounts[STATE_DIR][1]  # StateDirectory=fleetd
-    assert "rw" in mounts["/run/fleetd"][1]  # RuntimeDirectory=fleetd
-    assert "ro" in mounts["/proc/sys"][1]  # ProtectKernelTunables=yes
+    assert "ro" in mounts["/"][1], host.why(mounts)  # ProtectSystem=strict
+    assert "rw" in mounts[STATE_DIR][1], host.why(mounts)  # StateDirectory=fleetd
+    assert "rw" in mounts["/run/fleetd"][1], host.why(mounts)  # RuntimeDirectory=fleetd
+    assert "ro" in mounts["/proc/sys"][1], host.why(mounts)  # ProtectKernelTunables=yes
     for hidden in ("/home", "/root", "/run/user"):  # ProtectHome=yes
-        assert mounts[hidden][0].endswith("/inaccessible/dir"), (hidden, mounts[hidden])
-    assert "systemd-private-" in mounts["/tmp"][0]  # PrivateTmp=yes
+        assert mounts[hidden][0].endswith("/inaccessible/dir"), host.why(mounts)
+    assert "systemd-private-" in mounts["/tmp"][0], host.why(mounts)  # PrivateTmp=yes
