@@ -6,15 +6,18 @@ turns GPUs into budgets, runs the solver and explains each rung it did not choos
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from supervisor.config import FleetConfig, RungConfig, ServiceConfig
-from supervisor.estimate import estimate_model
+from supervisor.estimate import RUNTIME_OVERHEAD_MIB, estimate_model
 from supervisor.gpus import Discovery, Gpu
 from supervisor.planner import Demand, GpuSlot, Solution, solve
 from supervisor.runtimes import Runtime
-from supervisor.units import GIB, format_size
+from supervisor.state import Measured
+from supervisor.units import GIB, MIB, format_size
 
 NeedSource = Literal["declared", "gguf", "hf", "measured"]
 # The original request's tiers: 8 GB -> 1 Ollama service, 16 GB -> 2, 24 GB -> 3, 48 GB -> 4.
@@ -84,10 +87,26 @@ class FleetPlan:
         return all(s.rung is not None for s in self.services.values())
 
 
-def rung_need(config: FleetConfig, runtime: Runtime, index: int, rung: RungConfig) -> RungNeed:
-    """A rung's VRAM need: declared as its whole need, else estimated from its metadata."""
+def rung_need(
+    config: FleetConfig,
+    runtime: Runtime,
+    index: int,
+    rung: RungConfig,
+    measured: Mapping[str, Measured] | None = None,
+) -> RungNeed:
+    """A rung's VRAM need: declared as its whole need; else measured, when fleetd has seen
+    the model loaded (the runtime's figure plus its overhead); else estimated."""
     if rung.vram is not None:
         return RungNeed(index, rung.model, rung.vram, "declared", "declared in the config")
+    seen = (measured or {}).get(rung.model)
+    if seen is not None and seen.vram_bytes:
+        overhead = RUNTIME_OVERHEAD_MIB[runtime] * MIB
+        when = time.strftime("%Y-%m-%d", time.gmtime(seen.at))
+        detail = (
+            f"measured {format_size(seen.vram_bytes)} loaded ({when}) + {runtime.value} "
+            f"overhead {format_size(overhead)}"
+        )
+        return RungNeed(index, rung.model, seen.vram_bytes + overhead, "measured", detail)
     assert rung.metadata is not None  # the config refuses a rung with neither
     estimate = estimate_model(config.resolve(rung.metadata), runtime, rung.context, rung.parallel)
     source: NeedSource = "gguf" if estimate.source == "gguf" else "hf"
@@ -104,11 +123,14 @@ def ollama_limit(config: FleetConfig, gpu: Gpu) -> int:
 
 
 def analyze(
-    config: FleetConfig, discovery: Discovery, managed_pids: frozenset[int] = frozenset()
+    config: FleetConfig,
+    discovery: Discovery,
+    managed_pids: frozenset[int] = frozenset(),
+    measured: Mapping[str, Measured] | None = None,
 ) -> FleetPlan:
     """Plan the fleet on these GPUs; every rung priced, every refusal explained."""
     needs = {
-        name: [rung_need(config, svc.runtime, i, r) for i, r in enumerate(svc.ladder)]
+        name: [rung_need(config, svc.runtime, i, r, measured) for i, r in enumerate(svc.ladder)]
         for name, svc in config.services.items()
     }
     slots = [_slot(config, gpu, managed_pids) for gpu in discovery.gpus if gpu.valid]

@@ -21,6 +21,7 @@ import yaml
 
 from supervisor import __version__
 from supervisor.analyzer import FleetPlan, ServicePlan
+from supervisor.config import FleetConfig
 from supervisor.errors import RenderError
 from supervisor.fsutil import atomic_write
 from supervisor.runtimes import Runtime
@@ -162,7 +163,7 @@ def build_project(
 ) -> ComposeProject:
     """Render the compose project for the placed services of a plan."""
     placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
-    ports = _assign_ports(placed)
+    ports = host_ports(plan.config)
     services = [_service(s, plan, ports.get(s.name)) for s in placed]
     volumes = sorted({_volume_source(v) for s in services for v in s.volumes if _is_named(v)})
     env = {"FLEETD_STATE_DIR": str(state_dir)}
@@ -212,25 +213,25 @@ def _is_named(volume: Quoted) -> bool:
     return bool(source) and not source.startswith(("/", ".", "~", "$"))
 
 
-def _assign_ports(placed: list[ServicePlan]) -> dict[str, int]:
-    """Host ports: the configured ones, then 11434, 11435, ... per runtime, never twice."""
+def host_ports(config: FleetConfig) -> dict[str, int]:
+    """Host ports of the config's services: the configured ones, then 11434, 11435, ...
+    per runtime in name order, never twice. From the config alone (placed or not), so
+    `fleetctl generate` and fleetd's runtime endpoints agree."""
     taken: dict[int, str] = {}
-    for svc in placed:
-        port = svc.service.port
+    for name, service in config.services.items():
+        port = service.port
         if port is not None:
             if port in taken:
-                raise RenderError(
-                    f"services {taken[port]!r} and {svc.name!r} both ask for port {port}"
-                )
-            taken[port] = svc.name
-    ports = {s.name: s.service.port for s in placed if s.service.port is not None}
-    for svc in sorted(placed, key=lambda s: s.name):
-        first = FIRST_PORT.get(svc.service.runtime)
-        if svc.name in ports or first is None:
+                raise RenderError(f"services {taken[port]!r} and {name!r} both ask for port {port}")
+            taken[port] = name
+    ports = {n: s.port for n, s in config.services.items() if s.port is not None}
+    for name in sorted(config.services):
+        first = FIRST_PORT.get(config.services[name].runtime)
+        if name in ports or first is None:
             continue
         port = next(p for p in range(first, 65536) if p not in taken)
-        taken[port], ports[svc.name] = svc.name, port
-    return {k: v for k, v in ports.items() if v is not None}
+        taken[port], ports[name] = name, port
+    return ports
 
 
 def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:

@@ -31,8 +31,10 @@ from supervisor.detector import Detector, compile_rule
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery, Gpu, Nvml, declared_gpus, resolve_gpus
 from supervisor.handoff import restart_service, write_handoff
+from supervisor.health import Health, observe
 from supervisor.ladder import (
     HOST_OOM,
+    VRAM_OOM,
     Action,
     BurstGrouper,
     Decision,
@@ -40,13 +42,27 @@ from supervisor.ladder import (
     Policy,
     apply_change,
     end_cooldown,
+    end_probation,
+    load_failed,
+    step_up,
+    step_up_due,
     transition,
 )
+from supervisor.lifecycle import ModelChange, Settled, endpoint_of
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.rules import BUILTIN_RULES
+from supervisor.runtime_api import RuntimeApiError, api_for
 from supervisor.sdnotify import Notifier
-from supervisor.state import FleetState, LogCursor, ServiceState, StateStore, transition_json
+from supervisor.state import (
+    FleetState,
+    LogCursor,
+    ServiceState,
+    ServiceStatus,
+    StateStore,
+    transition_json,
+)
+from supervisor.units import format_duration, format_size
 from supervisor.watch import (
     DOCKER_ERRORS,
     ContainerEvent,
@@ -76,6 +92,25 @@ class Applied:
     error: str | None
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A step of a change in flight (a pull's progress, a warm-up), for status and the log."""
+
+    service: str
+    text: str
+
+
+@dataclass(frozen=True)
+class HealthChecked:
+    service: str
+    ok: bool
+    error: str | None
+
+
+STEP_UP_CHECK_S = 60.0
+MAX_RETRY_S = 300.0
+
+
 class Daemon:
     def __init__(
         self,
@@ -98,6 +133,13 @@ class Daemon:
         )
         # service -> calls waiting for its restart, with what each asked for
         self.waiters: dict[str, list[tuple[Call, str]]] = {}
+        self.settling: dict[str, threading.Event] = {}  # service -> set on an OOM while loading
+        self.activity: dict[str, str] = {}  # service -> what its change is doing now
+        self.health: dict[str, Health] = {}
+        self.checking: set[str] = set()  # services with a health check in flight
+        self.retry_at: dict[str, tuple[float, float]] = {}  # service -> (when, backoff s)
+        self.step_up_notes: dict[str, str] = {}  # why a due step up was not made (said once)
+        self.scheduler: BackgroundScheduler | None = None
         self.started_at = clock()
         self.store = StateStore(state_dir, clock=clock)
         self.docker_factory = docker_factory
@@ -137,12 +179,7 @@ class Daemon:
 
     def _index(self, config: FleetConfig) -> None:
         """Per-service lookups derived from a config (needs, detectors, container owners)."""
-        self.needs = {
-            name: [
-                rung_need(config, svc.runtime, i, r).need_bytes for i, r in enumerate(svc.ladder)
-            ]
-            for name, svc in config.services.items()
-        }
+        self.needs = _needs(config, getattr(self, "state", None))
         self.detectors = {name: _detector(svc) for name, svc in config.services.items()}
         self.watched = {c: name for name, svc in config.services.items() for c in svc.watched}
         self.policy = Policy.from_config(config.policy)
@@ -160,6 +197,7 @@ class Daemon:
                     "INFO" if note.startswith("no state yet") else "WARNING", f"state: {note}"
                 )
             self.state = loaded.state
+            self._reprice()
             self._seed_grouper()
         # Docker first, so the plan can tell the fleet's own GPU processes from others';
         # followers only queue lines, which the loop handles once `run` starts.
@@ -289,6 +327,13 @@ class Daemon:
             self._on_tick(item.job)
         elif isinstance(item, Call):
             self._on_call(item)
+        elif isinstance(item, Progress):
+            self.activity[item.service] = item.text
+            logger.info(f"{item.service}: {item.text}")
+        elif isinstance(item, Settled):
+            self._on_settled(item)
+        elif isinstance(item, HealthChecked):
+            self._on_health(item)
 
     def drain(self, timeout_s: float = 0.0) -> None:
         """Handle everything queued (tests and shutdown)."""
@@ -317,6 +362,9 @@ class Daemon:
         self._incident(service, seen)
 
     def _incident(self, service: str, seen: Observed) -> None:
+        loading = self.settling.get(service)
+        if loading is not None and seen.incident_class == VRAM_OOM:
+            loading.set()  # the new model does not fit: its settle ends now
         svc = self.state.services[service]
         new, decision = transition(
             svc, seen, self.config.services[service], self.needs[service], self.policy
@@ -373,40 +421,65 @@ class Daemon:
         warning = write_handoff(self.store, self.config, service, svc.pending.to_model)
         if warning:
             logger.warning(warning)
+        self._start_worker(service, svc.model, svc.pending.to_model)
+
+    def _start_worker(self, service: str, old: str, model: str) -> None:
+        """Prepare (pull, unload), restart, then settle (health, warm-up), off the loop."""
         self.busy.add(service)
+        abort = threading.Event()
+        change = ModelChange.for_service(
+            self.config, service, lambda text: self.queue.put(Progress(service, text)), abort
+        )
+        if change is not None:
+            self.settling[service] = abort
         threading.Thread(
             target=self._restart_worker,
-            args=(service, self.config, svc.pending.to_model),
+            args=(service, self.config, old, model, change),
             name=f"apply-{service}",
             daemon=True,
         ).start()
 
-    def _restart_worker(self, service: str, config: FleetConfig, model: str) -> None:
+    def _restart_worker(
+        self, service: str, config: FleetConfig, old: str, model: str, change: ModelChange | None
+    ) -> None:
         error = None
         try:
             client = self.client
             if client is None:
                 raise FleetdError("Docker is not reachable; the change applies when it is")
+            if change is not None:
+                change.prepare(old, model)
             restart_service(client, config, service, model, self._expect_stop)
         except (FleetdError, *DOCKER_ERRORS) as e:
             error = str(e)
         self.queue.put(Applied(service, error))
+        if error is None and change is not None:
+            self.queue.put(change.settle(model))
 
     def _expect_stop(self, container: str, seconds: float) -> None:
         self.expected_stops[container] = self.clock() + seconds
 
     def _on_applied(self, done: Applied) -> None:
         self.busy.discard(done.service)
+        if done.error is not None:
+            self.settling.pop(done.service, None)
+            self.activity.pop(done.service, None)
         svc = self.state.services.get(done.service)
         if svc is None or svc.pending is None:
+            if done.error is not None:
+                logger.error(f"{done.service}: restart failed: {done.error}")
             return
         waiting = self.waiters.pop(done.service, [])
         if done.error is not None:
+            _, backoff = self.retry_at.get(done.service, (0.0, RECONCILE_S / 2))
+            backoff = min(MAX_RETRY_S, backoff * 2)
+            self.retry_at[done.service] = (time.monotonic() + backoff, backoff)
             message = f"{done.service}: could not apply {svc.pending.to_model}: {done.error}"
-            logger.error(f"{message}; will retry")
+            logger.error(f"{message}; will retry in {backoff:.0f} s")
             for call, _ in waiting:
                 call.fail("failed", f"{message}; the change is recorded and fleetd retries it")
             return
+        self.retry_at.pop(done.service, None)
         new, record = apply_change(svc, done.service, self.clock())
         self.state.services[done.service] = new
         self.state.history.append(record)
@@ -458,11 +531,8 @@ class Daemon:
             svc, restarts=svc.restarts + 1, last_restart_at=self.clock()
         )
         self._save()
-        threading.Thread(
-            target=self._restart_worker,
-            daemon=True,
-            args=(service, self.config, svc.model),
-        ).start()
+        if service not in self.busy:
+            self._start_worker(service, svc.model, svc.model)
 
     # --- the control API (calls come from the socket's threads through the queue) ---------
 
@@ -617,10 +687,17 @@ class Daemon:
             self._connect_docker()
             self._attach_all()
             for name, svc in self.state.services.items():
-                self.state.services[name] = end_cooldown(svc, self.clock(), self.policy)
-                if svc.pending is not None and name in self.config.services:
+                svc = end_probation(end_cooldown(svc, self.clock(), self.policy), self.clock())
+                self.state.services[name] = svc
+                retry_at, _ = self.retry_at.get(name, (0.0, 0.0))
+                due = time.monotonic() >= retry_at  # after a failure, back off
+                if svc.pending is not None and name in self.config.services and due:
                     self._apply(name)
             self._publish()
+        elif job.startswith("health:"):
+            self._check_health(job.removeprefix("health:"))
+        elif job in ("step_up", "step_up_window"):
+            self._try_step_up(window_open=job == "step_up_window")
         elif job == "gpus":
             self._sample_gpus()
             self._publish()
@@ -662,8 +739,148 @@ class Daemon:
                 coalesce=True,
                 max_instances=1,
             )
+        scheduler.add_job(
+            self.queue.put, "interval", args=[Tick("step_up")], seconds=STEP_UP_CHECK_S,
+            id="step_up", coalesce=True, max_instances=1,
+        )  # fmt: skip
         scheduler.add_listener(_log_job_error, EVENT_JOB_ERROR)
+        self.scheduler = scheduler
+        self._schedule_config_jobs()
         return scheduler
+
+    def _schedule_config_jobs(self) -> None:
+        """The jobs the config defines: health checks per service, the step-up window."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        for job in scheduler.get_jobs():
+            if job.id.startswith("health:") or job.id == "step_up_window":
+                job.remove()
+        for name, svc in self.config.services.items():
+            if svc.health.enabled and endpoint_of(self.config, name) is not None:
+                scheduler.add_job(
+                    self.queue.put, "interval", args=[Tick(f"health:{name}")],
+                    seconds=svc.health.interval, id=f"health:{name}", coalesce=True,
+                    max_instances=1,
+                )  # fmt: skip
+        if self.config.policy.step_up_at:
+            from apscheduler.triggers.cron import CronTrigger
+
+            trigger = CronTrigger.from_crontab(self.config.policy.step_up_at, timezone="UTC")
+            scheduler.add_job(
+                self.queue.put, trigger, args=[Tick("step_up_window")], id="step_up_window",
+                coalesce=True, max_instances=1,
+            )  # fmt: skip
+
+    # --- model lifecycle: settling a change, health checks, stepping back up ---------------
+
+    def _on_settled(self, done: Settled) -> None:
+        self.settling.pop(done.service, None)
+        self.activity.pop(done.service, None)
+        if done.ok:
+            if done.measured is not None:
+                self.state.measured[done.model] = done.measured
+                self._reprice()
+                self._save()
+            logger.info(f"{done.service}: {done.model} {done.detail}{self._vram_note(done)}")
+            return
+        svc = self.state.services.get(done.service)
+        if not done.oom or svc is None or done.service not in self.config.services:
+            logger.error(f"{done.service}: {done.model} did not become ready: {done.detail}")
+            self.activity[done.service] = f"not ready: {done.detail}"
+            return
+        if svc.pending is not None or done.service in self.busy or svc.model != done.model:
+            return  # the OOM already moved it (probation), or a change is on its way
+        new, decision = load_failed(
+            svc, self.config.services[done.service], self.needs[done.service], self.clock()
+        )
+        self.state.services[done.service] = new
+        self._save()
+        logger.log(_level(decision), f"{done.service}: {decision.reason}")
+        if decision.action is Action.STEP_DOWN:
+            self._apply(done.service)
+        elif decision.action is Action.EXHAUSTED:
+            self._stop_containers(done.service)
+
+    def _reprice(self) -> None:
+        self.needs = _needs(self.config, self.state)
+
+    def _vram_note(self, done: Settled) -> str:
+        vram = done.measured.vram_bytes if done.measured else None
+        if vram is None:
+            return ""
+        svc = self.config.services[done.service]
+        rung = next((i for i, r in enumerate(svc.ladder) if r.model == done.model), None)
+        planned = (
+            f" (planned {format_size(self.needs[done.service][rung])})" if rung is not None else ""
+        )
+        return f"; {format_size(vram)} VRAM measured{planned}"
+
+    def _check_health(self, service: str) -> None:
+        """One health check, off the loop; skipped while a change or a check is in flight."""
+        svc = self.state.services.get(service)
+        endpoint = endpoint_of(self.config, service) if service in self.config.services else None
+        if svc is None or endpoint is None or service in self.busy or service in self.checking:
+            return
+        if svc.state is ServiceStatus.EXHAUSTED or service in self.settling:
+            return
+        api = api_for(self.config.services[service].runtime, endpoint)
+        if api is None:
+            return
+        timeout = self.config.services[service].health.timeout
+        self.checking.add(service)
+
+        def check() -> None:
+            try:
+                api.health(timeout)
+                self.queue.put(HealthChecked(service, True, None))
+            except RuntimeApiError as e:
+                self.queue.put(HealthChecked(service, False, str(e)))
+
+        threading.Thread(target=check, name=f"health-{service}", daemon=True).start()
+
+    def _on_health(self, result: HealthChecked) -> None:
+        self.checking.discard(result.service)
+        if result.service not in self.config.services or result.service in self.busy:
+            return
+        config = self.config.services[result.service].health
+        health, verdict = observe(
+            self.health.get(result.service, Health()), result.ok, result.error, self.clock(),
+            config,
+        )  # fmt: skip
+        self.health[result.service] = health
+        if verdict.message:
+            level = "INFO" if result.ok else "WARNING"
+            logger.log(level, f"{result.service}: {verdict.message}")
+        if verdict.restart:
+            svc = self.state.services[result.service]
+            self._start_worker(result.service, svc.model, svc.model)
+
+    def _try_step_up(self, window_open: bool) -> None:
+        """Step a quiet service one rung up when the bigger rung fits (predicted first)."""
+        now = self.clock()
+        for name, svc in list(self.state.services.items()):
+            if name not in self.config.services or name in self.busy:
+                continue
+            if not step_up_due(svc, now, self.policy, self.started_at, window_open):
+                continue
+            fit = self._fit(name, svc.rung - 1)
+            if not fit.fits:
+                if self.step_up_notes.get(name) != fit.reason:
+                    logger.info(f"{name}: a step up is due but rung {svc.rung - 1} {fit.reason}")
+                self.step_up_notes[name] = fit.reason
+                continue
+            self.step_up_notes.pop(name, None)
+            quiet = "in the off-peak window" if window_open else (
+                f"no vram_oom for {format_duration(self.policy.step_up_after_s)}"
+            )  # fmt: skip
+            config = self.config.services[name]
+            new = step_up(svc, config, self.needs[name], now, self.policy, f"{quiet}; {fit.reason}")
+            self.state.services[name] = new
+            self._save()
+            assert new.pending is not None
+            logger.warning(f"{name}: {new.pending.reason}")
+            self._apply(name)
 
     # --- reload, stop, state ----------------------------------------------------------------
 
@@ -684,6 +901,7 @@ class Daemon:
             self._index(old)
             raise
         self.config = config
+        self._schedule_config_jobs()
         if config.metrics != old.metrics:
             logger.warning("metrics: a changed `metrics:` setting applies when fleetd restarts")
         added = sorted(set(config.services) - set(old.services))
@@ -761,6 +979,18 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
+
+
+def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[int]]:
+    """Each service's VRAM need per rung (measured figures preferred over estimates)."""
+    measured = state.measured if state is not None else None
+    return {
+        name: [
+            rung_need(config, svc.runtime, i, r, measured).need_bytes
+            for i, r in enumerate(svc.ladder)
+        ]
+        for name, svc in config.services.items()
+    }
 
 
 def _detector(service: ServiceConfig) -> Detector:

@@ -186,6 +186,33 @@ def _probation_failed(
     return svc, Decision(Action.STEP_DOWN, reason)
 
 
+def load_failed(
+    svc: ServiceState, service: ServiceConfig, needs_bytes: Sequence[int], now: float
+) -> tuple[ServiceState, Decision]:
+    """The model just changed to ran out of VRAM while loading: that is proof enough, so
+    step down now (to the next rung that needs less) instead of waiting for N incidents."""
+    target = next_rung_down(needs_bytes, svc.rung)
+    why = f"{svc.model} ran out of VRAM while loading"
+    if target is None:
+        reason = f"{why}, and no rung below needs less VRAM"
+        return replace(svc, state=ServiceStatus.EXHAUSTED), Decision(Action.EXHAUSTED, reason)
+    reason = (
+        f"{why}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
+        f"{_rung_text(service, needs_bytes, target)}{_skipped(needs_bytes, svc.rung, target)}"
+    )
+    last = svc.incidents[-1] if svc.incidents else None
+    pending = PendingChange(
+        to_rung=target,
+        to_model=service.ladder[target].model,
+        reason=reason,
+        decided_at=now,
+        evidence=last.evidence if last else None,
+        rule=last.rule if last else None,
+        container_id=last.container_id if last else None,
+    )
+    return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
+
+
 def step_up_due(
     svc: ServiceState, now: float, policy: Policy, quiet_since: float, window_open: bool
 ) -> bool:

@@ -80,7 +80,8 @@ def check_fit(
         at = rung if name == service else (current.rung if current is not None else 0)
         at = min(at, len(svc.ladder) - 1)
         services[name] = svc.model_copy(update={"ladder": [svc.ladder[at]]})
-    plan = analyze(config.model_copy(update={"services": services}), discovery, managed_pids)
+    trial = config.model_copy(update={"services": services})
+    plan = analyze(trial, discovery, managed_pids, state.measured)
     target = plan.services[service]
     need = target.rungs[0].need  # the service's ladder is just that rung here
     size = format_size(need.need_bytes)
