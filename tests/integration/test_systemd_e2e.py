@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import time
 import uuid
@@ -528,3 +529,10 @@ def test_the_sandbox_the_unit_promises_is_in_force(host: SystemdHost, docker_soc
     for hidden in ("/home", "/root", "/run/user"):  # ProtectHome=yes
         assert mounts[hidden][0].endswith("/inaccessible/dir"), host.why(mounts)
     assert "systemd-private-" in mounts["/tmp"][0], host.why(mounts)  # PrivateTmp=yes
+
+    # RestrictAddressFamilies= keeps AF_INET: the metrics endpoint fleetd announces answers.
+    served = re.search(r"metrics: serving (http://\S+)", host.journal())
+    assert served is not None, host.why("fleetd announced no metrics endpoint")
+    fetch = f"import urllib.request as u; print(u.urlopen({served[1]!r}, timeout=5).read())"
+    scrape = host.run("/opt/fleetd/bin/python3", "-c", fetch)
+    assert "fleetd_" in scrape.stdout, host.why(scrape)
