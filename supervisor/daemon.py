@@ -554,6 +554,10 @@ class Daemon:
 
         if call.op == "status":
             report = status_json(self.state, self.config, self.clock(), call.service)
+            for name, row in report["services"].items():
+                health = self.health.get(name)
+                row["health"] = health.to_json() if health is not None else None
+                row["activity"] = self.activity.get(name)
             discovery = self._discover()
             report["gpus"] = gpus_json(discovery, self.config)
             report["daemon"] = {
@@ -885,11 +889,18 @@ class Daemon:
     # --- reload, stop, state ----------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: apply added/changed/removed services; keep the old config if invalid."""
+        """SIGHUP: apply added/changed/removed services; keep the old config if invalid.
+
+        Tells systemd RELOADING=1 first and READY=1 once done, so the unit shows
+        "reloading" meanwhile (systemd 253+ with Type=notify-reload also waits for it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
         try:
             self.apply_config()
         except FleetdError as e:
             logger.error(f"reload refused, keeping the running config: {e}")
+        finally:
+            self.notifier.send("READY=1", f"STATUS={self.summary()}")
 
     def apply_config(self) -> str:
         """Re-read the config and apply it; raises (changing nothing) when it is invalid."""

@@ -14,12 +14,14 @@ from rich.table import Table
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery
+from supervisor.lifecycle import endpoint_of
 from supervisor.state import (
     STATE_FILE,
     FleetState,
     ServiceState,
     StateError,
     Transition,
+    measured_json,
     transition_json,
 )
 from supervisor.units import format_size
@@ -76,6 +78,12 @@ def status_json(
             "pinned": svc.pinned,
             "pending": None if svc.pending is None else svc.pending.to_model,
             "last_transition": None if last is None else transition_json(last),
+            "probation_until": svc.probation_until,
+            "step_up_not_before": svc.step_up_not_before,
+            "measured": _measured(state, svc.model),
+            "endpoint": endpoint_of(config, name) if config and name in config.services else None,
+            "health": None,  # fleetd's live view only (a check result, the circuit breaker)
+            "activity": None,  # fleetd's live view only (a pull's progress, a warm-up)
         }
     return {"services": services, "gpus": [], "gpu_problem": None, "daemon": None}
 
@@ -99,13 +107,18 @@ def gpus_json(discovery: Discovery, config: FleetConfig | None) -> list[dict[str
     ]
 
 
+def _measured(state: FleetState, model: str) -> dict[str, Any] | None:
+    seen = state.measured.get(model)
+    return None if seen is None else measured_json(seen)
+
+
 def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
     return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)
 
 
 def print_status(report: dict[str, Any], console: Console) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for column in ("SERVICE", "MODEL", "RUNG", "STATE", "INCIDENTS", "LAST CHANGE"):
+    for column in ("SERVICE", "MODEL", "RUNG", "STATE", "HEALTH", "INCIDENTS", "LAST CHANGE"):
         table.add_column(column, no_wrap=True)
     for name, row in report["services"].items():
         last = row["last_transition"]
@@ -121,12 +134,25 @@ def print_status(report: dict[str, Any], console: Console) -> None:
             row["model"],
             f"{row['rung']}{rungs}",
             state_text,
+            _health_text(row),
             str(row["incidents_in_window"]),
             change,
         )
     console.print(table)
     _print_gpus(report, console)
     for name, row in report["services"].items():
+        notes = []
+        if row.get("activity"):
+            notes.append(str(row["activity"]))
+        if row.get("probation_until"):
+            notes.append(f"on probation until {_when(row['probation_until'])}")
+        measured = row.get("measured")
+        if measured and measured.get("vram_bytes"):
+            rate = measured.get("tokens_per_s")
+            speed = f", {rate:.1f} tokens/s" if rate else ""
+            notes.append(f"measured {format_size(measured['vram_bytes'])} VRAM{speed}")
+        if notes:
+            console.print(f"{name}: {'; '.join(notes)}", markup=False, highlight=False)
         last = row["last_transition"]
         if last is not None and last["evidence"]:
             console.print(
@@ -135,6 +161,16 @@ def print_status(report: dict[str, Any], console: Console) -> None:
             console.print(
                 f"  evidence: {last['evidence']}", markup=False, highlight=False, soft_wrap=True
             )
+
+
+def _health_text(row: dict[str, Any]) -> str:
+    health = row.get("health")
+    if health is None:
+        return "-"
+    text = str(health["status"])
+    if health["breaker"] != "closed":
+        text += f", breaker {health['breaker'].replace('_', '-')}"
+    return text
 
 
 def _print_gpus(report: dict[str, Any], console: Console) -> None:
