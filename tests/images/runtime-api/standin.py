@@ -440,9 +440,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def reply(self, status: int, body: bytes, content_type: str) -> None:
+    def reply(self, status: int, body: bytes, content_type: str | None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
@@ -1064,7 +1065,8 @@ class Vllm(SingleModel):
         h.reply_json(404, {"detail": "Not Found"})  # FastAPI's answer to an unknown path
 
     def health(self, h: Handler) -> None:
-        h.reply(200 if self.faults.probe_ok() else 503, b"", "application/json")
+        # Starlette's bare Response: no body, no Content-Type.
+        h.reply(200 if self.faults.probe_ok() else 503, b"", None)
 
     def version(self, h: Handler) -> None:
         h.reply_json(200, {"version": VLLM_VERSION})
