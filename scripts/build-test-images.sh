@@ -4,6 +4,7 @@
 #   scripts/build-test-images.sh                # every image
 #   scripts/build-test-images.sh oom-emitter    # just these (and what they are built FROM)
 #   scripts/build-test-images.sh systemd        # Debian + systemd for the unit's end-to-end test
+#   scripts/build-test-images.sh runtime-api    # the Ollama/vLLM/llama.cpp HTTP API stand-in
 #
 # An image is reused when `docker image inspect` finds its tag and its
 # org.fleetd.test.context label matches the hash of what it was built from, so a run on
@@ -16,7 +17,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGES_DIR="$ROOT/tests/images"
-IMAGES=(busybox oom-emitter systemd)
+IMAGES=(busybox oom-emitter systemd runtime-api)
 
 export DOCKER_BUILDKIT=0   # no buildx on these machines; the legacy builder works offline
 # The Python that reads pyproject.toml and downloads wheels: $PYTHON, else the
@@ -163,6 +164,54 @@ build_systemd() {
     fleetd_requirements >"$ctx/requirements.txt"
     docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
     build_context fleetd-test/systemd:1 "$ctx" fetch_wheels
+}
+
+# Make a Debian bookworm root filesystem with debootstrap (minbase plus PACKAGES, a comma
+# list), drop what a container never needs, and import it as TAG labelled with HASH.
+debootstrap_image() {  # TAG HASH PACKAGES CMD_JSON
+    local tag=$1 hash=$2 packages=$3 cmd=$4 rootfs=$WORK/rootfs-${1//[\/:]/-}
+    [ "$(id -u)" -eq 0 ] || die "building $tag needs root (debootstrap)"
+    command -v debootstrap >/dev/null 2>&1 || die "debootstrap is not installed (run scripts/ensure-docker.sh)"
+    say "building $tag (debootstrap bookworm: $packages)"
+    local log=$WORK/debootstrap-${tag//[\/:]/-}.log
+    if ! debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "debootstrap failed"
+    fi
+    rm -rf "$rootfs"/usr/share/{doc,man,info,locale}/* "$rootfs"/var/cache/apt/archives/*.deb \
+        "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import \
+        -c "LABEL org.fleetd.test=1" -c "LABEL org.fleetd.test.context=$hash" \
+        -c "CMD $cmd" - "$tag" >/dev/null
+    rm -rf "$rootfs"
+    docker image prune -f --filter label=org.fleetd.test=1 >/dev/null
+}
+
+# fleetd-test/python:1 — Debian bookworm minbase with python3 (3.11), imported from a
+# debootstrap root filesystem: the base of the stand-ins written in Python. About 40 s and
+# root, so it is rebuilt only when this function or debootstrap_image changes.
+build_python() {
+    local tag=fleetd-test/python:1 hash start_s=$SECONDS
+    hash=$(declare -f build_python debootstrap_image | sha256sum | cut -c1-16)
+    if image_is_current "$tag" "$hash"; then
+        return 0
+    fi
+    debootstrap_image "$tag" "$hash" python3 '["/usr/bin/python3"]'
+    say "built $tag in $(( SECONDS - start_s ))s"
+}
+
+# fleetd-test/runtime-api:1 — FROM fleetd-test/python:1 plus /standin.py, a stand-in for the
+# HTTP APIs of Ollama, vLLM and llama.cpp server with faults a test injects (its environment
+# interface, endpoints and test-only /_fault paths are at the top of standin.py).
+build_runtime_api() {
+    local base=fleetd-test/python:1 ctx=$WORK/runtime-api
+    build_python
+    mkdir -p "$ctx"
+    cp -a "$IMAGES_DIR/runtime-api/." "$ctx/"
+    find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
+    # Not used by the Dockerfile: it puts the base image into the context hash.
+    docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
+    build_context fleetd-test/runtime-api:1 "$ctx"
 }
 
 main() {
