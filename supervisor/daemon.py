@@ -853,6 +853,7 @@ class Daemon:
             config,
         )  # fmt: skip
         self.health[result.service] = health
+        self._publish()
         if verdict.message:
             level = "INFO" if result.ok else "WARNING"
             logger.log(level, f"{result.service}: {verdict.message}")
@@ -968,7 +969,14 @@ class Daemon:
         gpus = self.gpus if config.gpus == "auto" else declared_gpus(config.gpus)
         budgets = {g.index: gpu_budget_bytes(config, g, self.managed) for g in gpus if g.valid}
         snapshot = build_snapshot(
-            config, self.state, gpus, self.needs, budgets, self.clock(), self.client is not None
+            config,
+            self.state,
+            gpus,
+            self.needs,
+            budgets,
+            self.clock(),
+            self.client is not None,
+            dict(self.health),
         )
         self.metrics.publish(snapshot)
 

@@ -39,6 +39,7 @@ from supervisor.address import format_address
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError
 from supervisor.gpus import Gpu
+from supervisor.health import Breaker, Health, HealthStatus
 from supervisor.rules import IncidentClass
 from supervisor.state import FleetState, ServiceStatus, Transition
 
@@ -114,6 +115,8 @@ class ServiceSnapshot:
     recent_incidents: tuple[tuple[str, int], ...]  # (class, count inside the policy window)
     rungs: tuple[RungSnapshot, ...]
     watched: tuple[str, ...]  # containers whose logs are followed
+    health: Health | None = None  # None: no health checks (no endpoint) or none yet
+    warmup_tokens_per_s: float | None = None  # the current model's last warm-up
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,11 @@ def build_snapshot(
     budgets_bytes: Mapping[int, int],
     now: float,
     docker_up: bool | None = None,
+    health: Mapping[str, Health] | None = None,
 ) -> FleetSnapshot:
     """The state a scrape shows: services of the config that have a rung, and valid GPUs."""
     services = tuple(
-        _service_snapshot(name, config, state, needs_bytes.get(name, ()), now)
+        _service_snapshot(name, config, state, needs_bytes.get(name, ()), now, health or {})
         for name in config.services
         if name in state.services
     )
@@ -160,15 +164,25 @@ def build_snapshot(
 
 
 def _service_snapshot(
-    name: str, config: FleetConfig, state: FleetState, needs: Sequence[int], now: float
+    name: str,
+    config: FleetConfig,
+    state: FleetState,
+    needs: Sequence[int],
+    now: float,
+    health: Mapping[str, Health],
 ) -> ServiceSnapshot:
     svc, service = state.services[name], config.services[name]
     since = now - config.policy.incident_window
     recent = [i.incident_class for i in svc.incidents if i.time > since]
-    rungs = tuple(
+    rungs = [
         RungSnapshot(i, rung.model, need, "estimated")
         for i, (rung, need) in enumerate(zip(service.ladder, needs, strict=False))
-    )
+    ]
+    for i, rung in enumerate(service.ladder):  # what the runtime reported, beside the plan's
+        seen = state.measured.get(rung.model)
+        if seen is not None and seen.vram_bytes:
+            rungs.append(RungSnapshot(i, rung.model, seen.vram_bytes, "measured"))
+    current = state.measured.get(svc.model)
     return ServiceSnapshot(
         name=name,
         runtime=service.runtime.value,
@@ -177,8 +191,10 @@ def _service_snapshot(
         state=svc.state,
         changed_at=svc.changed_at,
         recent_incidents=tuple((str(c), recent.count(c)) for c in IncidentClass),
-        rungs=rungs,
+        rungs=tuple(rungs),
         watched=tuple(service.watched),
+        health=health.get(name),
+        warmup_tokens_per_s=current.tokens_per_s if current is not None else None,
     )
 
 
@@ -233,7 +249,32 @@ def _service_families(services: Sequence[ServiceSnapshot]) -> Iterator[Metric]:
         "VRAM each rung's model needs: estimated (declared or from metadata) or measured.",
         labels=["service", "rung", "model", "source"],
     )
+    healthy = GaugeMetricFamily(
+        "fleetd_service_healthy",
+        "1 when fleetd's health checks of the runtime API pass, 0 when the service is "
+        "unhealthy (absent while unknown or unchecked).",
+        labels=["service"],
+    )
+    breaker = GaugeMetricFamily(
+        "fleetd_circuit_breaker_state",
+        "1 for the restart circuit breaker's state (closed, open, half_open), else 0.",
+        labels=["service", "state"],
+    )
+    warmup = GaugeMetricFamily(
+        "fleetd_warmup_tokens_per_second",
+        "Generation speed of the current model's last warm-up.",
+        labels=["service", "model"],
+    )
     for s in services:
+        if s.health is not None:
+            if s.health.status is not HealthStatus.UNKNOWN:
+                healthy.add_metric(
+                    [s.name], 1.0 if s.health.status is HealthStatus.HEALTHY else 0.0
+                )
+            for state in Breaker:
+                breaker.add_metric([s.name, state.value], 1.0 if s.health.breaker is state else 0.0)
+        if s.warmup_tokens_per_s is not None:
+            warmup.add_metric([s.name, s.model], s.warmup_tokens_per_s)
         info.add_metric([s.name, s.model, s.runtime], {})
         rung.add_metric([s.name], s.rung)
         rungs.add_metric([s.name], len(s.rungs))
@@ -245,7 +286,7 @@ def _service_families(services: Sequence[ServiceSnapshot]) -> Iterator[Metric]:
             changed.add_metric([s.name], s.changed_at)
         for r in s.rungs:
             vram.add_metric([s.name, str(r.rung), r.model, r.source], r.need_bytes)
-    yield from (info, rung, rungs, status, recent, changed, vram)
+    yield from (info, rung, rungs, status, recent, changed, vram, healthy, breaker, warmup)
 
 
 def _gpu_families(snapshot: FleetSnapshot) -> Iterator[Metric]:

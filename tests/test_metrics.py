@@ -486,3 +486,48 @@ def test_fleetd_run_on_a_taken_port_exits_1_before_touching_the_state(tmp_path: 
     )
     assert not (state_dir / "state.json").exists()
     assert not (state_dir / "services").exists()  # no model hand-off file written either
+
+
+# --- model lifecycle: health, circuit breaker, warm-up, measured VRAM ----------------------
+
+
+def test_health_and_the_breaker_are_shown_once_checked(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    from supervisor.health import Breaker, Health, HealthStatus
+
+    state = fresh_state()
+    unhealthy = Health(status=HealthStatus.UNHEALTHY, breaker=Breaker.OPEN, failed_restarts=5)
+    metrics.publish(
+        build_snapshot(config, state, (GPU,), NEEDS, {0: 9 * GIB}, NOW, True, {"coder": unhealthy})
+    )
+    assert value(metrics, "fleetd_service_healthy", service="coder") == 0.0
+    assert value(metrics, "fleetd_circuit_breaker_state", service="coder", state="open") == 1.0
+    assert value(metrics, "fleetd_circuit_breaker_state", service="coder", state="closed") == 0.0
+    # A service never checked (no endpoint) has no health series at all, not a fake 0 or 1.
+    assert value(metrics, "fleetd_service_healthy", service="chat") is None
+    assert value(metrics, "fleetd_circuit_breaker_state", service="chat", state="closed") is None
+
+
+def test_measured_vram_and_warmup_speed_sit_beside_the_estimates(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    from supervisor.state import Measured
+
+    state = fresh_state()
+    state.measured["big"] = Measured(vram_bytes=3 * GIB, load_s=2.5, tokens_per_s=42.0, at=NOW)
+    publish(metrics, config, state)
+    measured = value(
+        metrics,
+        "fleetd_model_vram_bytes",
+        service="coder",
+        rung="0",
+        model="big",
+        source="measured",
+    )
+    assert measured == 3 * GIB
+    assert value(
+        metrics, "fleetd_model_vram_bytes", service="coder", rung="0", model="big",
+        source="estimated",
+    ) is not None  # fmt: skip
+    assert value(metrics, "fleetd_warmup_tokens_per_second", service="coder", model="big") == 42.0
