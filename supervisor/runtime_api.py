@@ -59,6 +59,7 @@ class PullProgress:
     status: str
     completed: int | None = None
     total: int | None = None
+    digest: str | None = None  # the layer being downloaded (a model has several)
 
     def describe(self) -> str:
         if self.total:
@@ -184,11 +185,13 @@ class OllamaApi(RuntimeApi):
                         raise RuntimeApiError(f"pulling {model}: {item['error']}")
                     status = str(item.get("status", ""))
                     completed, total = item.get("completed"), item.get("total")
+                    digest = item.get("digest")
                     progress(
                         PullProgress(
                             status,
                             completed if isinstance(completed, int) else None,
                             total if isinstance(total, int) else None,
+                            digest if isinstance(digest, str) else None,
                         )
                     )
                     if status == "success":

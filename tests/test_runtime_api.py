@@ -1,0 +1,236 @@
+"""fleetd's runtime API clients and its change procedure (supervisor.runtime_api,
+supervisor.lifecycle) against the runtime stand-in (tests/images/runtime-api/standin.py)
+run as a local process: a real HTTP server with Ollama's, vLLM's and llama.cpp's paths
+and JSON shapes, and injected faults. tests/integration/ runs it as a container."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ServiceConfig, WarmupConfig
+from supervisor.lifecycle import ModelChange
+from supervisor.runtime_api import (
+    LlamaCppApi,
+    OllamaApi,
+    PullProgress,
+    RuntimeApiError,
+    VllmApi,
+)
+
+STANDIN = Path(__file__).resolve().parent / "images" / "runtime-api" / "standin.py"
+MIB = 1024**2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Standin:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process, self.port = process, port
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def fault(self, **faults: object) -> None:
+        request = urllib.request.Request(
+            f"{self.endpoint}/_fault",
+            data=json.dumps(faults).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+
+    def output(self) -> str:
+        self.process.terminate()
+        out, err = self.process.communicate(timeout=5)
+        return out + err
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[Callable[..., Standin]]:
+    started: list[Standin] = []
+
+    def start(runtime: str, wait: bool = True, **env: str) -> Standin:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, str(STANDIN)],
+            env={**os.environ, "RUNTIME": runtime, "PORT": str(port), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        s = Standin(process, port)
+        started.append(s)
+        deadline = time.monotonic() + 10
+        while wait and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.05)
+        return s
+
+    yield start
+    for s in started:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.communicate()
+
+
+StartStandin = Callable[..., Standin]
+OLLAMA = {"CAPACITY_MIB": "4000", "MODEL_SIZES": "big=6000,medium=2500,small=1000"}
+
+
+def test_ollama_pull_streams_progress_and_then_the_model_is_there(standin: StartStandin) -> None:
+    s = standin("ollama", MODELS_PRESENT="", PULL_MIB_PER_S="20000", **OLLAMA)
+    api = OllamaApi(s.endpoint)
+    assert not api.present("medium")
+    seen: list[PullProgress] = []
+    api.pull("medium", seen.append, timeout_s=30)
+    assert seen[-1].status == "success"
+    layers: dict[str, list[int]] = {}
+    for p in seen:
+        if p.digest and p.completed is not None:
+            layers.setdefault(p.digest, []).append(p.completed)
+    assert layers, seen
+    for done in layers.values():  # each layer's progress only goes forward
+        assert done == sorted(done)
+    assert api.present("medium") and api.present("medium:latest")
+
+
+def test_a_pull_that_fails_halfway_is_an_error_and_leaves_no_model(standin: StartStandin) -> None:
+    s = standin("ollama", MODELS_PRESENT="", FAULT_PULL_FAIL_AT="0.5", **OLLAMA)
+    api = OllamaApi(s.endpoint)
+    with pytest.raises(RuntimeApiError, match="pulling medium: max retries exceeded"):
+        api.pull("medium", lambda p: None, timeout_s=30)
+    assert not api.present("medium")
+
+
+def test_ollama_warm_up_reports_honest_timings_and_ps_the_vram(standin: StartStandin) -> None:
+    s = standin(
+        "ollama", MODELS_PRESENT="medium,small", TOKENS_PER_S="40", LOAD_DELAY_S="0.3", **OLLAMA
+    )
+    api = OllamaApi(s.endpoint)
+    warmed = api.warm("medium", "Say hello.", 10, timeout_s=30)
+    assert warmed.tokens == 10
+    assert warmed.tokens_per_s is not None and 30 < warmed.tokens_per_s < 50
+    assert warmed.load_s is not None and warmed.load_s >= 0.3
+    assert api.size_vram("medium") == 2500 * MIB
+    api.unload("medium")
+    assert api.size_vram("medium") is None
+    api.unload("never-pulled")  # nothing to unload is not an error
+
+
+def test_a_model_too_big_for_the_gpu_fails_with_ollamas_oom_error(standin: StartStandin) -> None:
+    s = standin("ollama", MODELS_PRESENT="big", **OLLAMA)
+    with pytest.raises(RuntimeApiError, match=r"HTTP 500: .*cudaMalloc failed: out of memory"):
+        OllamaApi(s.endpoint).warm("big", "Say hello.", 10, timeout_s=30)
+    assert "out of memory" in s.output()  # the runner's log line, for fleetd's detector
+
+
+def test_llamacpp_health_is_503_while_loading_then_warm_up_reads_its_timings(
+    standin: StartStandin,
+) -> None:
+    s = standin(
+        "llamacpp", MODEL_FROM_ENV="1", MODEL="medium", LOAD_DELAY_S="1", TOKENS_PER_S="50",
+        **OLLAMA,
+    )  # fmt: skip
+    api = LlamaCppApi(s.endpoint)
+    with pytest.raises(RuntimeApiError, match="HTTP 503: Loading model"):
+        api.health(2)
+    time.sleep(1.2)
+    api.health(2)
+    warmed = api.warm("medium", "Say hello.", 8, timeout_s=30)
+    assert warmed.tokens == 8 and warmed.tokens_per_s is not None
+    assert 40 < warmed.tokens_per_s < 60
+
+
+def test_vllm_warm_up_uses_the_served_model_name(standin: StartStandin) -> None:
+    s = standin("vllm", MODEL_FROM_ENV="1", MODEL="medium", **OLLAMA)
+    api = VllmApi(s.endpoint)
+    api.health(2)
+    warmed = api.warm("ignored-name", "Say hello.", 5, timeout_s=30)
+    assert warmed.tokens == 5
+
+
+# ---------------------------------------------------------------- the change procedure
+
+
+def service(runtime: str, endpoint: str, **warmup: object) -> ServiceConfig:
+    return ServiceConfig.model_validate(
+        {
+            "runtime": runtime,
+            "containers": ["c"],
+            "endpoint": endpoint,
+            "ladder": [{"model": "medium", "vram": "2500MiB"}],
+            "warmup": WarmupConfig.model_validate({"timeout": "20s", **warmup}),
+        }
+    )
+
+
+def change_for(config: ServiceConfig, reports: list[str], abort: threading.Event) -> ModelChange:
+    api = {"ollama": OllamaApi, "vllm": VllmApi, "llamacpp": LlamaCppApi}[config.runtime.value]
+    assert config.endpoint is not None
+    return ModelChange("svc", config, api(config.endpoint), reports.append, abort)
+
+
+def test_prepare_pulls_the_missing_model_and_unloads_the_old_one(standin: StartStandin) -> None:
+    s = standin("ollama", MODELS_PRESENT="big,small", MAX_LOADED="2", **OLLAMA)
+    api = OllamaApi(s.endpoint)
+    api.warm("small", "hi", 1, timeout_s=10)
+    assert api.size_vram("small") == 1000 * MIB
+    reports: list[str] = []
+    change = change_for(service("ollama", s.endpoint), reports, threading.Event())
+
+    change.prepare("small", "medium")
+    assert api.present("medium")
+    assert api.size_vram("small") is None  # its VRAM is free before the new one loads
+    assert reports[0] == "pulling medium" and reports[-1] == "unloading small"
+    assert any(r.startswith("pulling medium: success") for r in reports)
+
+    settled = change.settle("medium")
+    assert settled.ok, settled.detail
+    assert settled.measured is not None and settled.measured.vram_bytes == 2500 * MIB
+    assert settled.measured.tokens_per_s is not None
+    assert "warm-up 10 tokens" in settled.detail
+
+
+def test_a_warm_up_slower_than_its_timeout_is_reported_not_hung(standin: StartStandin) -> None:
+    s = standin("ollama", MODELS_PRESENT="medium", FAULT_GENERATE_DELAY_S="30", **OLLAMA)
+    config = service("ollama", s.endpoint, timeout="2s")
+    started = time.monotonic()
+    settled = change_for(config, [], threading.Event()).settle("medium")
+    assert not settled.ok and not settled.oom
+    assert "no answer in" in settled.detail
+    assert time.monotonic() - started < 6
+
+
+def test_an_oom_seen_in_the_log_ends_the_wait_at_once(standin: StartStandin) -> None:
+    # llama.cpp stays "Loading model" for 30 s; the log shows the OOM after 0.3 s.
+    s = standin("llamacpp", MODEL_FROM_ENV="1", MODEL="medium", LOAD_DELAY_S="30", **OLLAMA)
+    abort = threading.Event()
+    threading.Timer(0.3, abort.set).start()
+    started = time.monotonic()
+    settled = change_for(service("llamacpp", s.endpoint), [], abort).settle("medium")
+    assert settled.oom and not settled.ok
+    assert time.monotonic() - started < 2
+
+
+def test_health_flapping_then_ready_settles(standin: StartStandin) -> None:
+    s = standin("vllm", MODEL_FROM_ENV="1", MODEL="medium", FAULT_HEALTH="fail,fail,ok", **OLLAMA)
+    settled = change_for(service("vllm", s.endpoint), [], threading.Event()).settle("medium")
+    assert settled.ok, settled.detail
