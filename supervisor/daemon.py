@@ -7,6 +7,7 @@ Signal handlers only set flags the loop reads.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import signal
@@ -101,6 +102,14 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class SettleDone:
+    """A change's settle result, with the abort event that identifies that change."""
+
+    result: Settled
+    abort: threading.Event
+
+
+@dataclass(frozen=True)
 class HealthChecked:
     service: str
     ok: bool
@@ -150,7 +159,10 @@ class Daemon:
         self.events: EventWatcher | None = None
         self.busy: set[str] = set()  # services with a restart in flight
         self.expected_stops: dict[str, float] = {}  # container -> until when a stop is ours
-        self.seen_ns: dict[str, int] = {}  # container -> newest line handled
+        # container -> stamps of the matched lines handled lately: an old and a new follower
+        # of one container may both deliver a line (dropped once), while lines stamped out of
+        # order across stdout and stderr must all count
+        self.seen_ns: dict[str, RecentStamps] = {}
         self.gpus: tuple[Gpu, ...] = ()  # the latest NVML reading
         self.managed: frozenset[int] = frozenset()  # host pids of the fleet's containers
         self.gpu_problems: dict[int, str | None] = {}
@@ -330,8 +342,8 @@ class Daemon:
         elif isinstance(item, Progress):
             self.activity[item.service] = item.text
             logger.info(f"{item.service}: {item.text}")
-        elif isinstance(item, Settled):
-            self._on_settled(item)
+        elif isinstance(item, SettleDone):
+            self._on_settled(item.result, item.abort)
         elif isinstance(item, HealthChecked):
             self._on_health(item)
 
@@ -347,9 +359,10 @@ class Daemon:
 
     def _on_line(self, line: LogLine) -> None:
         service = self.watched.get(line.container)
-        if service is None or line.time_ns <= self.seen_ns.get(line.container, 0):
-            return  # not ours, or already handled (a new follower re-reads a little)
-        self.seen_ns[line.container] = line.time_ns
+        if service is None:
+            return
+        if not self.seen_ns.setdefault(line.container, RecentStamps()).add(line.time_ns):
+            return  # already handled (a new follower re-reads a little)
         match = line.match
         at = line.time_ns / 1e9
         kind = str(match.rule.incident_class)
@@ -426,7 +439,7 @@ class Daemon:
     def _start_worker(self, service: str, old: str, model: str) -> None:
         """Prepare (pull, unload), restart, then settle (health, warm-up), off the loop."""
         self.busy.add(service)
-        abort = threading.Event()
+        abort = threading.Event()  # identifies this change's settle too
         change = ModelChange.for_service(
             self.config, service, lambda text: self.queue.put(Progress(service, text)), abort
         )
@@ -434,13 +447,19 @@ class Daemon:
             self.settling[service] = abort
         threading.Thread(
             target=self._restart_worker,
-            args=(service, self.config, old, model, change),
+            args=(service, self.config, old, model, change, abort),
             name=f"apply-{service}",
             daemon=True,
         ).start()
 
     def _restart_worker(
-        self, service: str, config: FleetConfig, old: str, model: str, change: ModelChange | None
+        self,
+        service: str,
+        config: FleetConfig,
+        old: str,
+        model: str,
+        change: ModelChange | None,
+        abort: threading.Event,
     ) -> None:
         error = None
         try:
@@ -454,7 +473,7 @@ class Daemon:
             error = str(e)
         self.queue.put(Applied(service, error))
         if error is None and change is not None:
-            self.queue.put(change.settle(model))
+            self.queue.put(SettleDone(change.settle(model), abort))
 
     def _expect_stop(self, container: str, seconds: float) -> None:
         self.expected_stops[container] = self.clock() + seconds
@@ -462,7 +481,7 @@ class Daemon:
     def _on_applied(self, done: Applied) -> None:
         self.busy.discard(done.service)
         if done.error is not None:
-            self.settling.pop(done.service, None)
+            self.settling.pop(done.service, None)  # this change's: it never got to settle
             self.activity.pop(done.service, None)
         svc = self.state.services.get(done.service)
         if svc is None or svc.pending is None:
@@ -743,10 +762,6 @@ class Daemon:
                 coalesce=True,
                 max_instances=1,
             )
-        scheduler.add_job(
-            self.queue.put, "interval", args=[Tick("step_up")], seconds=STEP_UP_CHECK_S,
-            id="step_up", coalesce=True, max_instances=1,
-        )  # fmt: skip
         scheduler.add_listener(_log_job_error, EVENT_JOB_ERROR)
         self.scheduler = scheduler
         self._schedule_config_jobs()
@@ -758,8 +773,14 @@ class Daemon:
         if scheduler is None:
             return
         for job in scheduler.get_jobs():
-            if job.id.startswith("health:") or job.id == "step_up_window":
+            if job.id.startswith("health:") or job.id in ("step_up", "step_up_window"):
                 job.remove()
+        # Often enough to step up within a tenth of the wait (a minute for the default day).
+        every_s = min(STEP_UP_CHECK_S, max(1.0, self.config.policy.step_up_after / 10))
+        scheduler.add_job(
+            self.queue.put, "interval", args=[Tick("step_up")], seconds=every_s,
+            id="step_up", coalesce=True, max_instances=1,
+        )  # fmt: skip
         for name, svc in self.config.services.items():
             if svc.health.enabled and endpoint_of(self.config, name) is not None:
                 scheduler.add_job(
@@ -778,8 +799,11 @@ class Daemon:
 
     # --- model lifecycle: settling a change, health checks, stepping back up ---------------
 
-    def _on_settled(self, done: Settled) -> None:
-        self.settling.pop(done.service, None)
+    def _on_settled(self, done: Settled, abort: threading.Event) -> None:
+        if self.settling.get(done.service) is not abort:
+            logger.debug(f"{done.service}: a newer change replaced {done.model}'s settle")
+            return
+        del self.settling[done.service]
         self.activity.pop(done.service, None)
         if done.ok:
             if done.measured is not None:
@@ -998,6 +1022,23 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
+
+
+class RecentStamps:
+    """The last `size` timestamps seen; `add` says whether a stamp is new."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._order: collections.deque[int] = collections.deque(maxlen=size)
+        self._set: set[int] = set()
+
+    def add(self, stamp: int) -> bool:
+        if stamp in self._set:
+            return False
+        if len(self._order) == self._order.maxlen:
+            self._set.discard(self._order[0])
+        self._order.append(stamp)
+        self._set.add(stamp)
+        return True
 
 
 def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[int]]:

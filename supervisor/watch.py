@@ -108,6 +108,10 @@ class LogFollower(_StreamThread):
         super().__init__(name=f"follow-{name}")
         self.client, self.container, self.container_id = client, name, container_id
         self.since_ns, self._out, self.run_ns = since_ns, out, run_ns
+        # What the cursor already covers. Only that is dropped: Docker stamps stdout and
+        # stderr lines in separate copiers, so inside one stream a stderr line may follow
+        # a stdout line stamped a few microseconds later, and must not be lost for it.
+        self._floor_ns = since_ns
         # Classifying here, not in the main loop, keeps one flooding container from
         # delaying the detection of another: only matches are queued.
         self._classify = classify
@@ -143,9 +147,9 @@ class LogFollower(_StreamThread):
 
     def _emit(self, raw: bytes) -> None:
         parsed = split_stamped(raw.decode("utf-8", errors="replace").rstrip("\r"))
-        if parsed is None or parsed[0] <= self.since_ns:
+        if parsed is None or parsed[0] <= self._floor_ns:
             return
-        self.since_ns = parsed[0]
+        self.since_ns = max(self.since_ns, parsed[0])
         self.lines += 1
         self.lag_s = time.time() - parsed[0] / 1e9
         match = self._classify(parsed[1])
