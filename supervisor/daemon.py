@@ -437,11 +437,15 @@ class Daemon:
         self._start_worker(service, svc.model, svc.pending.to_model)
 
     def _start_worker(self, service: str, old: str, model: str) -> None:
-        """Prepare (pull, unload), restart, then settle (health, warm-up), off the loop."""
+        """Prepare (pull, unload), restart, then settle (health, warm-up), off the loop.
+
+        A restart that keeps the model (a GPU fault, failed health checks) only restarts:
+        the health checks, not a settle, judge whether it helped."""
         self.busy.add(service)
         abort = threading.Event()  # identifies this change's settle too
-        change = ModelChange.for_service(
-            self.config, service, lambda text: self.queue.put(Progress(service, text)), abort
+        report = lambda text: self.queue.put(Progress(service, text))  # noqa: E731
+        change = (
+            ModelChange.for_service(self.config, service, report, abort) if old != model else None
         )
         if change is not None:
             self.settling[service] = abort

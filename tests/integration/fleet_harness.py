@@ -38,7 +38,11 @@ class Fleet:
         self.log = tmp / "fleetd.log"
 
     def write_config(
-        self, services: dict[str, dict[str, Any]], cooldown: str = "1s", **top: Any
+        self,
+        services: dict[str, dict[str, Any]],
+        cooldown: str = "1s",
+        policy: dict[str, Any] | None = None,
+        **top: Any,
     ) -> None:
         import yaml
 
@@ -54,6 +58,7 @@ class Fleet:
                 "cooldown": cooldown,
                 "burst_window": "1s",
                 "stop_timeout": "2s",
+                **(policy or {}),
             },
             "services": services,
         }
