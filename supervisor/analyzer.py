@@ -113,6 +113,25 @@ def rung_need(
     return RungNeed(index, rung.model, estimate.total_bytes, source, estimate.detail)
 
 
+def service_needs(
+    config: FleetConfig, service: ServiceConfig, measured: Mapping[str, Measured] | None = None
+) -> list[RungNeed]:
+    """Every rung's need; an ensemble (one model loaded at a time) is one rung that needs
+    what its largest member needs."""
+    if service.ensemble is None:
+        return [
+            rung_need(config, service.runtime, i, r, measured) for i, r in enumerate(service.ladder)
+        ]
+    members = [rung_need(config, service.runtime, 0, r, measured) for r in service.ensemble]
+    largest = max(members, key=lambda n: n.need_bytes)
+    detail = (
+        f"ensemble of {len(members)} models, one loaded at a time; the largest is "
+        f"{largest.model} ({largest.source}: {largest.detail})"
+    )
+    first = service.ensemble[0].model
+    return [RungNeed(0, first, largest.need_bytes, largest.source, detail)]
+
+
 def ollama_limit(config: FleetConfig, gpu: Gpu) -> int:
     if config.ollama_instances_per_gpu != "auto":
         return config.ollama_instances_per_gpu
@@ -129,10 +148,7 @@ def analyze(
     measured: Mapping[str, Measured] | None = None,
 ) -> FleetPlan:
     """Plan the fleet on these GPUs; every rung priced, every refusal explained."""
-    needs = {
-        name: [rung_need(config, svc.runtime, i, r, measured) for i, r in enumerate(svc.ladder)]
-        for name, svc in config.services.items()
-    }
+    needs = {name: service_needs(config, svc, measured) for name, svc in config.services.items()}
     slots = [_slot(config, gpu, managed_pids) for gpu in discovery.gpus if gpu.valid]
     demands = [_demand(name, svc, needs[name]) for name, svc in config.services.items()]
     solution = solve(slots, demands)

@@ -159,6 +159,9 @@ class ServiceConfig(_Strict):
     healthcheck: str | None = None
     rules: list[RuleConfig] = Field(default_factory=list)
     endpoint: str | None = None  # the runtime's API, e.g. http://127.0.0.1:11434
+    # Models one app uses one after another (Ollama loads one at a time): instead of a
+    # ladder, the service is budgeted for its largest member.
+    ensemble: Annotated[list[RungConfig], Field(min_length=2)] | None = None
     health: HealthConfig = HealthConfig()
     warmup: WarmupConfig = WarmupConfig()
 
@@ -193,6 +196,28 @@ class ServiceConfig(_Strict):
             if not _ENV_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ensemble_stands_for_the_ladder(cls, data: Any) -> Any:
+        """An ensemble service has no `ladder:`; a placeholder passes validation and is
+        replaced by the ensemble's first member below."""
+        if isinstance(data, dict) and "ensemble" in data:
+            if "ladder" in data:
+                raise ValueError("give `ladder:` or `ensemble:`, not both")
+            data = {**data, "ladder": [{"model": "ensemble", "vram": 1}]}
+        return data
+
+    @model_validator(mode="after")
+    def _ensemble_ladder(self) -> ServiceConfig:
+        if self.ensemble is not None:
+            if self.runtime is not Runtime.OLLAMA:
+                raise ValueError(
+                    f"an `ensemble:` needs runtime ollama (got {self.runtime.value}): only "
+                    "Ollama swaps between models in one server"
+                )
+            object.__setattr__(self, "ladder", [self.ensemble[0]])
+        return self
 
     @model_validator(mode="after")
     def _generic_needs_image(self) -> ServiceConfig:

@@ -5,6 +5,8 @@
     GET  /v1/history[?service=NAME]       transitions, oldest first
     POST /v1/services/NAME/OPERATION      reset | downgrade | upgrade | pin | unpin
                                           body: {"force": bool, "rung": "INDEX|MODEL"}
+    POST /v1/services/NAME/warm           body: {"model": M}: load and warm up one member
+                                          of the service's ensemble (the others unloaded)
     POST /v1/reload                       re-read the config (as SIGHUP does)
 
 Errors are {"error": "...", "kind": "usage|refused|failed"} with status 400/404 (usage),
@@ -174,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return _not_allowed(method, path)
             return self._call(op, query.get("service"), {})
         match = _SERVICE_OP.match(path)
-        if match and match.group(2) in OPERATIONS:
+        if match and match.group(2) in (*OPERATIONS, "warm"):
             if method != "POST":
                 return _not_allowed(method, path)
             return self._call(match.group(2), match.group(1), body)

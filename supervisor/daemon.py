@@ -25,7 +25,7 @@ from loguru import logger
 
 from supervisor import __version__, ops
 from supervisor.address import format_address
-from supervisor.analyzer import FleetPlan, analyze, gpu_budget_bytes, rung_need
+from supervisor.analyzer import FleetPlan, analyze, gpu_budget_bytes, service_needs
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
@@ -53,7 +53,7 @@ from supervisor.lifecycle import ModelChange, Settled, endpoint_of
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.rules import BUILTIN_RULES
-from supervisor.runtime_api import RuntimeApiError, api_for
+from supervisor.runtime_api import OllamaApi, RuntimeApiError, api_for, ollama_name
 from supervisor.sdnotify import Notifier
 from supervisor.state import (
     FleetState,
@@ -107,6 +107,14 @@ class SettleDone:
 
     result: Settled
     abort: threading.Event
+
+
+@dataclass(frozen=True)
+class MemberWarmed:
+    """An ensemble member loaded and warmed up on a person's or an app's request."""
+
+    call: Call
+    result: Settled
 
 
 @dataclass(frozen=True)
@@ -346,6 +354,8 @@ class Daemon:
             self._on_settled(item.result, item.abort)
         elif isinstance(item, HealthChecked):
             self._on_health(item)
+        elif isinstance(item, MemberWarmed):
+            self._on_member_warmed(item)
 
     def drain(self, timeout_s: float = 0.0) -> None:
         """Handle everything queued (tests and shutdown)."""
@@ -596,6 +606,8 @@ class Daemon:
             call.answer(200, [transition_json(t) for t in records])
         elif call.op == "reload":
             call.answer(200, {"message": self.apply_config()})
+        elif call.op == "warm":
+            self._warm_member(call)
         else:
             self._operate(call)
 
@@ -848,6 +860,64 @@ class Daemon:
         )
         return f"; {format_size(vram)} VRAM measured{planned}"
 
+    def _warm_member(self, call: Call) -> None:
+        """Load one member of an ensemble before its turn: the others are unloaded first
+        (one fits the budget, not all), then it is pulled if missing, loaded and warmed."""
+        name, model = call.service or "", str(call.args.get("model") or "")
+        service = self.config.services.get(name)
+        if service is None:
+            raise UsageError(f"no service {name!r} in the config")
+        members = [r.model for r in service.ensemble or []]
+        if not members:
+            raise ops.Refused(f"{name} has no `ensemble:`; warm loads one of its members")
+        if model not in members:
+            raise UsageError(f"{model!r} is not in {name}'s ensemble ({', '.join(members)})")
+        if name in self.busy:
+            raise ops.Refused(f"a change of {name} is being applied; try again in a few seconds")
+        abort = threading.Event()
+
+        def report(text: str) -> None:
+            self.queue.put(Progress(name, text))
+
+        change = ModelChange.for_service(self.config, name, report, abort)
+        if change is None:
+            raise ops.Refused(f"{name} has no `endpoint:` (or `port:`) for fleetd to reach Ollama")
+        self.busy.add(name)
+
+        def warm() -> None:
+            try:
+                assert isinstance(change.api, OllamaApi)
+                loaded = {ollama_name(m.name) for m in change.api.loaded()}
+                for other in members:
+                    if other != model and ollama_name(other) in loaded:
+                        report(f"unloading {other}")
+                        change.api.unload(other)
+                change.prepare(None, model)
+                result = change.settle(model)
+            except RuntimeApiError as e:
+                result = Settled(name, model, False, str(e))
+            self.queue.put(MemberWarmed(call, result))
+
+        threading.Thread(target=warm, name=f"warm-{name}", daemon=True).start()
+
+    def _on_member_warmed(self, done: MemberWarmed) -> None:
+        result = done.result
+        self.busy.discard(result.service)
+        self.activity.pop(result.service, None)
+        if not result.ok:
+            logger.error(f"{result.service}: warming {result.model} failed: {result.detail}")
+            done.call.fail("failed", f"{result.service}: {result.model}: {result.detail}")
+            return
+        if result.measured is not None:
+            self.state.measured[result.model] = result.measured
+            self._reprice()
+            self._save()
+        message = f"{result.service}: {result.model} {result.detail}{self._vram_note(result)}"
+        logger.info(message)
+        done.call.answer(
+            200, {"service": result.service, "model": result.model, "message": message}
+        )
+
     def _check_health(self, service: str) -> None:
         """One health check, off the loop; skipped while a change or a check is in flight."""
         svc = self.state.services.get(service)
@@ -1049,10 +1119,7 @@ def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[int]
     """Each service's VRAM need per rung (measured figures preferred over estimates)."""
     measured = state.measured if state is not None else None
     return {
-        name: [
-            rung_need(config, svc.runtime, i, r, measured).need_bytes
-            for i, r in enumerate(svc.ladder)
-        ]
+        name: [n.need_bytes for n in service_needs(config, svc, measured)]
         for name, svc in config.services.items()
     }
 

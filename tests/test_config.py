@@ -724,3 +724,41 @@ def test_bad_lifecycle_values_are_named(
     path = write(tmp_path, LIFECYCLE.replace(old, new))
     message = problems(path)
     assert f": {key}: " in message and expected in message, message
+
+
+ENSEMBLE = """
+services:
+  pipe:
+    runtime: ollama
+    containers: [pipe-1]
+    ensemble:
+      - {model: "llama3.2:3b", vram: 2GiB}
+      - {model: "qwen2.5-coder:1.5b", vram: 3GiB}
+"""
+
+
+def test_an_ensemble_stands_for_the_ladder(tmp_path: Path) -> None:
+    from supervisor.analyzer import service_needs
+
+    config = load_config(write(tmp_path, ENSEMBLE))
+    pipe = config.services["pipe"]
+    assert [r.model for r in pipe.ensemble or []] == ["llama3.2:3b", "qwen2.5-coder:1.5b"]
+    assert [r.model for r in pipe.ladder] == ["llama3.2:3b"]  # one rung: the group
+    [need] = service_needs(config, pipe)
+    assert need.need_bytes == 3 * 1024**3  # budgeted for the largest member only
+    assert "ensemble of 2 models" in need.detail
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("runtime: ollama", "runtime: vllm"), "needs runtime ollama (got vllm)"),
+        (("    ensemble:", "    ladder: [{model: x, vram: 1GiB}]\n    ensemble:"), "not both"),
+        (('      - {model: "qwen2.5-coder:1.5b", vram: 3GiB}\n', ""), "at least 2"),
+    ],
+)
+def test_a_bad_ensemble_is_explained(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    message = problems(write(tmp_path, ENSEMBLE.replace(*change)))
+    assert "services.pipe" in message and expected in message, message

@@ -446,6 +446,20 @@ def unpin(
 
 
 @cli.command()
+@SERVICE
+@click.argument("model")
+@state_dir_option
+@socket_option
+def warm(service: str, model: str, state_dir: Path | None, socket_path: Path | None) -> int:
+    """Load MODEL, a member of SERVICE's ensemble, before its turn: fleetd unloads the
+    other members, pulls MODEL if missing, loads it and warms it up, then answers with
+    its load time, speed and VRAM. Exits 3 when no fleetd answers."""
+    client = _link(state_dir, socket_path).require()
+    click.echo(client.call("POST", f"/v1/services/{service}/warm", {"model": model})["message"])
+    return EXIT_OK
+
+
+@cli.command()
 @state_dir_option
 @socket_option
 def reload(state_dir: Path | None, socket_path: Path | None) -> int:

@@ -82,6 +82,7 @@ def status_json(
             "step_up_not_before": svc.step_up_not_before,
             "measured": _measured(state, svc.model),
             "endpoint": endpoint_of(config, name) if config and name in config.services else None,
+            "ensemble": _members(config, name),
             "health": None,  # fleetd's live view only (a check result, the circuit breaker)
             "activity": None,  # fleetd's live view only (a pull's progress, a warm-up)
         }
@@ -105,6 +106,11 @@ def gpus_json(discovery: Discovery, config: FleetConfig | None) -> list[dict[str
         }
         for g in discovery.gpus
     ]
+
+
+def _members(config: FleetConfig | None, name: str) -> list[str] | None:
+    service = config.services.get(name) if config is not None else None
+    return [r.model for r in service.ensemble] if service and service.ensemble else None
 
 
 def _measured(state: FleetState, model: str) -> dict[str, Any] | None:

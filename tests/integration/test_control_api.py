@@ -28,7 +28,7 @@ def fleetctl(
 ) -> subprocess.CompletedProcess[str]:
     code = "from supervisor.cli.fleetctl import main; main()"
     where = ["--config", str(fleet.config), "--state-dir", str(fleet.state_dir)]
-    if args[0] in ("history", "reload"):
+    if args[0] in ("history", "reload", "warm"):
         where = where[2:]
     return subprocess.run(
         [sys.executable, "-c", code, *args, *where],

@@ -315,3 +315,47 @@ def test_a_quiet_probation_keeps_the_step_up(fleet: Fleet) -> None:
     assert state["services"]["coder"]["step_up_failures"] == 0
     assert (fleet.state_dir / "services/coder/model").read_text() == "big\n"
     assert fleet.stop() == 0
+
+
+def test_an_ensemble_keeps_one_member_loaded_and_warms_the_next_on_request(
+    fleet: Fleet,
+) -> None:
+    name = f"pipe-{uuid.uuid4().hex[:8]}"
+    # 3000 MiB holds medium (2500) or small (1000), not both; the stand-in would keep two
+    # loaded (MAX_LOADED=2) and run out of memory, unless fleetd unloads the other first.
+    container, endpoint = run_standin(
+        fleet, "ollama", name, "pipe", 3000, MODELS_PRESENT="medium", MAX_LOADED="2"
+    )
+    pipe = {
+        "runtime": "ollama",
+        "containers": [name],
+        "restart": [],
+        "endpoint": endpoint,
+        "ensemble": [{"model": "medium", "vram": "2500MiB"}, {"model": "small", "vram": "1000MiB"}],
+    }
+    fleet.write_config({"pipe": pipe})
+    wait_until_up(endpoint, "/api/version")
+    fleet.start()
+    wait_socket(fleet)
+    assert (
+        call(endpoint, "/api/generate", {"model": "medium", "prompt": "hi", "stream": False})[0]
+        == 200
+    )
+
+    from tests.integration.test_control_api import fleetctl
+
+    r = fleetctl(fleet, "warm", "pipe", "small")
+    assert r.returncode == 0, r
+    assert r.stdout.startswith("pipe: small ready in") and "1000 MiB VRAM measured" in r.stdout
+    loaded = [m["name"] for m in call(endpoint, "/api/ps")[1]["models"]]
+    assert loaded == ["small:latest"]  # medium was unloaded first; small was pulled
+    r = fleetctl(fleet, "warm", "pipe", "medium")
+    assert r.returncode == 0, r
+    assert [m["name"] for m in call(endpoint, "/api/ps")[1]["models"]] == ["medium:latest"]
+
+    r = fleetctl(fleet, "warm", "pipe", "big")
+    assert r.returncode == 2 and "'big' is not in pipe's ensemble (medium, small)" in r.stderr, r
+    status = json.loads(fleetctl(fleet, "status", "--json").stdout)
+    assert status["services"]["pipe"]["ensemble"] == ["medium", "small"]
+    assert "POST /api/pull 200" in requests_seen(container)
+    assert fleet.stop() == 0
