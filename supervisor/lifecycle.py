@@ -37,15 +37,20 @@ class LoadFailed(RuntimeApiError):
 
 
 def endpoint_of(config: FleetConfig, name: str) -> str | None:
-    """A service's runtime API: `endpoint:`, else 127.0.0.1 and its `port:` (what the
-    generated compose file publishes); None when neither is configured or for apps
-    without a runtime API. fleetd never guesses: no endpoint, no API calls."""
+    """A service's runtime API: `endpoint:`; else 127.0.0.1 and its `port:`, or, with
+    `compose_dir:` (the fleet runs the generated compose file), the host port that file
+    publishes; else None: fleetd never guesses, no endpoint means no API calls."""
     service = config.services[name]
     if service.runtime is Runtime.GENERIC:
         return None
     if service.endpoint is not None:
         return service.endpoint
-    return f"http://127.0.0.1:{service.port}" if service.port is not None else None
+    if service.port is None and config.compose_dir is None:
+        return None
+    from supervisor.compose import host_ports  # compose imports the planner: only here
+
+    port = service.port or host_ports(config).get(name)
+    return f"http://127.0.0.1:{port}" if port is not None else None
 
 
 @dataclass(frozen=True)

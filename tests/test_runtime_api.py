@@ -234,3 +234,27 @@ def test_health_flapping_then_ready_settles(standin: StartStandin) -> None:
     s = standin("vllm", MODEL_FROM_ENV="1", MODEL="medium", FAULT_HEALTH="fail,fail,ok", **OLLAMA)
     settled = change_for(service("vllm", s.endpoint), [], threading.Event()).settle("medium")
     assert settled.ok, settled.detail
+
+
+def test_an_endpoint_is_named_never_guessed(tmp_path: Path) -> None:
+    from supervisor.config import load_config
+    from supervisor.lifecycle import endpoint_of
+
+    rung = "ladder: [{model: m, vram: 1GiB}]"
+    text = f"""
+services:
+  named: {{runtime: ollama, containers: [a], endpoint: "http://10.0.0.5:11434/", {rung}}}
+  ported: {{runtime: vllm, containers: [b], port: 8100, {rung}}}
+  plain: {{runtime: llamacpp, containers: [c], {rung}}}
+  app: {{runtime: generic, containers: [d], image: "x:1", port: 9000, {rung}}}
+"""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert endpoint_of(config, "named") == "http://10.0.0.5:11434"
+    assert endpoint_of(config, "ported") == "http://127.0.0.1:8100"
+    assert endpoint_of(config, "plain") is None  # no port, no compose_dir: no API calls
+    assert endpoint_of(config, "app") is None  # a generic app has no runtime API
+    # With compose_dir, the fleet runs the generated file: the port it publishes.
+    path.write_text("compose_dir: out\n" + text)
+    assert endpoint_of(load_config(path), "plain") == "http://127.0.0.1:8080"
