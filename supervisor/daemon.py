@@ -440,11 +440,15 @@ class Daemon:
         if service in self.busy:
             return
         svc = self.state.services[service]
-        assert svc.pending is not None
-        warning = write_handoff(self.store, self.config, service, svc.pending.to_model)
+        pending = svc.pending
+        assert pending is not None
+        if pending.gpu is None:  # the record shows what the GPUs held when it was made
+            pending = replace(pending, gpu=self._gpu_reading())
+            svc = self.state.services[service] = replace(svc, pending=pending)
+        warning = write_handoff(self.store, self.config, service, pending.to_model)
         if warning:
             logger.warning(warning)
-        self._start_worker(service, svc.model, svc.pending.to_model)
+        self._start_worker(service, svc.model, pending.to_model)
 
     def _start_worker(self, service: str, old: str, model: str) -> None:
         """Prepare (pull, unload), restart, then settle (health, warm-up), off the loop.
@@ -523,6 +527,7 @@ class Daemon:
         logger.warning(
             f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
             f"rung {record.from_rung} ({record.from_model}): {record.reason}"
+            + (f" | gpu: {record.gpu}" if record.gpu else "")
         )
         restarted = ", ".join(self.config.services[done.service].restarted)
         for call, asked in waiting:
@@ -845,6 +850,21 @@ class Daemon:
             self._apply(done.service)
         elif decision.action is Action.EXHAUSTED:
             self._stop_containers(done.service)
+
+    def _gpu_reading(self) -> str | None:
+        """NVML's reading of every GPU now, in one line (None for declared GPUs)."""
+        if self.config.gpus != "auto":
+            return None
+        readings = []
+        for gpu in self.nvml.discover().gpus:
+            if not gpu.valid or gpu.used_bytes is None:
+                continue
+            budget = format_size(gpu_budget_bytes(self.config, gpu))
+            readings.append(
+                f"GPU {gpu.index} {gpu.name}: {format_size(gpu.used_bytes)} used of "
+                f"{format_size(gpu.total_bytes)}, fleet budget {budget}"
+            )
+        return "; ".join(readings) or None
 
     def _reprice(self) -> None:
         self.needs = _needs(self.config, self.state)

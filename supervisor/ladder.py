@@ -295,6 +295,7 @@ def apply_change(
         rule=pending.rule,
         container_id=pending.container_id,
         actor=pending.actor,
+        gpu=pending.gpu,
     )
     status = ServiceStatus.PINNED if svc.pinned is not None else ServiceStatus.COOLDOWN
     svc = replace(

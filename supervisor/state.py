@@ -8,7 +8,7 @@ The file is JSON (indent 2, mode 0644) written with `fsutil.atomic_write`, so a 
                              "pinned", "pending", "restarts", "last_restart_at",
                              "probation_until", "step_up_failures", "step_up_not_before"}},
      "history": [{"time", "service", "from_rung", "to_rung", "from_model", "to_model",
-                  "reason", "evidence", "rule", "container_id", "actor"}],
+                  "reason", "evidence", "rule", "container_id", "actor", "gpu"}],
      "log_cursors": {"<container name>": {"container_id", "since_ns"}},
      "measured": {"<model>": {"vram_bytes", "load_s", "tokens_per_s", "at"}}}
 
@@ -105,6 +105,7 @@ class PendingChange:
     container_id: str | None = None
     actor: Actor = "fleetd"  # who decided: fleetd (an incident) or a person (fleetctl)
     probation_s: float | None = None  # a step up: on probation this long once applied
+    gpu: str | None = None  # the GPU reading when it was decided (NVML), for the record
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Transition:
     rule: str | None = None
     container_id: str | None = None
     actor: Actor = "fleetd"
+    gpu: str | None = None  # the GPU reading when the change was decided (NVML)
 
 
 @dataclass
@@ -279,6 +281,7 @@ def _pending_json(p: PendingChange) -> dict[str, object]:
         "container_id": p.container_id,
         "actor": p.actor,
         "probation_s": p.probation_s,
+        "gpu": p.gpu,
     }
 
 
@@ -296,6 +299,7 @@ def transition_json(t: Transition) -> dict[str, object]:
         "rule": t.rule,
         "container_id": t.container_id,
         "actor": t.actor,
+        "gpu": t.gpu,
     }
 
 
@@ -475,6 +479,7 @@ def _decode_pending_value(value: object, where: str) -> PendingChange:
         container_id=o.opt("container_id", _nullable(_str), None),
         actor=o.opt("actor", _actor, "fleetd"),
         probation_s=o.opt("probation_s", _nullable(_seconds), None),
+        gpu=o.opt("gpu", _nullable(_str), None),
     )
     o.done()
     return pending
@@ -493,6 +498,7 @@ def _decode_transition(o: _Object) -> Transition:
         rule=o.opt("rule", _nullable(_str), None),
         container_id=o.opt("container_id", _nullable(_str), None),
         actor=o.get("actor", _actor),
+        gpu=o.opt("gpu", _nullable(_str), None),
     )
     o.done()
     return transition

@@ -221,3 +221,5 @@ def print_history(transitions: list[dict[str, Any]], as_json: bool) -> None:
         if t["evidence"]:
             rule = f"  [{t['rule']}]" if t["rule"] else ""
             click.echo(f"    evidence: {t['evidence']}{rule}")
+        if t.get("gpu"):
+            click.echo(f"    gpu: {t['gpu']}")
