@@ -82,6 +82,21 @@ def test_prometheus_scrapes_fleetd_run_and_sees_a_step_down(
     assert float(increase["value"][1]) > 0
     [incidents] = server.query('fleetd_incidents_total{service="svc",class="vram_oom"}')
     assert float(incidents["value"][1]) >= 3
+    # What fleetctl shows and what Prometheus scraped agree.
+    from tests.integration.test_control_api import fleetctl
+
+    # (The ladder state moves from cooldown to steady on fleetd's 5 s tick, which may fall
+    # between a scrape and the status call: compare until both have seen the same tick.)
+    deadline = time.monotonic() + 15
+    while True:
+        status = json.loads(fleetctl(fleet, "status", "--json").stdout)["services"]["svc"]
+        [state] = server.query('fleetd_service_state{service="svc"} == 1')
+        [model] = server.query('fleetd_service_info{service="svc"}')
+        scraped = (model["metric"]["model"], int(rung["value"][1]), state["metric"]["state"])
+        if (status["model"], status["rung"], status["state"]) == scraped:
+            break
+        assert time.monotonic() < deadline, (status, scraped)
+        time.sleep(1)
     server.wait_for('fleetd_detection_latency_seconds_count{service="svc"} >= 3', 20)
     server.wait_for(f'fleetd_log_follow_lag_seconds{{container="{name}"}}', timeout_s=20)
     with urllib.request.urlopen(f"http://{server.target}/metrics", timeout=5) as response:
