@@ -13,8 +13,9 @@ import pytest
 
 from supervisor.config import load_config
 from supervisor.gpus import Gpu
+from supervisor.health import Health, HealthStatus
 from supervisor.metrics import Direction, FleetMetrics, TransitionReason, build_snapshot
-from supervisor.state import FleetState, ServiceState
+from supervisor.state import FleetState, Measured, ServiceState
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "fleetd.json"
@@ -46,9 +47,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     config = load_config(path)
     gpu = Gpu(0, "g", 8 << 30, "nvml", uuid="GPU-1", used_bytes=1 << 30, free_bytes=7 << 30)
     state = FleetState(services={"svc": ServiceState(model="m", rung=0, changed_at=1.0)})
+    state.measured["m"] = Measured(vram_bytes=1 << 30, load_s=1.0, tokens_per_s=40.0, at=1.0)
     metrics = FleetMetrics()
     needs, budgets = {"svc": [1 << 30]}, {0: 6 << 30}
-    metrics.publish(build_snapshot(config, state, (gpu,), needs, budgets, 2.0, docker_up=True))
+    health = {"svc": Health(status=HealthStatus.HEALTHY)}
+    metrics.publish(build_snapshot(config, state, (gpu,), needs, budgets, 2.0, True, health))
     metrics.incident("svc", "vram_oom")
     metrics.transition("svc", Direction.DOWN, TransitionReason.VRAM_OOM)
     metrics.detection_latency("svc", 0.01)
