@@ -128,25 +128,41 @@ def _count_vram(
         return svc, Decision(Action.NONE, f"{counted} ({policy.incidents_to_step_down} step down)")
     if svc.pinned is not None:
         return svc, Decision(Action.ALERT, f"{counted}, but rung {svc.pinned} is pinned")
+    return _step_down(svc, service, needs_bytes, counted, oom[-1].time, oom[-1])
+
+
+def _step_down(
+    svc: ServiceState,
+    service: ServiceConfig,
+    needs_bytes: Sequence[int],
+    why: str,
+    at: float,
+    evidence: Incident | None,
+) -> tuple[ServiceState, Decision]:
+    """STEADY -> (pending) to the next rung that needs less, or -> EXHAUSTED at the bottom."""
     target = next_rung_down(needs_bytes, svc.rung)
     if target is None:
-        # STEADY -> EXHAUSTED
-        reason = f"{counted} at rung {svc.rung} ({svc.model}), and no rung below needs less VRAM"
+        reason = f"{why} at rung {svc.rung} ({svc.model}), and no rung below needs less VRAM"
         return replace(svc, state=ServiceStatus.EXHAUSTED), Decision(Action.EXHAUSTED, reason)
-    reason = f"{counted}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
+    reason = f"{why}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
     reason += _rung_text(service, needs_bytes, target) + _skipped(needs_bytes, svc.rung, target)
-    last = oom[-1]
-    pending = PendingChange(
+    pending = _pending(service, target, reason, at, evidence)
+    return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
+
+
+def _pending(
+    service: ServiceConfig, target: int, reason: str, at: float, evidence: Incident | None
+) -> PendingChange:
+    """A change to `target` decided at `at`, carrying the incident that proved it."""
+    return PendingChange(
         to_rung=target,
         to_model=service.ladder[target].model,
         reason=reason,
-        decided_at=last.time,
-        evidence=last.evidence,
-        rule=last.rule,
-        container_id=last.container_id,
+        decided_at=at,
+        evidence=evidence.evidence if evidence else None,
+        rule=evidence.rule if evidence else None,
+        container_id=evidence.container_id if evidence else None,
     )
-    # STEADY -> (pending)
-    return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
 
 
 def _probation_failed(
@@ -166,15 +182,7 @@ def _probation_failed(
         f"at the earliest ({failures} failed in a row)"
     )
     incident = Incident(seen.time, seen.incident_class, seen.rule, seen.container_id, seen.evidence)
-    pending = PendingChange(
-        to_rung=target,
-        to_model=service.ladder[target].model,
-        reason=reason,
-        decided_at=seen.time,
-        evidence=seen.evidence,
-        rule=seen.rule,
-        container_id=seen.container_id,
-    )
+    pending = _pending(service, target, reason, seen.time, incident)
     svc = replace(
         svc,
         incidents=[*svc.incidents, incident],
@@ -191,26 +199,10 @@ def load_failed(
 ) -> tuple[ServiceState, Decision]:
     """The model just changed to ran out of VRAM while loading: that is proof enough, so
     step down now (to the next rung that needs less) instead of waiting for N incidents."""
-    target = next_rung_down(needs_bytes, svc.rung)
     why = f"{svc.model} ran out of VRAM while loading"
-    if target is None:
-        reason = f"{why}, and no rung below needs less VRAM"
-        return replace(svc, state=ServiceStatus.EXHAUSTED), Decision(Action.EXHAUSTED, reason)
-    reason = (
-        f"{why}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
-        f"{_rung_text(service, needs_bytes, target)}{_skipped(needs_bytes, svc.rung, target)}"
+    return _step_down(
+        svc, service, needs_bytes, why, now, svc.incidents[-1] if svc.incidents else None
     )
-    last = svc.incidents[-1] if svc.incidents else None
-    pending = PendingChange(
-        to_rung=target,
-        to_model=service.ladder[target].model,
-        reason=reason,
-        decided_at=now,
-        evidence=last.evidence if last else None,
-        rule=last.rule if last else None,
-        container_id=last.container_id if last else None,
-    )
-    return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
 
 
 def step_up_due(
@@ -249,13 +241,7 @@ def step_up(
         f"{_rung_text(service, needs_bytes, target)}: {why}; on probation for "
         f"{format_duration(policy.probation_s)}"
     )
-    pending = PendingChange(
-        to_rung=target,
-        to_model=service.ladder[target].model,
-        reason=reason,
-        decided_at=now,
-        probation_s=policy.probation_s,
-    )
+    pending = replace(_pending(service, target, reason, now, None), probation_s=policy.probation_s)
     return replace(svc, pending=pending)
 
 

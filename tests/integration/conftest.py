@@ -188,16 +188,19 @@ def emitter_image(docker_client: docker.DockerClient) -> str:
     busybox base) is instant when the image is current, and rebuilds one made from an
     older emitter.sh, which a check for the tag alone would keep using.
     """
+    return build_test_image(docker_client, "oom-emitter", EMITTER_IMAGE)
+
+
+def build_test_image(client: docker.DockerClient, name: str, tag: str) -> str:
+    """Run scripts/build-test-images.sh for one image (instant when it is current, as its
+    reuse check hashes the sources) and return its tag; no image is a failure in CI."""
     built = subprocess.run(
-        ["bash", str(BUILD_TEST_IMAGES), "oom-emitter"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["bash", str(BUILD_TEST_IMAGES), name], capture_output=True, text=True, check=False
     )
     if built.returncode != 0:
-        _unavailable(f"cannot build {EMITTER_IMAGE}: {built.stderr.strip()}")
-    docker_client.images.get(EMITTER_IMAGE)
-    return EMITTER_IMAGE
+        _unavailable(f"cannot build {tag}: {built.stderr.strip()}")
+    client.images.get(tag)
+    return tag
 
 
 @pytest.fixture
@@ -224,16 +227,7 @@ def systemd_image(docker_client: docker.DockerClient) -> str:
     The build script's reuse check is instant when the image is current; a first build on
     a machine takes about a minute (debootstrap), and needs root and debootstrap.
     """
-    built = subprocess.run(
-        ["bash", str(BUILD_TEST_IMAGES), "systemd"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if built.returncode != 0:
-        _unavailable(f"cannot build {SYSTEMD_IMAGE}: {built.stderr.strip()}")
-    docker_client.images.get(SYSTEMD_IMAGE)
-    return SYSTEMD_IMAGE
+    return build_test_image(docker_client, "systemd", SYSTEMD_IMAGE)
 
 
 @pytest.fixture(scope="session")
@@ -275,3 +269,17 @@ def docker_socket() -> Path:
     if not host.startswith("unix://") or not path.is_socket():
         _unavailable(f"the Docker engine is not on a local unix socket (DOCKER_HOST={host})")
     return path
+
+
+# --- runtime API stand-ins (tests/integration/test_runtime_api_standin.py, test_lifecycle.py)
+
+RUNTIME_API_IMAGE = "fleetd-test/runtime-api:1"
+
+
+@pytest.fixture(scope="module")
+def runtime_api_image(docker_client: docker.DockerClient) -> str:
+    """`fleetd-test/runtime-api:1`: Ollama's, vLLM's and llama.cpp's APIs, faults included.
+
+    The first build on a machine also makes fleetd-test/python:1 (debootstrap, ~50 s, root).
+    """
+    return build_test_image(docker_client, "runtime-api", RUNTIME_API_IMAGE)

@@ -18,9 +18,8 @@ from docker.models.containers import Container
 
 from supervisor.control import ControlClient
 from tests.integration.fleet_harness import Fleet, at_rung
-from tests.integration.test_runtime_api_standin import runtime_api_image  # noqa: F401
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("runtime_api_image")]
 
 MIB = 1024**2
 SIZES = "big=4000,medium=2500,small=1000"

@@ -30,7 +30,6 @@ import http.client
 import json
 import re
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,8 +41,6 @@ from typing import TYPE_CHECKING, Any
 import docker
 import pytest
 from docker.models.containers import Container
-
-from .conftest import BUILD_TEST_IMAGES, _unavailable
 
 if TYPE_CHECKING:
     from .conftest import Cleanup
@@ -79,25 +76,6 @@ OOM_LINES = {
     ],
 }
 LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
-
-
-@pytest.fixture(scope="module")
-def runtime_api_image(docker_client: docker.DockerClient) -> str:
-    """`fleetd-test/runtime-api:1`, built unless an image of the same sources is there.
-
-    The first build on a machine also makes fleetd-test/python:1 (debootstrap, ~50 s, root);
-    after that the reuse check is instant.
-    """
-    built = subprocess.run(
-        ["bash", str(BUILD_TEST_IMAGES), "runtime-api"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if built.returncode != 0:
-        _unavailable(f"cannot build {IMAGE}: {built.stderr.strip()}")
-    docker_client.images.get(IMAGE)
-    return IMAGE
 
 
 # --- talking to a stand-in ----------------------------------------------------------------
