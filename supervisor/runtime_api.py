@@ -9,7 +9,8 @@ Paths and fields are the runtimes' documented ones:
 - vLLM's OpenAI-compatible server: GET /health (200 when ready), GET /v1/models,
   POST /v1/completions (OpenAI's shape, with `usage.completion_tokens`).
 - llama.cpp server (tools/server/README.md): GET /health (200 {"status": "ok"}, 503 while
-  loading), POST /completion with `n_predict`, answering `timings.predicted_per_second`.
+  loading), POST /v1/completions (OpenAI's shape, plus llama.cpp's own `timings` with
+  `predicted_per_second`).
 
 Every call has a timeout; every failure is a `RuntimeApiError` with the endpoint, the
 path and what went wrong, in one line.
@@ -284,19 +285,19 @@ class LlamaCppApi(RuntimeApi):
         self._request("GET", "/health", timeout_s)
 
     def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
+        # The OpenAI-compatible path; llama.cpp adds its own `timings` to the answer.
         started = time.monotonic()
-        body = {"prompt": prompt, "n_predict": tokens}
-        document = self._json("POST", "/completion", timeout_s, body)
+        body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        document = self._json("POST", "/v1/completions", timeout_s, body)
         seconds = time.monotonic() - started
-        timings = _field(document, "timings", dict, f"{self.endpoint}/completion")
-        count = timings.get("predicted_n")
-        rate = timings.get("predicted_per_second")
-        return Warmed(
-            count if isinstance(count, int) else tokens,
-            seconds,
-            None,
-            float(rate) if isinstance(rate, int | float) else None,
-        )
+        where = f"{self.endpoint}/v1/completions"
+        usage = _field(document, "usage", dict, where)
+        count = _field(usage, "completion_tokens", int, where)
+        timings = document.get("timings") if isinstance(document, dict) else None
+        rate = timings.get("predicted_per_second") if isinstance(timings, dict) else None
+        if not isinstance(rate, int | float) or isinstance(rate, bool):
+            rate = count / seconds if seconds > 0 else None
+        return Warmed(count, seconds, None, float(rate) if rate is not None else None)
 
 
 API_FOR: dict[Runtime, type[RuntimeApi]] = {
