@@ -620,6 +620,23 @@ class StateStore:
         finally:
             os.close(fd)
 
+    def adopt(self) -> None:
+        """Run as root (`sudo fleetctl ...`), give what this process created in the state
+        dir to the dir's owner, so the fleetd user can still replace it."""
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = os.stat(self.state_dir)
+        except FileNotFoundError:
+            return
+        for root, dirs, files in os.walk(self.state_dir):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(path)
+                    if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                        os.lchown(path, owner.st_uid, owner.st_gid)
+
     def write_model_file(self, service: str, model: str) -> Path:
         """Atomically write `model` + newline to `<state_dir>/services/<service>/model`."""
         path = self._model_path(service)

@@ -319,3 +319,18 @@ def test_completion_prints_a_script_that_completes_service_names(
         }
     )
     assert r.stdout.split() == ["plain,web"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root writes files as another owner")
+def test_a_root_fleetctl_leaves_the_state_dir_owned_by_fleetds_user(
+    fleet: tuple[Path, Path],
+) -> None:
+    config, state_dir = fleet
+    for path in [state_dir, *state_dir.rglob("*")]:
+        os.chown(path, 65534, 65534)  # as if fleetd runs as an unprivileged user
+    no_docker = {"DOCKER_HOST": f"unix://{state_dir}/no-docker.sock"}
+    r = fleetctl("downgrade", "web", "--config", config, "--state-dir", state_dir, env=no_docker)
+    assert r.returncode == 0, r
+    owners = {(p.name, p.stat().st_uid, p.stat().st_gid) for p in state_dir.rglob("*")}
+    assert {(name, 65534, 65534) for name, _, _ in owners} == owners
+    assert any(name == "state.lock" for name, _, _ in owners)

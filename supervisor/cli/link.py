@@ -120,6 +120,21 @@ def operate_offline(
             f"answer on {link.socket} ({link.why_not}); refusing to change the state behind it"
         )
     store = link.store
+    try:
+        return _operate_locked(store, link, config, op, service, rung, force)
+    finally:
+        store.adopt()  # files a root fleetctl wrote stay writable by the fleetd user
+
+
+def _operate_locked(
+    store: StateStore,
+    link: Link,
+    config: FleetConfig,
+    op: str,
+    service: str,
+    rung: str | None,
+    force: bool,
+) -> dict[str, Any]:
     with store.lock():
         if store.running_daemon() is not None:  # it started since we looked
             raise FleetdError(f"fleetd started on {link.state_dir} meanwhile; run this again")
