@@ -6,7 +6,6 @@ turns all problems into one `ConfigError` naming file, line, key, value and expe
 
 from __future__ import annotations
 
-import os
 import re
 import types
 import typing
@@ -32,8 +31,6 @@ from supervisor.runtimes import Runtime
 from supervisor.units import format_size, parse_duration, parse_size
 from supervisor.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
 
-DEFAULT_CONFIG_PATH = Path("/etc/fleetd/fleet.yaml")
-CONFIG_ENV = "FLEETD_CONFIG"
 # Outside the exporters' range 9100-9999 (all allocated on Prometheus's default port
 # allocations page), Linux's ephemeral ports (32768-60999) and the runtimes' own ports.
 DEFAULT_METRICS_PORT = 10464
@@ -332,10 +329,6 @@ class FleetConfig(_Strict):
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the config file's folder."""
         return path if path.is_absolute() else self._source.parent / path
-
-
-def default_config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
 def load_config(path: Path) -> FleetConfig:

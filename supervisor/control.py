@@ -42,11 +42,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from loguru import logger
-
 from supervisor import __version__
 from supervisor.errors import FleetdError, UsageError
-from supervisor.ops import OPERATIONS
 
 API_VERSION = 1
 SOCKET_ENV = "FLEETD_SOCKET"
@@ -58,6 +55,8 @@ MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 REPLY_TIMEOUT_S = 120.0
 CLIENT_TIMEOUT_S = REPLY_TIMEOUT_S + 10
 
+# What a person asks of a service (supervisor.ops decides each), and an ensemble's warm-up.
+OPERATIONS = ("reset", "downgrade", "upgrade", "pin", "unpin")
 _SERVICE_OP = re.compile(r"^/v1/services/([a-zA-Z0-9][a-zA-Z0-9_.-]*)/([a-z]+)$")
 
 
@@ -143,6 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
         return "unix"
 
     def log_message(self, format: str, *args: Any) -> None:
+        from loguru import logger  # the server's side only: fleetctl never imports it
+
         logger.debug("control: " + format % args)
 
     def do_GET(self) -> None:

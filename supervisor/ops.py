@@ -23,8 +23,6 @@ from supervisor.gpus import Discovery
 from supervisor.state import FleetState, PendingChange, ServiceState, ServiceStatus
 from supervisor.units import format_size
 
-OPERATIONS = ("reset", "downgrade", "upgrade", "pin", "unpin")
-
 
 class Refused(FleetdError):
     """The operation is understood but not done (exit 1), with the reason."""

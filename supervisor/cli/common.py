@@ -7,12 +7,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from supervisor.config import FleetConfig, default_config_path, load_config
 from supervisor.errors import FleetdError
+from supervisor.paths import default_config_path
+
+if TYPE_CHECKING:
+    from supervisor.config import FleetConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,6 +73,8 @@ def json_option(func: F) -> F:
 
 
 def read_config(path: Path | None) -> FleetConfig:
+    from supervisor.config import load_config  # pydantic: only for commands that read it
+
     return load_config(path or default_config_path())
 
 

@@ -6,12 +6,12 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
 from supervisor import __version__
-from supervisor.analyzer import FleetPlan, analyze
 from supervisor.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -26,15 +26,16 @@ from supervisor.cli.common import (
 )
 from supervisor.cli.link import Link, connect, discover, operate_offline
 from supervisor.cli.views import read_state
-from supervisor.compose import build_project
-from supervisor.config import FleetConfig
 from supervisor.control import SOCKET_ENV
 from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
-from supervisor.gpus import Nvml, resolve_gpus
-from supervisor.managed import managed_pids_if_reachable
-from supervisor.report import plan_json, print_plan
 from supervisor.state import transition_json
+
+# The planner (numpy, gguf), compose rendering and NVML load in the commands that use
+# them, so that `fleetctl status` and `history` start quickly.
+if TYPE_CHECKING:
+    from supervisor.analyzer import FleetPlan
+    from supervisor.config import FleetConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +49,10 @@ def cli() -> None:
 
 
 def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
+    from supervisor.analyzer import analyze
+    from supervisor.gpus import Nvml, resolve_gpus
+    from supervisor.managed import managed_pids_if_reachable
+
     nvml = Nvml()
     try:
         discovery = resolve_gpus(config, gpu_specs, nvml)
@@ -74,6 +79,8 @@ def plan(config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool) ->
     VRAM need was obtained, and why each more-preferred rung did not fit.
     Exits 0 when every service is placed, 1 when one is not.
     """
+    from supervisor.report import plan_json, print_plan
+
     result = _plan(read_config(config_path), gpu_specs, quiet=not as_json)
     if as_json:
         click.echo(json.dumps(plan_json(result), indent=2))
@@ -124,6 +131,8 @@ def generate(
         raise UsageError(f"--templates {template_dir}: no compose.yml.j2 there")
     result = _plan(read_config(config_path), gpu_specs)
     state = (state_dir or default_state_dir()).resolve()
+    from supervisor.compose import build_project
+
     project = build_project(result, state, template_dir)  # raises before anything is written
     atomic_write(out_dir / "compose.yml", project.compose_yaml)
     atomic_write(out_dir / ".env", "".join(f"{k}={v}\n" for k, v in project.env.items()))

@@ -17,10 +17,11 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
-from supervisor.config import DEFAULT_METRICS_ADDRESS, default_config_path
+from supervisor.config import DEFAULT_METRICS_ADDRESS
 from supervisor.control import SOCKET_ENV, default_socket, resolve_group
 from supervisor.errors import UsageError
 from supervisor.logs import setup_logging
+from supervisor.paths import default_config_path
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
-from supervisor.gpus import Discovery
-from supervisor.lifecycle import endpoint_of
 from supervisor.state import (
     STATE_FILE,
     FleetState,
@@ -25,6 +22,10 @@ from supervisor.state import (
     transition_json,
 )
 from supervisor.units import format_size
+
+if TYPE_CHECKING:
+    from supervisor.config import FleetConfig
+    from supervisor.gpus import Discovery
 
 
 def read_state(state_dir: Path) -> FleetState:
@@ -57,6 +58,8 @@ def status_json(
     state: FleetState, config: FleetConfig | None, now: float, service: str | None = None
 ) -> dict[str, Any]:
     """What `fleetctl status --json` prints (the daemon adds "gpus" and "daemon")."""
+    from supervisor.lifecycle import endpoint_of  # the runtime clients: only when needed
+
     if service is not None and service not in state.services:
         known = ", ".join(sorted(state.services)) or "none yet"
         raise UsageError(f"no service {service!r} in the state; services: {known}")

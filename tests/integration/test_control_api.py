@@ -208,11 +208,15 @@ def open_fleet(docker_client: docker.DockerClient, cleanup: object) -> Iterator[
 def as_user(
     fleet: Fleet, uid: int, groups: list[int], *args: str
 ) -> subprocess.CompletedProcess[str]:
-    """fleetctl with a real unprivileged uid: imports as root (the venv lives under /root),
-    then drops to `uid` with only `groups` before anything touches the socket."""
+    """fleetctl with a real unprivileged uid: imports as root (this venv's Python lives
+    under /root, which others cannot read), then drops to `uid` with only `groups` before
+    anything touches the socket or the state."""
     code = (
         "import os, sys\n"
         "from supervisor.cli.fleetctl import main\n"
+        # What fleetctl loads only when a command needs it, loaded here while still root.
+        "import docker, supervisor.config, supervisor.lifecycle, supervisor.ops\n"
+        "import supervisor.gpus, supervisor.handoff, supervisor.managed, supervisor.watch\n"
         f"os.setgroups({groups!r}); os.setgid({uid}); os.setuid({uid})\n"
         "main()\n"
     )
