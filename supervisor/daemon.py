@@ -457,9 +457,10 @@ class Daemon:
         the health checks, not a settle, judge whether it helped."""
         self.busy.add(service)
         abort = threading.Event()  # identifies this change's settle too
-        report = lambda text: self.queue.put(Progress(service, text))  # noqa: E731
         change = (
-            ModelChange.for_service(self.config, service, report, abort) if old != model else None
+            ModelChange.for_service(self.config, service, self._reporter(service), abort)
+            if old != model
+            else None
         )
         if change is not None:
             self.settling[service] = abort
@@ -827,10 +828,7 @@ class Daemon:
         del self.settling[done.service]
         self.activity.pop(done.service, None)
         if done.ok:
-            if done.measured is not None:
-                self.state.measured[done.model] = done.measured
-                self._reprice()
-                self._save()
+            self._record_measured(done)
             logger.info(f"{done.service}: {done.model} {done.detail}{self._vram_note(done)}")
             return
         svc = self.state.services.get(done.service)
@@ -866,6 +864,21 @@ class Daemon:
             )
         return "; ".join(readings) or None
 
+    def _reporter(self, service: str) -> Callable[[str], None]:
+        """A change's progress callback: its worker thread reports through the queue."""
+
+        def report(text: str) -> None:
+            self.queue.put(Progress(service, text))
+
+        return report
+
+    def _record_measured(self, done: Settled) -> None:
+        """Keep what a settled model really used; the planner prices its rung with it."""
+        if done.measured is not None:
+            self.state.measured[done.model] = done.measured
+            self._reprice()
+            self._save()
+
     def _reprice(self) -> None:
         self.needs = _needs(self.config, self.state)
 
@@ -895,10 +908,7 @@ class Daemon:
         if name in self.busy:
             raise ops.Refused(f"a change of {name} is being applied; try again in a few seconds")
         abort = threading.Event()
-
-        def report(text: str) -> None:
-            self.queue.put(Progress(name, text))
-
+        report = self._reporter(name)
         change = ModelChange.for_service(self.config, name, report, abort)
         if change is None:
             raise ops.Refused(f"{name} has no `endpoint:` (or `port:`) for fleetd to reach Ollama")
@@ -928,10 +938,7 @@ class Daemon:
             logger.error(f"{result.service}: warming {result.model} failed: {result.detail}")
             done.call.fail("failed", f"{result.service}: {result.model}: {result.detail}")
             return
-        if result.measured is not None:
-            self.state.measured[result.model] = result.measured
-            self._reprice()
-            self._save()
+        self._record_measured(result)
         message = f"{result.service}: {result.model} {result.detail}{self._vram_note(result)}"
         logger.info(message)
         done.call.answer(
