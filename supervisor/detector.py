@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from supervisor.rules import BUILTIN_RULES, KNOWN_RUNTIMES, IncidentClass, Rule
+from supervisor.rules import BUILTIN_RULES, HANDLED_LINES, KNOWN_RUNTIMES, IncidentClass, Rule
 
 # A line can fit rules of two classes ("illegal memory access" names memory). The class
 # whose action is the least harmful wins: a GPU fault or a host OOM never steps a service
@@ -23,6 +23,7 @@ _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@
 _DOCKER_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d) ")
 # Request logs that echo what a user typed (vLLM, SGLang): a prompt quoting an OOM is not one.
 _REQUEST_ECHO = re.compile(r"Received request \S+: prompt: |Receive: obj=GenerateReqInput\(")
+_BUILTIN = frozenset(BUILTIN_RULES)
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIN_NEEDLE_LEN = 3
 _QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
@@ -41,16 +42,27 @@ class Match:
 
 
 class Detector:
-    """Classifies lines with the rules that apply to one runtime (None: all rules)."""
+    """Classifies lines with every rule; a runtime orders them and names what it handles itself.
+
+    Whatever the runtime, every rule applies: an app's log carries the errors of the model
+    server it calls, and one runtime's wording turns up in another's (Ollama runs ggml).
+    The runtime only decides which rule is tried first inside a class (its own, then those
+    of any runtime, then the others', so a match names the runtime's own rule), and which
+    lines it prints and recovers from by itself (`HANDLED_LINES`).
+    """
 
     def __init__(self, rules: Sequence[Rule] = BUILTIN_RULES, runtime: str | None = None) -> None:
         if runtime is not None and runtime not in KNOWN_RUNTIMES:
             known = ", ".join(sorted(KNOWN_RUNTIMES))
             raise ValueError(f"runtime {runtime!r} is not one of {known}")
         self.runtime = runtime
-        kept = [r for r in rules if runtime is None or r.runtimes is None or runtime in r.runtimes]
-        self.rules = tuple(sorted(kept, key=lambda r: CLASS_PRIORITY.index(r.incident_class)))
+        self.rules = tuple(sorted(rules, key=lambda r: _rule_order(r, runtime)))
         self._ordered = tuple((rule, _compile(rule.id, rule.pattern)) for rule in self.rules)
+        self._handled = tuple(
+            re.compile(h.pattern)
+            for h in HANDLED_LINES
+            if runtime is not None and h.runtime == runtime
+        )
         literals = [required_literals(rule.pattern) for rule in self.rules]
         # Rules with no required literal (per-service ones, say) run on every line.
         self._unfiltered = tuple(
@@ -74,8 +86,22 @@ class Detector:
         body = _DOCKER_TIMESTAMP.sub("", text, count=1)
         for rule, regex in checks:
             if regex.search(body):
+                if any(h.match(body) for h in self._handled):
+                    return None
                 return Match(rule, text)
         return None
+
+
+def _rule_order(rule: Rule, runtime: str | None) -> tuple[int, int]:
+    """Class first (CLASS_PRIORITY); inside it the service's own rules (from fleet.yaml), then
+    the runtime's, then those of any runtime, then the other runtimes'."""
+    if rule not in _BUILTIN:
+        owner = 0
+    elif rule.runtimes is None:
+        owner = 2
+    else:
+        owner = 1 if runtime in rule.runtimes else 3
+    return CLASS_PRIORITY.index(rule.incident_class), owner
 
 
 def compile_rule(id: str, incident_class: str, pattern: str) -> Rule:

@@ -27,7 +27,9 @@ class Rule:
     id: str  # stable, e.g. "llamacpp.cuda_malloc_failed"
     incident_class: IncidentClass
     pattern: str  # a Python regex, searched (re.search) in one log line
-    runtimes: frozenset[str] | None  # None: any runtime; else a subset of KNOWN_RUNTIMES
+    # Whose wording it is: None for any runtime's, else a subset of KNOWN_RUNTIMES. Every rule
+    # applies to every service; a service of one of these runtimes tries the rule first.
+    runtimes: frozenset[str] | None
     description: str  # one line for the docs table
     examples: tuple[str, ...]  # real lines that must match
     source: str  # where the wording comes from (repo/file or issue URL)
@@ -602,6 +604,45 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
 )
 
 BUILTIN_RULES: tuple[Rule, ...] = GPU_FAULT_RULES + HOST_OOM_RULES + VRAM_OOM_RULES
+
+
+@dataclass(frozen=True)
+class HandledLine:
+    """A line a runtime prints and then recovers from by itself: not an incident in its services.
+
+    The only way a runtime takes a line out of detection. The same line from any other
+    service (an app relaying the runtime's log, another runtime) is still an incident.
+    """
+
+    runtime: str
+    # A Python regex matched at the start of a line (after Docker's timestamp) that some rule
+    # matched: anchored, so a runtime's final error quoting the same words still counts.
+    pattern: str
+    description: str
+    examples: tuple[str, ...]  # real lines, each also matched by a rule
+    source: str
+
+
+HANDLED_LINES: tuple[HandledLine, ...] = (
+    HandledLine(
+        runtime="ollama",
+        pattern=(
+            r"\s*(?:ggml_backend_cuda_buffer_type_alloc_buffer: allocating [\d.,]+ MiB on device"
+            r" \d+: cudaMalloc failed: out of memory"
+            r"|ggml_gallocr_reserve_n: failed to allocate (?:CUDA|ROCm)\d+ buffer of size \d+)\s*$"
+        ),
+        description=(
+            "Ollama >= 0.12 fits a model by trying allocations and backing off to a smaller"
+            " layout; a real failure ends in `llama runner process has terminated`"
+        ),
+        examples=(
+            "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9220.57 MiB on device 0:"
+            " cudaMalloc failed: out of memory",
+            "ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 9668469760",
+        ),
+        source=f"{_GH}/ollama/ollama/issues/13303",
+    ),
+)
 
 # Real lines that mention memory, GPUs or failure and must match no rule, for any runtime.
 # docs/detector.md says why each one is not an incident.

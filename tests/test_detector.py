@@ -1,7 +1,7 @@
 """Tests for supervisor.detector and supervisor.rules: real log lines in, incident classes out.
 
 The examples and NOT_INCIDENTS lines come from the runtimes' own output (see each rule's
-source); every one is run here, for every runtime it concerns.
+source); every one is run here, for every runtime: every rule applies to every service.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from supervisor.detector import (
 )
 from supervisor.rules import (
     BUILTIN_RULES,
+    HANDLED_LINES,
     KNOWN_RUNTIMES,
     NOT_INCIDENTS,
     IncidentClass,
@@ -68,10 +69,6 @@ OLLAMA_FIT_PROBE = (
 )
 
 
-def runtimes_of(rule: Rule) -> list[str | None]:
-    return sorted(rule.runtimes) if rule.runtimes is not None else [None, "generic"]
-
-
 # --- the rules as data ------------------------------------------------------------------
 
 
@@ -96,8 +93,10 @@ def test_example_matches_its_own_rule(rule: Rule, example: str) -> None:
 
 
 @pytest.mark.parametrize(("rule", "example"), EXAMPLES)
-def test_example_gets_the_rule_class_for_each_runtime_of_the_rule(rule: Rule, example: str) -> None:
-    for runtime in runtimes_of(rule):
+def test_example_gets_the_rule_class_for_every_runtime(rule: Rule, example: str) -> None:
+    for runtime in ALL_RUNTIMES:
+        if any(h.runtime == runtime and re.match(h.pattern, example) for h in HANDLED_LINES):
+            continue  # that runtime recovers from it (test_handled_lines_...)
         match = Detector(runtime=runtime).classify(example)
         assert match is not None, f"{rule.id}: no match for runtime {runtime}"
         assert match.rule.incident_class is rule.incident_class, (runtime, match.rule.id)
@@ -179,27 +178,66 @@ def test_scan_lines_numbers_from_one_and_accepts_line_breaks() -> None:
 # --- runtimes ---------------------------------------------------------------------------
 
 
-def test_a_vllm_rule_does_not_fire_for_llamacpp() -> None:
-    line = RULES_BY_ID["vllm.no_cache_blocks"].examples[0]
-    assert Detector(runtime="vllm").classify(line) is not None
-    assert Detector(runtime="llamacpp").classify(line) is None
-    assert Detector(runtime="generic").classify(line) is None
-    assert Detector(runtime=None).classify(line) is not None
+def test_every_rule_fires_for_every_runtime() -> None:
+    # An app's log carries its model server's errors: the issue-10 case, llama.cpp's wording
+    # in a generic service, and a vLLM rule in a llama.cpp service.
+    line = (
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 2148.12 MiB on device 0:"
+        " cudaMalloc failed: out of memory"
+    )
+    for runtime in ("generic", "vllm", "llamacpp", "tgi"):
+        match = Detector(runtime=runtime).classify(line)
+        assert match is not None and match.rule.id == "llamacpp.cuda_malloc_failed", runtime
+    vllm_line = RULES_BY_ID["vllm.no_cache_blocks"].examples[0]
+    for runtime in ALL_RUNTIMES:
+        match = Detector(runtime=runtime).classify(vllm_line)
+        assert match is not None and match.rule.id == "vllm.no_cache_blocks", runtime
 
 
-def test_runtime_keeps_only_its_rules_and_the_shared_ones() -> None:
-    detector = Detector(runtime="vllm")
-    assert detector.rules
-    for rule in detector.rules:
-        assert rule.runtimes is None or "vllm" in rule.runtimes
-    assert {r.id for r in Detector(runtime=None).rules} == set(RULES_BY_ID)
+@pytest.mark.parametrize("runtime", ALL_RUNTIMES)
+def test_a_runtime_keeps_every_rule_and_tries_its_own_first(runtime: str | None) -> None:
+    rules = Detector(runtime=runtime).rules
+    assert sorted(r.id for r in rules) == sorted(RULES_BY_ID)
+    for cls in IncidentClass:
+        owners = [r.runtimes for r in rules if r.incident_class is cls]
+        own = [runtime is not None and o is not None and runtime in o for o in owners]
+        assert own == sorted(own, reverse=True), (runtime, cls)
+        shared = [o is None for o in owners if not (runtime is not None and o and runtime in o)]
+        assert shared == sorted(shared, reverse=True), (runtime, cls)
 
 
-def test_ollama_fit_probes_are_not_incidents_but_llamacpp_failures_are() -> None:
-    for line in OLLAMA_FIT_PROBE:
-        assert Detector(runtime="ollama").classify(line) is None, line
-        match = Detector(runtime="llamacpp").classify(line)
-        assert match is not None and match.incident_class is IncidentClass.VRAM_OOM
+@pytest.mark.parametrize(
+    ("runtime", "rule_id"),
+    [("ollama", "ollama.runner_oom"), ("llamacpp", "llamacpp.model_load_alloc")],
+)
+def test_the_runtime_own_rule_names_a_line_two_runtimes_word_alike(
+    runtime: str, rule_id: str
+) -> None:
+    line = (
+        "Error: llama runner process has terminated: error loading model: unable to allocate"
+        " backend buffer"
+    )
+    match = Detector(runtime=runtime).classify(line)
+    assert match is not None and match.rule.id == rule_id
+
+
+def test_service_rules_are_tried_before_the_runtime_own() -> None:
+    mine = compile_rule("my.loader", "vram_oom", r"unable to allocate backend buffer")
+    line = "Error: llama runner process has terminated: error loading model: unable to allocate"
+    match = Detector(rules=(*BUILTIN_RULES, mine), runtime="ollama").classify(
+        line + " backend buffer"
+    )
+    assert match is not None and match.rule is mine
+
+
+def test_handled_lines_are_exempt_only_in_their_runtime() -> None:
+    for handled in HANDLED_LINES:
+        for example in handled.examples:
+            assert Detector().classify(example) is not None, example  # some rule matches it
+            assert Detector(runtime=handled.runtime).classify(example) is None, example
+            for other in sorted(KNOWN_RUNTIMES - {handled.runtime}):
+                match = Detector(runtime=other).classify(example)
+                assert match is not None and match.incident_class is IncidentClass.VRAM_OOM
 
 
 def test_unknown_runtime_is_refused() -> None:

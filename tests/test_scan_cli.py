@@ -144,24 +144,30 @@ def test_windows_line_ends_and_ansi_colours_are_not_part_of_the_text() -> None:
     assert record == {"line": 2, "class": "vram_oom", "rule": "cuda.error_oom", "text": line}
 
 
-def test_runtime_keeps_only_that_runtimes_rules(log_file: Path) -> None:
-    llamacpp_only = _rule("llamacpp.cuda_malloc_failed")
-    assert llamacpp_only.runtimes == frozenset({"llamacpp"})
+def _records(log: Path, *args: str) -> list[dict[str, object]]:
+    return [json.loads(x) for x in scan(log, "--json", *args).out.splitlines()]
 
-    vllm = [json.loads(x) for x in scan(log_file, "--json", "--runtime", "vllm").out.splitlines()]
-    llamacpp = [
-        json.loads(x) for x in scan(log_file, "--json", "--runtime", "llamacpp").out.splitlines()
-    ]
 
-    assert "llamacpp.cuda_malloc_failed" not in {r["rule"] for r in vllm}
-    assert "vllm.no_cache_blocks" in {r["rule"] for r in vllm}
-    assert "llamacpp.cuda_malloc_failed" in {r["rule"] for r in llamacpp}
-    assert "vllm.no_cache_blocks" not in {r["rule"] for r in llamacpp}
-    # Rules for any runtime still apply to both.
-    for records in (vllm, llamacpp):
-        assert {"torch.cuda_oom", "kernel.oom_kill", "cuda.error_oom"} <= {
-            r["rule"] for r in records
-        }
+def test_every_runtime_reports_every_incident_line(log_file: Path) -> None:
+    # One runtime's wording in another's service (an app relaying its server's log) counts.
+    expected = [(number, hit[0]) for number, (_, hit) in enumerate(LOG, start=1) if hit]
+    for runtime in ("generic", "vllm", "llamacpp", "ollama"):
+        records = _records(log_file, "--runtime", runtime)
+        assert [(r["line"], r["class"]) for r in records] == expected, runtime
+    generic = {r["rule"] for r in _records(log_file, "--runtime", "generic")}
+    assert {"llamacpp.cuda_malloc_failed", "vllm.no_cache_blocks"} <= generic
+
+
+def test_ollama_leaves_out_only_its_own_fit_probes(tmp_path: Path) -> None:
+    probe = (
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9220.57 MiB on device 0:"
+        " cudaMalloc failed: out of memory"
+    )
+    log = tmp_path / "ollama.log"
+    log.write_text(f"{probe}\n{_example('ollama.runner_oom')}\n")
+
+    assert [r["line"] for r in _records(log, "--runtime", "ollama")] == [2]
+    assert [r["line"] for r in _records(log, "--runtime", "generic")] == [1, 2]
 
 
 def test_an_unknown_runtime_is_a_usage_error(log_file: Path) -> None:

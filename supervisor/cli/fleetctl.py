@@ -29,6 +29,7 @@ from supervisor.cli.views import read_state
 from supervisor.control import SOCKET_ENV
 from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
+from supervisor.rules import KNOWN_RUNTIMES
 from supervisor.state import transition_json
 
 # The planner (numpy, gguf), compose rendering and NVML load in the commands that use
@@ -159,11 +160,12 @@ def generate(
 @click.argument("source", default="-", metavar="[FILE|-]")
 @click.option(
     "--runtime",
-    type=click.Choice(
-        ["ollama", "vllm", "llamacpp", "tgi", "sglang", "tensorrt", "triton", "generic"]
-    ),
+    type=click.Choice(sorted(KNOWN_RUNTIMES)),
     default=None,
-    help="Use only the rules for this runtime (default: every rule).",
+    help=(
+        "Read the log as this runtime's service would: every rule still applies, its own"
+        " rules name a match first, and lines it recovers from itself are left out."
+    ),
 )
 @json_option
 def scan(source: str, runtime: str | None, as_json: bool) -> int:

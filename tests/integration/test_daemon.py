@@ -40,6 +40,34 @@ def test_steps_down_to_the_largest_rung_that_fits_and_stays(fleet: Fleet, runtim
     assert fleet.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("wording", "env", "rule"),
+    [
+        ("llamacpp", {}, "llamacpp.cuda_malloc_failed"),
+        ("ollama", {"OOM_INTERVAL_S": "0.3"}, "llamacpp.cuda_malloc_failed"),
+        ("vllm", {"VLLM_OOM": "kv_cache"}, "vllm.no_cache_blocks"),
+    ],
+)
+def test_a_generic_app_printing_a_runtime_oom_is_stepped_down(
+    fleet: Fleet, wording: str, env: dict[str, str], rule: str
+) -> None:
+    # An app whose log carries its model server's errors (issue 10): every rule applies.
+    name = f"app-{uuid.uuid4().hex[:8]}"
+    fleet.write_config({"app": fleet.service("generic", name, image="example/app:1")})
+    (fleet.state_dir / "services/app").mkdir(parents=True)
+    (fleet.state_dir / "services/app/model").write_text("big\n")
+    fleet.run_container(name, wording, capacity_mib=3000, **env)
+    fleet.start()
+
+    state = fleet.wait_for("a step down to medium", at_rung("app", 1), timeout_s=60)
+
+    assert state["services"]["app"]["model"] == "medium"
+    [change] = state["history"]
+    assert (change["from_model"], change["to_model"]) == ("big", "medium")
+    assert change["rule"] == rule
+    assert fleet.stop() == 0
+
+
 def test_skips_a_rung_that_needs_no_less_and_exhausts_at_the_bottom(fleet: Fleet) -> None:
     name = f"svc-{uuid.uuid4().hex[:8]}"
     fleet.write_config({"svc": fleet.service("llamacpp", name)})

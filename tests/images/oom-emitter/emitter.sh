@@ -10,6 +10,9 @@
 #   MODEL_FROM_ENV     optional: 1 = take the model from $MODEL (fleetd's env hand-off);
 #                      otherwise it is the first line of /run/fleetd/model (file hand-off)
 #   MODEL              the model name when MODEL_FROM_ENV=1
+#   VLLM_OOM           optional, vllm only: torch (default: the weights do not fit, PyTorch's
+#                      OutOfMemoryError) | kv_cache (the weights fit, no VRAM is left for
+#                      the KV cache: vLLM's own "No available memory for the cache blocks")
 #   OOM_INTERVAL_S     optional, ollama only: seconds between OOM bursts (default 2;
 #                      decimals allowed)
 #   LOAD_DELAY_S       optional: seconds between the start line and the load's outcome
@@ -109,6 +112,8 @@ is_seconds "$LOAD_DELAY_S" || die "LOAD_DELAY_S must be a number of seconds (got
 NOISE_LINES_PER_S=${NOISE_LINES_PER_S:-0}
 is_uint "$NOISE_LINES_PER_S" || die "NOISE_LINES_PER_S must be a whole number (got '$NOISE_LINES_PER_S')"
 HEALTH_PORT=${HEALTH_PORT:-}
+VLLM_OOM=${VLLM_OOM:-torch}
+case $VLLM_OOM in torch | kv_cache) ;; *) die "VLLM_OOM must be torch or kv_cache (got '$VLLM_OOM')" ;; esac
 [ -z "$HEALTH_PORT" ] || is_uint "$HEALTH_PORT" || die "HEALTH_PORT must be a port number (got '$HEALTH_PORT')"
 
 if [ "${MODEL_FROM_ENV:-}" = 1 ]; then
@@ -186,6 +191,7 @@ vllm_start() { # vLLM 0.8.5, V1 engine; its logger writes to stdout
 vllm_oom() {
     _t=$(vllm_time)
     _p="ERROR $_t [core.py:396]"
+    [ "$VLLM_OOM" = torch ] || vllm_kv_cache_oom "$_p"
     _in_use=$((CAPACITY_MIB - FREE_MIB))
     out "$_p EngineCore failed to start."
     out "$_p Traceback (most recent call last):"
@@ -203,6 +209,21 @@ vllm_oom() {
     err "Traceback (most recent call last):"
     err "  File \"$VLLM_SITE/vllm/v1/engine/core_client.py\", line 404, in _wait_for_engine_startup"
     err "    raise RuntimeError(\"Engine core initialization failed. \""
+    err "RuntimeError: Engine core initialization failed. See root cause above."
+    exit 1
+}
+vllm_kv_cache_oom() { # vLLM 0.8.5 V1: the weights loaded, the KV cache check fails
+    out "INFO $(vllm_time) [gpu_model_runner.py:1347] Model loading took $(gib2 "$NEED_MIB") GiB and 4.12 seconds"
+    out "INFO $(vllm_time) [gpu_worker.py:227] Available KV cache memory: -$(gib2 $((NEED_MIB - CAPACITY_MIB))) GiB"
+    out "$1 EngineCore failed to start."
+    out "$1 Traceback (most recent call last):"
+    out "$1   File \"$VLLM_SITE/vllm/v1/engine/core.py\", line 387, in run_engine_core"
+    out "$1     engine_core = EngineCoreProc(*args, **kwargs)"
+    out "$1   File \"$VLLM_SITE/vllm/v1/engine/core.py\", line 71, in __init__"
+    out "$1     self._initialize_kv_caches(vllm_config)"
+    out "$1   File \"$VLLM_SITE/vllm/v1/core/kv_cache_utils.py\", line 528, in check_enough_kv_cache_memory"
+    out "$1     raise ValueError(\"No available memory for the cache blocks. \""
+    out "$1 ValueError: No available memory for the cache blocks. Try increasing \`gpu_memory_utilization\` when initializing the engine."
     err "RuntimeError: Engine core initialization failed. See root cause above."
     exit 1
 }
