@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from supervisor.cli import fleetctl, fleetd
+from tests.entrypoints import entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = REPO / "examples" / "fleet.yaml"
@@ -36,7 +37,7 @@ BAD_SIZE_LINE = 7
 
 
 class Cli:
-    """Runs the installed commands with a private environment in tmp_path."""
+    """Runs the checkout's own commands (by path) with a private environment in tmp_path."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
@@ -47,9 +48,8 @@ class Cli:
         self.env["COLUMNS"] = "200"
 
     def __call__(self, *args: str | Path, env: dict[str, str] | None = None) -> Result:
-        assert shutil.which(str(args[0])), f"{args[0]} is not installed"
         done = subprocess.run(
-            [str(a) for a in args],
+            [entry_point(str(args[0])), *(str(a) for a in args[1:])],
             capture_output=True,
             text=True,
             cwd=self.tmp,

@@ -26,6 +26,7 @@ from supervisor.compose import build_project
 from supervisor.config import FleetConfig, RungConfig, load_config
 from supervisor.errors import RenderError
 from supervisor.gpus import Discovery, simulated_gpus
+from tests.entrypoints import entry_point
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = {
@@ -111,7 +112,7 @@ def generate(
     gpu_args = [arg for size in gpus for arg in ("--gpu", size)]
     done = subprocess.run(
         [
-            "fleetctl",
+            entry_point("fleetctl"),
             "generate",
             "--config",
             str(config),
@@ -331,7 +332,7 @@ def test_a_state_dir_with_a_colon_is_refused_or_works(compose_cli: str, tmp_path
     out, state = tmp_path / "out", tmp_path / "st:ate"
     done = subprocess.run(
         [
-            "fleetctl",
+            entry_point("fleetctl"),
             "generate",
             "--config",
             str(EXAMPLES["fleet"]),
