@@ -12,9 +12,13 @@ EXAMPLE_GPU := 12GiB:"RTX 4070 SUPER"
 
 venv: $(STAMP)
 
-# Reinstall only when the dependencies may have changed.
+# Reinstall only when the dependencies may have changed. ensure-python.sh first: a bare
+# Debian has no python3, and Debian's python3 makes no venv without python3-venv (it
+# installs what is missing, as root). A .venv without pip (a failed earlier attempt) is
+# made afresh.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@PYTHON='$(PYTHON)' bash scripts/ensure-python.sh
+	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
