@@ -47,15 +47,13 @@ die() {
 
 # --- what the demo needs ------------------------------------------------------------------
 
-# The checkout's venv when there is one (`make venv`), else whatever is installed.
-if [ -x .venv/bin/fleetctl ] && [ -x .venv/bin/fleetd ]; then
-    FLEETCTL=.venv/bin/fleetctl FLEETD=.venv/bin/fleetd PY=.venv/bin/python
-else
-    FLEETCTL=fleetctl FLEETD=fleetd PY=python3
-fi
-for cmd in "$FLEETCTL" "$FLEETD" "$PY" setsid; do
-    command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found: run \`make venv\` (or \`make demo\`, which does)"
+# This checkout's fleetctl and fleetd, from its venv (`make venv`) only: a fleetctl or fleetd
+# elsewhere on PATH may be another version than the code this demo shows.
+FLEETCTL=.venv/bin/fleetctl FLEETD=.venv/bin/fleetd PY=.venv/bin/python
+for cmd in "$FLEETCTL" "$FLEETD" "$PY"; do
+    [ -x "$cmd" ] || die "$ROOT/$cmd is missing: run \`make venv\` (or \`make demo\`, which does)"
 done
+command -v setsid >/dev/null 2>&1 || die "setsid not found (Debian's util-linux package)"
 
 DOCKER_HINT="run \`make demo\` or \`make test\` (they install and start Docker when it is missing), or \`bash scripts/ensure-docker.sh\` as root"
 command -v docker >/dev/null 2>&1 || die "Docker is not installed: $DOCKER_HINT"
