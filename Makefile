@@ -29,7 +29,7 @@ example: venv
 
 # The supervision loop end to end on stand-in containers, no GPU needed (seconds).
 demo: venv
-	bash scripts/ensure-docker.sh
+	bash scripts/ensure-docker.sh demo
 	bash scripts/build-test-images.sh oom-emitter
 	bash scripts/demo.sh
 

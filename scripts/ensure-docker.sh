@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers on this machine, installing and starting it if needed.
 #
+#   scripts/ensure-docker.sh        # what `make test` needs (the engine and the test tools)
+#   scripts/ensure-docker.sh demo   # what `make demo` needs: the engine and busybox-static
+#
 # Idempotent: when `docker info` already works (and the compose CLI, busybox-static and
 # debootstrap are there) it does nothing. The machines fleetd is tested on run no systemd
 # as PID 1, so dockerd is started by hand, detached, with its log in /tmp/dockerd.log.
@@ -16,20 +19,24 @@ die() { printf 'ensure-docker: error: %s\n' "$*" >&2; exit 1; }
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
-# Debian packages this project needs: the engine (docker.io), compose v1 (docker-compose),
-# a static busybox for the tiny test images (busybox-static), systemd-analyze to verify
-# the unit file (systemd; nothing is started with it) and debootstrap for the Debian
-# image the unit's end-to-end test boots systemd in.
-missing_packages() {
+# Debian packages this project needs: the engine and its client (docker.io), a static
+# busybox for the tiny test images (busybox-static); and for the tests (not the demo)
+# compose v1 (docker-compose), systemd-analyze to verify the unit file (systemd; nothing is
+# started with it) and debootstrap for the Debian image the unit's end-to-end test boots
+# systemd in.
+missing_packages() {  # [demo]
     local missing=()
-    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
-    command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-    # In /usr/sbin, which a non-root PATH may lack.
-    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    # dockerd and debootstrap are in /usr/sbin, which a non-root PATH may lack.
+    { command -v docker && { command -v dockerd || [ -x /usr/sbin/dockerd ]; }; } >/dev/null 2>&1 \
+        || missing+=(docker.io)
     # busybox-static conflicts with the dynamic busybox package; ask dpkg, not PATH.
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
         || missing+=(busybox-static)
+    if [ "${1:-}" != demo ]; then
+        command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+        command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+        command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    fi
     if (( ${#missing[@]} > 0 )); then printf '%s\n' "${missing[@]}"; fi
 }
 
@@ -85,8 +92,12 @@ refuse_client_mismatch() {
 }
 
 main() {
+    case ${1:-} in
+        "" | demo) ;;
+        *) die "unknown argument '$1' (none, or 'demo')" ;;
+    esac
     local -a missing
-    mapfile -t missing < <(missing_packages)
+    mapfile -t missing < <(missing_packages "${1:-}")
     if (( ${#missing[@]} > 0 )); then
         install_packages "${missing[@]}"
     fi
