@@ -253,3 +253,31 @@ def unpin(state: FleetState, config: FleetConfig, name: str, now: float, who: st
         return Outcome(name, f"{name}: was not pinned")
     state.services[name] = replace(svc, pinned=None, state=ServiceStatus.STEADY, incidents=[])
     return Outcome(name, f"{name}: unpinned at {_rung_text(config, name, svc.rung)}")
+
+
+OPERATIONS = ("reset", "downgrade", "upgrade", "pin", "unpin")
+
+
+def dispatch(
+    op: str,
+    state: FleetState,
+    config: FleetConfig,
+    name: str,
+    now: float,
+    who: str,
+    fit: FitCheck,
+    rung: str = "",
+    force: bool = False,
+) -> Outcome:
+    """Run operation `op` by name: the one dispatcher of the daemon and of fleetctl offline."""
+    if op == "reset":
+        return reset(state, config, name, now, who)
+    if op == "downgrade":
+        return downgrade(state, config, name, now, who)
+    if op == "upgrade":
+        return upgrade(state, config, name, now, who, fit, force)
+    if op == "pin":
+        return pin(state, config, name, rung, now, who, fit, force)
+    if op == "unpin":
+        return unpin(state, config, name, now, who)
+    raise UsageError(f"unknown operation {op!r}; expected one of {', '.join(OPERATIONS)}")

@@ -732,3 +732,46 @@ NOT_INCIDENTS: tuple[str, ...] = (
     " allocate 2.00 GiB?', params: SamplingParams(n=1, best_of=1, presence_penalty=0.0,"
     " frequency_penalty=0.0, repetition_penalty=1.0, temperature=0.0, top_p=1.0, top_k=-1)",
 )
+
+
+@dataclass(frozen=True)
+class EventRule:
+    """A Docker event that is an incident: the engine reports it, not a log line."""
+
+    id: str
+    incident_class: IncidentClass
+    action: str  # the Docker event's action
+    exit_code: int | None  # the container's exit code it needs (None: any)
+    description: str
+    source: str
+
+
+DOCKER_EVENT_RULES: tuple[EventRule, ...] = (
+    EventRule(
+        id="docker.oom_event",
+        incident_class=IncidentClass.HOST_OOM,
+        action="oom",
+        exit_code=None,
+        description="Docker's `oom` event: the container hit its cgroup memory (RAM) limit",
+        source="Docker Engine API, /events (container actions)",
+    ),
+    EventRule(
+        id="docker.exit_137",
+        incident_class=IncidentClass.HOST_OOM,
+        action="die",
+        exit_code=137,
+        description=(
+            "the container died of SIGKILL (exit 137) that fleetd did not cause: the kernel's"
+            " OOM killer, most often; a stop fleetd makes itself is not counted"
+        ),
+        source="Docker Engine API, /events; docker run reference (exit status 137 = 128 + 9)",
+    ),
+)
+
+
+def classify_event(action: str, exit_code: int | None) -> EventRule | None:
+    """The event rule a container event matches, or None."""
+    for rule in DOCKER_EVENT_RULES:
+        if rule.action == action and rule.exit_code in (None, exit_code):
+            return rule
+    return None

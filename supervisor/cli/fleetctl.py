@@ -24,7 +24,7 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
-from supervisor.cli.link import Link, connect, discover, operate_offline
+from supervisor.cli.link import Link, connect, discover, fleet_pids, operate_offline
 from supervisor.cli.views import read_state
 from supervisor.control import SOCKET_ENV
 from supervisor.errors import FleetdError, UsageError
@@ -52,7 +52,6 @@ def cli() -> None:
 def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
     from supervisor.analyzer import analyze
     from supervisor.gpus import Nvml, resolve_gpus
-    from supervisor.managed import managed_pids_if_reachable
 
     nvml = Nvml()
     try:
@@ -61,12 +60,7 @@ def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) 
         nvml.shutdown()
     if discovery.problem and not quiet:  # the text plan prints it among its notes
         click.echo(f"fleetctl: {discovery.problem}", err=True)
-    pids: frozenset[int] = frozenset()
-    if any(g.processes for g in discovery.gpus):  # only NVML readings list processes
-        pids, problem = managed_pids_if_reachable(config)
-        if problem:
-            click.echo(f"fleetctl: {problem}", err=True)
-    return analyze(config, discovery, pids)
+    return analyze(config, discovery, fleet_pids(config, discovery))
 
 
 @cli.command()
@@ -273,7 +267,8 @@ def status(
         config = _optional_config(config_path)
         report = status_json(state, config, time.time(), service)
         discovery = discover(config)
-        report["gpus"], report["gpu_problem"] = gpus_json(discovery, config), discovery.problem
+        report["gpus"] = gpus_json(discovery, config, fleet_pids(config, discovery))
+        report["gpu_problem"] = discovery.problem
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

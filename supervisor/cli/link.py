@@ -108,6 +108,19 @@ def discover(config: FleetConfig | None) -> Discovery:
         nvml.shutdown()
 
 
+def fleet_pids(config: FleetConfig | None, discovery: Discovery) -> frozenset[int]:
+    """The host pids of the fleet's own containers, when NVML lists GPU processes (so the
+    budget leaves out only others' memory); empty when Docker does not answer."""
+    from supervisor.managed import managed_pids_if_reachable
+
+    if config is None or not any(g.processes for g in discovery.gpus):
+        return frozenset()
+    pids, problem = managed_pids_if_reachable(config)
+    if problem:
+        click.echo(f"fleetctl: {problem}", err=True)
+    return pids
+
+
 def operate_offline(
     link: Link, config: FleetConfig, op: str, service: str, rung: str | None, force: bool
 ) -> dict[str, Any]:
@@ -137,7 +150,6 @@ def _operate_locked(
     force: bool,
 ) -> dict[str, Any]:
     from supervisor import ops
-    from supervisor.managed import managed_pids_if_reachable
 
     with store.lock():
         if store.running_daemon() is not None:  # it started since we looked
@@ -151,39 +163,16 @@ def _operate_locked(
         who = f"{local_who()}, fleetd not running"
 
         def fit(name: str, target: int) -> ops.Fit:
-            pids, _ = managed_pids_if_reachable(config)
-            return ops.check_fit(config, state, name, target, discover(config), pids)
+            discovery = discover(config)
+            pids = fleet_pids(config, discovery)
+            return ops.check_fit(config, state, name, target, discovery, pids)
 
-        outcome = _run_op(state, config, op, service, rung, force, now, who, fit)
+        outcome = ops.dispatch(op, state, config, service, now, who, fit, rung or "", force)
         store.save(state)
         answer: dict[str, Any] = {**outcome.to_json(), "applied": outcome.change is None}
         if outcome.change is not None:
             answer.update(_apply_offline(store, config, state, service, outcome.message))
     return answer
-
-
-def _run_op(
-    state: FleetState,
-    config: FleetConfig,
-    op: str,
-    service: str,
-    rung: str | None,
-    force: bool,
-    now: float,
-    who: str,
-    fit: ops.FitCheck,
-) -> ops.Outcome:
-    from supervisor import ops
-
-    if op == "reset":
-        return ops.reset(state, config, service, now, who)
-    if op == "downgrade":
-        return ops.downgrade(state, config, service, now, who)
-    if op == "upgrade":
-        return ops.upgrade(state, config, service, now, who, fit, force)
-    if op == "pin":
-        return ops.pin(state, config, service, rung or "", now, who, fit, force)
-    return ops.unpin(state, config, service, now, who)
 
 
 def _apply_offline(

@@ -5,27 +5,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.errors import FleetdError, UsageError
-from supervisor.state import (
-    STATE_FILE,
-    FleetState,
-    ServiceState,
-    StateError,
-    Transition,
-    measured_json,
-    transition_json,
-)
+from supervisor.errors import FleetdError
+from supervisor.state import STATE_FILE, FleetState, StateError
+from supervisor.status import gpus_json, status_json
 from supervisor.units import format_size
 
-if TYPE_CHECKING:
-    from supervisor.config import FleetConfig
-    from supervisor.gpus import Discovery
+__all__ = ["gpus_json", "print_history", "print_status", "read_state", "status_json"]
 
 
 def read_state(state_dir: Path) -> FleetState:
@@ -48,81 +39,6 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _last(state: FleetState, service: str) -> Transition | None:
-    return next((t for t in reversed(state.history) if t.service == service), None)
-
-
-def status_json(
-    state: FleetState, config: FleetConfig | None, now: float, service: str | None = None
-) -> dict[str, Any]:
-    """What `fleetctl status --json` prints (the daemon adds "gpus" and "daemon")."""
-    from supervisor.lifecycle import endpoint_of  # the runtime clients: only when needed
-
-    if service is not None and service not in state.services:
-        known = ", ".join(sorted(state.services)) or "none yet"
-        raise UsageError(f"no service {service!r} in the state; services: {known}")
-    services = {}
-    for name, svc in state.services.items():
-        if service is not None and name != service:
-            continue
-        window = config.policy.incident_window if config else None
-        last = _last(state, name)
-        services[name] = {
-            "model": svc.model,
-            "rung": svc.rung,
-            "rungs": len(config.services[name].ladder)
-            if config and name in config.services
-            else None,
-            "state": str(svc.state),
-            "in_config": None if config is None else name in config.services,
-            "incidents_in_window": _recent(svc, now, window),
-            "pinned": svc.pinned,
-            "pending": None if svc.pending is None else svc.pending.to_model,
-            "last_transition": None if last is None else transition_json(last),
-            "probation_until": svc.probation_until,
-            "step_up_not_before": svc.step_up_not_before,
-            "measured": _measured(state, svc.model),
-            "endpoint": endpoint_of(config, name) if config and name in config.services else None,
-            "ensemble": _members(config, name),
-            "health": None,  # fleetd's live view only (a check result, the circuit breaker)
-            "activity": None,  # fleetd's live view only (a pull's progress, a warm-up)
-        }
-    return {"services": services, "gpus": [], "gpu_problem": None, "daemon": None}
-
-
-def gpus_json(discovery: Discovery, config: FleetConfig | None) -> list[dict[str, Any]]:
-    """Per GPU: memory used and total (when NVML reads it) against the fleet's budget."""
-    budget = config.budget if config is not None else None
-    return [
-        {
-            "index": g.index,
-            "name": g.name,
-            "uuid": g.uuid,
-            "source": g.source,
-            "total_bytes": g.total_bytes,
-            "used_bytes": g.used_bytes,
-            "free_bytes": g.free_bytes,
-            "budget_bytes": None if budget is None else int(budget * g.total_bytes),
-            "error": g.error,
-        }
-        for g in discovery.gpus
-    ]
-
-
-def _members(config: FleetConfig | None, name: str) -> list[str] | None:
-    service = config.services.get(name) if config is not None else None
-    return [r.model for r in service.ensemble] if service and service.ensemble else None
-
-
-def _measured(state: FleetState, model: str) -> dict[str, Any] | None:
-    seen = state.measured.get(model)
-    return None if seen is None else measured_json(seen)
-
-
-def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
-    return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)
 
 
 def print_status(report: dict[str, Any], console: Console) -> None:
