@@ -330,6 +330,17 @@ class BurstGrouper:
         self._first[key] = (time, run)
         return True
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BurstGrouper):
+            return NotImplemented
+        return (self.window_s, self._first) == (other.window_s, other._first)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, never a key
+
+    def copy(self) -> BurstGrouper:
+        """An independent copy: the step works on one and leaves the world it got unchanged."""
+        return BurstGrouper(self.window_s, self)
+
     def seed(self, container: str, incident_class: str, time: float) -> None:
         """Remember an incident recorded before a restart of fleetd (its run unknown)."""
         key = (container, incident_class)

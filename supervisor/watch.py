@@ -22,6 +22,8 @@ import docker.errors
 import requests.exceptions
 from loguru import logger
 
+from supervisor.step import ContainerEvent
+
 # What a broken or restarting engine raises out of docker-py's streams and calls.
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
@@ -42,15 +44,6 @@ class LogLine:
 class FollowerEnded:
     container: str
     container_id: str
-
-
-@dataclass(frozen=True)
-class ContainerEvent:
-    container: str
-    container_id: str
-    action: str  # start, die, oom, destroy, health_status: healthy, ...
-    time_ns: int
-    exit_code: int | None = None
 
 
 @dataclass(frozen=True)
