@@ -26,16 +26,17 @@ from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from supervisor import __version__, step
+from supervisor import __version__, engine, step
 from supervisor.address import format_address
 from supervisor.analyzer import analyze, gpu_budget_bytes, service_needs
 from supervisor.backoff import DOCKER_RECONNECT
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
+from supervisor.engine import DockerError
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery, Nvml, declared_gpus, resolve_gpus
-from supervisor.handoff import restart_service, write_handoff
+from supervisor.handoff import change_model
 from supervisor.lifecycle import ModelChange, Settled, endpoint_of
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
@@ -45,7 +46,6 @@ from supervisor.sdnotify import Notifier
 from supervisor.state import FleetState, LogCursor, StateStore
 from supervisor.step import ContainerEvent
 from supervisor.watch import (
-    DOCKER_ERRORS,
     EventsEnded,
     EventWatcher,
     FollowerEnded,
@@ -189,47 +189,46 @@ class Daemon:
             abort.set()
 
     def _restart(self, effect: step.Restart) -> None:
-        """Hand off, prepare (pull, unload), restart, then settle (health, warm-up): a worker.
-
-        A restart that keeps the model (a GPU fault, failed health checks) only restarts:
-        the health checks, not a settle, judge whether it helped."""
-        config, name = self.config, effect.service
-        if effect.handoff:
-            warning = write_handoff(self.store, config, name, effect.model)
-            if warning:
-                logger.warning(warning)
+        """The change procedure (handoff.change_model) in a worker: hand off, prepare (pull,
+        unload), restart, then settle (health, warm-up). A restart that keeps the model (a
+        GPU fault, failed health checks) only restarts: the health checks judge it."""
         abort = threading.Event()
-        change = None
         if effect.old_model != effect.model:
-            report = self._reporter(name, effect.change)
-            change = ModelChange.for_service(config, name, report, abort)
-        if change is not None:
             self.aborts[effect.change] = abort
         threading.Thread(
             target=self._restart_worker,
-            args=(effect, config, change),
-            name=f"apply-{name}",
+            args=(effect, self.config, abort),
+            name=f"apply-{effect.service}",
             daemon=True,
         ).start()
 
     def _restart_worker(
-        self, effect: step.Restart, config: FleetConfig, change: ModelChange | None
+        self, effect: step.Restart, config: FleetConfig, abort: threading.Event
     ) -> None:
-        error = None
+        name, change = effect.service, effect.change
+
+        def restarted(settles: bool) -> None:
+            self.queue.put(step.Applied(name, change, None, settles))
+
         try:
-            client = self.client
-            if client is None:
-                raise FleetdError("Docker is not reachable; the change applies when it is")
-            if change is not None:
-                change.prepare(effect.old_model, effect.model)
-            restart_service(client, config, effect.service, effect.model, self._expect_stop)
-        except (FleetdError, *DOCKER_ERRORS) as e:
-            error = str(e)
-        settles = error is None and change is not None
-        self.queue.put(step.Applied(effect.service, effect.change, error, settles))
-        if settles:
-            assert change is not None
-            self.queue.put(step.SettleDone(effect.change, change.settle(effect.model)))
+            result = change_model(
+                self.client,
+                self.store,
+                config,
+                name,
+                effect.old_model,
+                effect.model,
+                report=self._reporter(name, change),
+                abort=abort,
+                restarted=restarted,
+                expect_stop=self._expect_stop,
+                handoff=effect.handoff,
+            )
+        except FleetdError as e:
+            self.queue.put(step.Applied(name, change, str(e)))
+            return
+        if result is not None:
+            self.queue.put(step.SettleDone(change, result))
 
     def _expect_stop(self, container: str, seconds: float) -> None:
         """From a worker, before it stops a container: queued ahead of the stop's events."""
@@ -244,9 +243,9 @@ class Daemon:
         def stop_all() -> None:
             for name in effect.containers:
                 try:
-                    client.containers.get(name).stop(timeout=int(effect.timeout_s))
-                except DOCKER_ERRORS as e:
-                    logger.error(f"{effect.service}: could not stop {name}: {e}")
+                    engine.stop(client, name, int(effect.timeout_s))
+                except DockerError as e:
+                    logger.error(f"{effect.service}: {e}")
 
         threading.Thread(target=stop_all, name=f"stop-{effect.service}", daemon=True).start()
 
@@ -414,7 +413,7 @@ class Daemon:
             return
         try:
             self._handle(item)
-        except (FleetdError, *DOCKER_ERRORS) as e:  # one bad record never stops the loop
+        except FleetdError as e:  # one bad record never stops the loop
             logger.error(f"while handling {type(item).__name__}: {e}")
         except Exception:  # a bug: report it with its traceback, keep supervising
             logger.exception(f"BUG while handling {type(item).__name__}; please report it")
@@ -516,12 +515,11 @@ class Daemon:
         if self.client is not None or time.monotonic() < self._docker_retry_at:
             return
         try:
-            client = self.docker_factory()
-            client.ping()
-        except DOCKER_ERRORS as e:
+            client = engine.connect(self.docker_factory)
+        except DockerError as e:
             self._docker_failures += 1
             wait_s = DOCKER_RECONNECT.delay_s(self._docker_failures)
-            logger.warning(f"Docker is not reachable ({e}); next try in at least {wait_s:.0f} s")
+            logger.warning(f"{e}; next try in at least {wait_s:.0f} s")
             self._docker_retry_at = time.monotonic() + wait_s
             return
         self.client, self._docker_failures = client, 0
@@ -538,11 +536,11 @@ class Daemon:
             if name in self.followers and self.followers[name].is_alive():
                 continue
             try:
-                container = client.containers.get(name)
-            except DOCKER_ERRORS:
-                continue  # not created yet: its start event attaches it
-            if container.status == "running":
-                self._follow(name, container.id, None)
+                found = engine.container_state(client, name)
+            except DockerError:
+                continue
+            if found is not None and found[1]:  # not created yet: its start event attaches it
+                self._follow(name, found[0], None)
 
     def _follow(self, name: str, container_id: str, started_ns: int | None) -> None:
         old = self.followers.get(name)
@@ -572,9 +570,8 @@ class Daemon:
     def _started_ns(self, name: str) -> int:
         try:
             assert self.client is not None
-            started = self.client.containers.get(name).attrs["State"]["StartedAt"]
-            return parse_docker_time_ns(started)
-        except (KeyError, ValueError, *DOCKER_ERRORS):
+            return parse_docker_time_ns(engine.started_ns(self.client, name))
+        except (KeyError, ValueError, DockerError):
             return 0
 
     def _remember_cursor(self, follower: LogFollower) -> None:

@@ -6,14 +6,21 @@ offline `fleetctl downgrade` both go through here, so they cannot drift apart.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import docker
-
+from supervisor import engine
 from supervisor.compose import update_env_file
 from supervisor.config import FleetConfig
+from supervisor.engine import NoSuchContainer
 from supervisor.errors import FleetdError
 from supervisor.state import StateStore
+
+if TYPE_CHECKING:
+    import docker
+
+    from supervisor.lifecycle import Settled
 
 # Extra seconds after a stop's own timeout during which a container's exit is ours.
 STOP_GRACE_S = 5
@@ -51,6 +58,42 @@ def restart_service(
 
                 recreate_with_env(client, name, svc.model_env, model, timeout)
             else:
-                client.containers.get(name).restart(timeout=timeout)
-        except docker.errors.NotFound:
-            raise FleetdError(f"container {name} does not exist (is the fleet up?)") from None
+                engine.restart(client, name, timeout)
+        except NoSuchContainer as e:
+            raise NoSuchContainer(f"container {name} does not exist (is the fleet up?)") from e
+
+
+def change_model(
+    client: docker.DockerClient | None,
+    store: StateStore,
+    config: FleetConfig,
+    service: str,
+    old: str,
+    new: str,
+    *,
+    report: Callable[[str], None],
+    abort: threading.Event,
+    restarted: Callable[[bool], None] = lambda settles: None,
+    expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
+    handoff: bool = True,
+) -> Settled | None:
+    """The change procedure, one for fleetd and for fleetctl without it: hand `new` off,
+    prepare it (pull it if missing, unload `old`), restart the containers, then settle
+    (wait for health, warm up, measure). `restarted(settles)` is called once the containers
+    run `new`. Returns the settle's result, or None when there is nothing to settle (the
+    same model, or a service fleetd cannot reach). Raises FleetdError before the restart
+    (the hand-off files may already name `new`; the change is still recorded)."""
+    from supervisor.lifecycle import ModelChange  # the runtimes' HTTP clients
+
+    if handoff:
+        warning = write_handoff(store, config, service, new)
+        if warning:
+            report(warning)
+    if client is None:
+        raise FleetdError("Docker is not reachable; the change applies when it is")
+    change = ModelChange.for_service(config, service, report, abort) if old != new else None
+    if change is not None:
+        change.prepare(old, new)
+    restart_service(client, config, service, new, expect_stop)
+    restarted(change is not None)
+    return change.settle(new) if change is not None else None

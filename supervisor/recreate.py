@@ -91,16 +91,13 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import requests.exceptions
 from loguru import logger
 
-from .errors import ConfigError, FleetdError
+from .engine import SDK_ERRORS, DockerError, translated
+from .errors import ConfigError
 
 NEW_SUFFIX = "-fleetd-new"
 OLD_SUFFIX = "-fleetd-old"
-
-# What a failing engine raises out of docker-py (HTTP errors, a broken socket).
-_DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 # Docker reports a container that was created but never started with this StartedAt.
 _NEVER_STARTED = "0001-01-01T00:00:00Z"
@@ -108,7 +105,7 @@ _NEVER_STARTED = "0001-01-01T00:00:00Z"
 T = TypeVar("T")
 
 
-class ContainerError(FleetdError):
+class ContainerError(DockerError):
     """A container could not be inspected, recreated, swapped or rolled back."""
 
 
@@ -357,12 +354,9 @@ def build_create_args(inspect: dict[str, Any], env_name: str, value: str) -> dic
 
 @contextmanager
 def _translated(what: str) -> Iterator[None]:
-    """Turn docker-py's and requests' exceptions into ContainerError, chained."""
-    try:
+    """Docker's errors as ContainerError, chained (translated once, in engine.py)."""
+    with translated(what, ContainerError, missing=ContainerError):
         yield
-    except _DOCKER_ERRORS as e:
-        explanation = getattr(e, "explanation", None) or str(e)
-        raise ContainerError(f"{what}: {explanation}") from e
 
 
 def _call(what: str, fn: Callable[[], T]) -> T:
@@ -440,7 +434,7 @@ def _rollback(api: Any, name: str, old_id: str, new_id: str, restart_old: bool) 
     def attempt(what: str, step: Callable[[], object]) -> None:
         try:
             step()
-        except _DOCKER_ERRORS as e:
+        except SDK_ERRORS as e:
             failures.append(f"{what}: {getattr(e, 'explanation', None) or e}")
 
     attempt(f"remove the new container {new_id[:12]}", lambda: _remove(api, new_id, volumes=True))
@@ -522,7 +516,7 @@ def recreate_with_env(
 
     try:
         _remove(api, old_id, volumes=False)
-    except _DOCKER_ERRORS as e:
+    except SDK_ERRORS as e:
         logger.warning(
             f"recreated {name} but could not remove the old container "
             f"{name + OLD_SUFFIX}: {e}; the next recreate removes it"

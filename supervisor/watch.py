@@ -15,17 +15,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docker
-import docker.errors
-import requests.exceptions
 from loguru import logger
 
+from supervisor import engine
+from supervisor.engine import DockerError
 from supervisor.step import ContainerEvent
 
-# What a broken or restarting engine raises out of docker-py's streams and calls.
-DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+if TYPE_CHECKING:
+    import docker
 
 
 @dataclass(frozen=True)
@@ -116,11 +115,9 @@ class LogFollower(_StreamThread):
             # `since` is inclusive and a float loses nanoseconds: start a little early
             # and drop what the cursor already covers.
             since = max(self.since_ns / 1e9 - 0.001, 0.000001)
-            self._stream = self.client.api.logs(
-                self.container_id, stream=True, follow=True, timestamps=True, since=since
-            )
+            self._stream = engine.log_stream(self.client, self.container_id, since)
             self._pump(self._stream)
-        except DOCKER_ERRORS as e:
+        except DockerError as e:
             if not self._stopped.is_set():
                 logger.warning(f"log of {self.container} ended: {e}")
         finally:
@@ -164,12 +161,10 @@ class EventWatcher(_StreamThread):
     def run(self) -> None:
         error = "stopped"
         try:
-            self._stream = self.client.events(
-                decode=True, since=self.since_s, filters={"type": "container"}
-            )
+            self._stream = engine.event_stream(self.client, self.since_s)
             for event in self._stream:
                 self._emit(event)
-        except DOCKER_ERRORS as e:
+        except DockerError as e:
             error = str(e)
         if not self._stopped.is_set():
             self._out.put(EventsEnded(error))

@@ -178,36 +178,52 @@ def _operate_locked(
 def _apply_offline(
     store: StateStore, config: FleetConfig, state: FleetState, service: str, asked: str
 ) -> dict[str, Any]:
-    import docker
+    """The daemon's change procedure (handoff.change_model), run here: hand off, pull and
+    unload where the runtime does that, restart, wait for health and warm up."""
+    import threading
 
-    from supervisor.handoff import restart_service, write_handoff
+    from supervisor import engine
+    from supervisor.engine import DockerError
+    from supervisor.handoff import change_model
     from supervisor.ladder import apply_change
-    from supervisor.watch import DOCKER_ERRORS
 
     svc = state.services[service]
-    assert svc.pending is not None
+    pending = svc.pending
+    assert pending is not None
     try:
-        client = docker.from_env()
-        client.ping()
-    except DOCKER_ERRORS as e:
+        client = engine.from_env()
+    except DockerError as e:
         return {
             "applied": False,
-            "message": f"{asked}: recorded; Docker is not reachable ({e}), so the change "
-            "applies when fleetd starts",
+            "message": f"{asked}: recorded; {e}, so the change applies when fleetd starts",
         }
-    warning = write_handoff(store, config, service, svc.pending.to_model)
-    if warning:
-        click.echo(f"fleetctl: {warning}", err=True)
+
+    def restarted(settles: bool) -> None:  # the containers run the new model: record it
+        new, record = apply_change(state.services[service], service, time.time())
+        state.services[service] = new
+        state.history.append(record)
+        store.save(state)
+
+    def report(text: str) -> None:
+        click.echo(f"fleetctl: {service}: {text}", err=True)
+
     try:
-        restart_service(client, config, service, svc.pending.to_model)
-    except (FleetdError, *DOCKER_ERRORS) as e:
+        result = change_model(
+            client, store, config, service, svc.model, pending.to_model,
+            report=report, abort=threading.Event(), restarted=restarted,
+        )  # fmt: skip
+    except FleetdError as e:
         raise FleetdError(
-            f"{service}: the change to {svc.pending.to_model} is recorded, but restarting "
-            f"its containers failed ({e}); fleetd completes it when it starts"
+            f"{service}: the change to {pending.to_model} is recorded, but applying it "
+            f"failed ({e}); fleetd completes it when it starts"
         ) from None
-    new, record = apply_change(svc, service, time.time())
-    state.services[service] = new
-    state.history.append(record)
-    store.save(state)
-    restarted = ", ".join(config.services[service].restarted)
-    return {"applied": True, "message": f"{asked}; restarted {restarted}"}
+    restarted_names = ", ".join(config.services[service].restarted)
+    message = f"{asked}; restarted {restarted_names}"
+    if result is not None and result.ok:
+        if result.measured is not None:
+            state.measured[result.model] = result.measured
+            store.save(state)
+        message += f"; {result.model} {result.detail}"
+    elif result is not None:
+        message += f"; but {result.model} did not become ready: {result.detail}"
+    return {"applied": True, "message": message}
