@@ -35,11 +35,12 @@ from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
 from supervisor.engine import DockerError
 from supervisor.errors import FleetdError, UsageError
-from supervisor.gpus import Discovery, Nvml, declared_gpus, resolve_gpus
+from supervisor.gpus import Discovery, declared_gpus, resolve_gpus
 from supervisor.handoff import change_model
 from supervisor.lifecycle import ModelChange, Settled, endpoint_of
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
+from supervisor.nvml import Nvml
 from supervisor.rules import BUILTIN_RULES
 from supervisor.runtime_api import OllamaApi, RuntimeApiError, api_for, ollama_name
 from supervisor.sdnotify import Notifier

@@ -1,24 +1,20 @@
-"""GPU discovery through NVML (pynvml), declared GPUs, and simulated ones (`--gpu`).
+"""The GPUs fleetd plans for: what one is (pure data), declared ones, simulated ones.
 
-Every NVML read returns a value or an explicit "unknown" (None); one lost or broken
-GPU becomes an invalid record and the rest of the query still works.
+NVML's readings come from the NVML edge (`supervisor/nvml.py`); this module never
+imports pynvml, so the planner, the step and the status report stay pure.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
-
-import pynvml
+from typing import Literal, Protocol
 
 from supervisor.config import FleetConfig, GpuDeclaration
 from supervisor.errors import UsageError
 from supervisor.units import parse_size
 
 GpuSource = Literal["nvml", "declared", "simulated"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,75 +57,6 @@ class Discovery:
     notes: tuple[str, ...] = field(default=())
 
 
-class Nvml:
-    """NVML, initialised lazily under a lock; `nvml` is pynvml or a test fake of it."""
-
-    def __init__(self, nvml: Any = pynvml) -> None:
-        self._nvml = nvml
-        self._lock = threading.Lock()
-        self._ready = False
-
-    def discover(self) -> Discovery:
-        with self._lock:
-            try:
-                if not self._ready:
-                    self._nvml.nvmlInit()
-                    self._ready = True
-                count = int(self._nvml.nvmlDeviceGetCount())
-            except pynvml.NVMLError as e:
-                return Discovery(gpus=(), problem=f"no NVIDIA GPU found: NVML: {e}")
-            driver = self._read(lambda: str(self._nvml.nvmlSystemGetDriverVersion()))
-            gpus = tuple(self._gpu(i) for i in range(count))
-        problem = None if gpus else "no NVIDIA GPU found: NVML reports 0 devices"
-        return Discovery(gpus=gpus, problem=problem, driver_version=driver)
-
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._ready:
-                self._read(self._nvml.nvmlShutdown)
-                self._ready = False
-
-    def _gpu(self, index: int) -> Gpu:
-        nvml = self._nvml
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        except pynvml.NVMLError as e:
-            return Gpu(index=index, name="unknown", total_bytes=0, source="nvml", error=str(e))
-        return Gpu(
-            index=index,
-            name=self._read(lambda: str(nvml.nvmlDeviceGetName(handle))) or "unknown",
-            uuid=self._read(lambda: str(nvml.nvmlDeviceGetUUID(handle))),
-            total_bytes=int(memory.total),
-            used_bytes=int(memory.used),
-            free_bytes=int(memory.free),
-            processes=self._read(lambda: _processes(nvml, handle)),
-            source="nvml",
-        )
-
-    @staticmethod
-    def _read(query: Callable[[], T]) -> T | None:
-        try:
-            return query()
-        except pynvml.NVMLError:
-            return None
-
-
-def _processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
-    found = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    return tuple(
-        GpuProcess(pid=int(p.pid), used_bytes=_known(getattr(p, "usedGpuMemory", None)))
-        for p in found
-    )
-
-
-def _known(value: int | None) -> int | None:
-    # NVML reports "not available" as None or as the all-ones sentinel.
-    if value is None or value >= 2**63:
-        return None
-    return int(value)
-
-
 def declared_gpus(declarations: Sequence[GpuDeclaration]) -> tuple[Gpu, ...]:
     return tuple(
         Gpu(index=i, name=d.name, total_bytes=d.memory, source="declared")
@@ -154,7 +81,13 @@ def simulated_gpus(specs: Iterable[str]) -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-def resolve_gpus(config: FleetConfig, simulated: Sequence[str], nvml: Nvml) -> Discovery:
+class GpuReader(Protocol):
+    """What reads the host's GPUs (supervisor.nvml.Nvml)."""
+
+    def discover(self) -> Discovery: ...
+
+
+def resolve_gpus(config: FleetConfig, simulated: Sequence[str], nvml: GpuReader) -> Discovery:
     """The GPUs to plan for: `--gpu` options, else declared ones, else NVML's."""
     if simulated:
         return Discovery(gpus=simulated_gpus(simulated))

@@ -9,8 +9,9 @@ from pathlib import Path
 from supervisor import step
 from supervisor.analyzer import analyze
 from supervisor.config import load_config
-from supervisor.gpus import Nvml, resolve_gpus
+from supervisor.gpus import resolve_gpus
 from supervisor.ladder import apply_change
+from supervisor.nvml import Nvml
 from supervisor.state import FleetState, PendingChange, ServiceState
 from supervisor.status import gpus_json
 from tests.fakenvml import GIB, FakeDevice, FakeNvml

@@ -9,7 +9,8 @@ import pytest
 
 from supervisor.config import FleetConfig
 from supervisor.errors import UsageError
-from supervisor.gpus import Gpu, GpuProcess, Nvml, resolve_gpus, simulated_gpus
+from supervisor.gpus import Gpu, GpuProcess, resolve_gpus, simulated_gpus
+from supervisor.nvml import Nvml
 from tests import fakenvml
 from tests.fakenvml import GIB, NOT_AVAILABLE, FakeDevice, FakeNvml
 

@@ -51,7 +51,8 @@ def cli() -> None:
 
 def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
     from supervisor.analyzer import analyze
-    from supervisor.gpus import Nvml, resolve_gpus
+    from supervisor.gpus import resolve_gpus
+    from supervisor.nvml import Nvml
 
     nvml = Nvml()
     try:

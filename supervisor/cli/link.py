@@ -95,7 +95,8 @@ def local_who() -> str:
 
 def discover(config: FleetConfig | None) -> Discovery:
     """The GPUs as this process reads them (NVML, or the config's declared ones)."""
-    from supervisor.gpus import Discovery, Nvml, resolve_gpus
+    from supervisor.gpus import Discovery, resolve_gpus
+    from supervisor.nvml import Nvml
 
     if config is None:
         return Discovery(gpus=())
