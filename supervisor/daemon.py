@@ -44,8 +44,9 @@ from supervisor.nvml import Nvml
 from supervisor.rules import BUILTIN_RULES
 from supervisor.runtime_api import OllamaApi, RuntimeApiError, api_for, ollama_name
 from supervisor.sdnotify import Notifier
-from supervisor.state import FleetState, LogCursor, StateStore
+from supervisor.state import FleetState, LogCursor
 from supervisor.step import ContainerEvent
+from supervisor.store import StateStore
 from supervisor.watch import (
     EventsEnded,
     EventWatcher,

@@ -15,7 +15,7 @@ from supervisor.compose import update_env_file
 from supervisor.config import FleetConfig
 from supervisor.engine import NoSuchContainer
 from supervisor.errors import FleetdError
-from supervisor.state import StateStore
+from supervisor.store import StateStore
 
 if TYPE_CHECKING:
     import docker

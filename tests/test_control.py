@@ -28,7 +28,8 @@ from supervisor.control import (
     DaemonUnreachable,
 )
 from supervisor.errors import FleetdError
-from supervisor.state import FleetState, ServiceState, StateStore
+from supervisor.state import FleetState, ServiceState
+from supervisor.store import StateStore
 
 CONFIG = """
 gpus: [{name: "test GPU", memory: 8GiB}]

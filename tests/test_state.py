@@ -27,9 +27,9 @@ from supervisor.state import (
     ServiceState,
     ServiceStatus,
     StateError,
-    StateStore,
     Transition,
 )
+from supervisor.store import StateStore
 
 FIXED_NOW = datetime(2026, 11, 23, 10, 15, 0, tzinfo=UTC).timestamp()
 STAMP = "20261123T101500Z"
@@ -403,7 +403,7 @@ def test_model_file_refuses_models_that_are_not_one_name(store: StateStore, mode
 HOLDER = """
 import sys
 from pathlib import Path
-from supervisor.state import StateStore
+from supervisor.store import StateStore
 with StateStore(Path(sys.argv[1])).lock():
     print("locked", flush=True)
     sys.stdin.read()

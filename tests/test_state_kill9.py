@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.state import FleetState, ServiceState, StateStore
+from supervisor.state import FleetState, ServiceState
+from supervisor.store import StateStore
 
 KILLS = 20
 MAX_DELAY_S = 0.050
@@ -21,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 WRITER = f"""
 import sys, time
 from pathlib import Path
-from supervisor.state import StateStore, Transition
+from supervisor.state import Transition
+from supervisor.store import StateStore
 store = StateStore(Path(sys.argv[1]))
 with store.lock():
     result = store.load()

@@ -14,9 +14,9 @@ from supervisor.state import (
     Incident,
     ServiceState,
     ServiceStatus,
-    StateStore,
     Transition,
 )
+from supervisor.store import StateStore
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
 

@@ -20,7 +20,8 @@ import click
 from supervisor.cli.common import checkout_root
 from supervisor.control import ControlClient, DaemonUnreachable, Peer, default_socket
 from supervisor.errors import FleetdError
-from supervisor.state import DaemonInfo, FleetState, StateStore
+from supervisor.state import FleetState
+from supervisor.store import DaemonInfo, StateStore
 
 # The planner, NVML and Docker load only for the commands that use them: `fleetctl status`
 # through a running fleetd needs none of them and starts in a fraction of the time.
