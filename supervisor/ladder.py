@@ -22,10 +22,16 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from supervisor.config import PolicyConfig, ServiceConfig
+from supervisor.rules import IncidentClass
 from supervisor.state import Incident, PendingChange, ServiceState, ServiceStatus, Transition
 from supervisor.units import format_duration, format_size
 
-VRAM_OOM, GPU_FAULT, HOST_OOM = "vram_oom", "gpu_fault", "host_oom"
+# The one incident-class type (rules.IncidentClass), under the names the ladder reads.
+VRAM_OOM, GPU_FAULT, HOST_OOM = (
+    IncidentClass.VRAM_OOM,
+    IncidentClass.GPU_FAULT,
+    IncidentClass.HOST_OOM,
+)
 
 
 class Action(StrEnum):
@@ -64,7 +70,7 @@ class Observed:
     """One incident seen in a container's log (a burst of matching lines counts once)."""
 
     time: float  # the first line's timestamp (epoch seconds)
-    incident_class: str
+    incident_class: IncidentClass
     rule: str
     container: str
     container_id: str | None

@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Literal, TypeVar
 
 from supervisor.errors import FleetdError
+from supervisor.rules import IncidentClass
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
@@ -71,7 +72,7 @@ class Incident:
     """One classified incident (a burst of log lines counts once); JSON key `class`."""
 
     time: float
-    incident_class: str
+    incident_class: IncidentClass
     rule: str
     container_id: str | None
     evidence: str
@@ -342,6 +343,12 @@ def _status(value: object, where: str) -> ServiceStatus:
     raise _bad(where, value, "one of " + ", ".join(f'"{s}"' for s in ServiceStatus))
 
 
+def _incident_class(value: object, where: str) -> IncidentClass:
+    if isinstance(value, str) and value in set(IncidentClass):
+        return IncidentClass(value)
+    raise _bad(where, value, "one of " + ", ".join(f'"{c}"' for c in IncidentClass))
+
+
 def _actor(value: object, where: str) -> Actor:
     if value == "fleetd":
         return "fleetd"
@@ -410,7 +417,7 @@ def _decode_service(o: _Object) -> ServiceState:
 def _decode_incident(o: _Object) -> Incident:
     incident = Incident(
         time=o.get("time", _seconds),
-        incident_class=o.get("class", _str),
+        incident_class=o.get("class", _incident_class),
         rule=o.get("rule", _str),
         container_id=o.opt("container_id", _nullable(_str), None),
         evidence=o.get("evidence", _str),

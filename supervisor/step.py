@@ -50,7 +50,7 @@ from supervisor.ladder import (
     step_up_due,
     transition,
 )
-from supervisor.rules import classify_event
+from supervisor.rules import IncidentClass, classify_event
 from supervisor.state import FleetState, LogCursor, ServiceState, ServiceStatus, transition_json
 from supervisor.status import Live, gpus_json, status_json
 from supervisor.units import format_duration, format_size
@@ -488,7 +488,12 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
     # re-reads (and re-counts) this burst.
     turn.state.log_cursors[line.container] = LogCursor(line.container_id, line.time_ns)
     seen = Observed(
-        at, line.incident_class, line.rule, line.container, line.container_id, line.text
+        at,
+        IncidentClass(line.incident_class),
+        line.rule,
+        line.container,
+        line.container_id,
+        line.text,
     )
     _incident(turn, service, seen)
 
@@ -505,7 +510,7 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
     text = f"container {event.container} {event.action} (exit {event.exit_code})"
     seen = Observed(
         event.time_ns / 1e9,
-        str(rule.incident_class),
+        rule.incident_class,
         rule.id,
         event.container,
         event.container_id,

@@ -348,6 +348,11 @@ def test_incident_class_and_actor_are_checked() -> None:
     document["history"][0]["actor"] = "cron"  # type: ignore[index]
     with pytest.raises(StateError, match=r'history\[0\]\.actor is "cron", expected "fleetd" or'):
         FleetState.from_json(json.dumps(document))
+    document = _valid_document()
+    document["services"]["alpha"]["incidents"][0]["class"] = "vram"  # type: ignore[index]
+    expected = r'incidents\[0\]\.class is "vram", expected one of "vram_oom"'
+    with pytest.raises(StateError, match=expected):
+        FleetState.from_json(json.dumps(document))
 
 
 # ---------------------------------------------------------------- modes
