@@ -113,6 +113,8 @@ class World:
     started_at: float = 0.0
     daemon: Mapping[str, Any] = field(default_factory=dict)  # pid, version, config: status
     next_change: int = 1
+    # Container name -> the service that watches it; derived from `config` when it is set.
+    watched: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def policy(self) -> Policy:
@@ -120,11 +122,6 @@ class World:
 
     def flight(self, service: str) -> Flight:
         return self.flights.get(service) or Flight()
-
-    @property
-    def watched(self) -> dict[str, str]:
-        """Container name -> the service that watches it."""
-        return {c: n for n, svc in self.config.services.items() for c in svc.watched}
 
 
 # --- messages: what the daemon hands the step ----------------------------------------
@@ -427,7 +424,7 @@ class _Turn:
         self.state = FleetState(
             version=world.state.version,
             services=dict(world.state.services),
-            history=list(world.state.history),
+            history=world.state.history,  # shared: a turn that adds a record copies it
             log_cursors=dict(world.state.log_cursors),
             measured=dict(world.state.measured),
         )
@@ -609,7 +606,7 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
         return
     new, record = apply_change(svc, done.service, turn.now)
     turn.state.services[done.service] = new
-    turn.state.history.append(record)
+    turn.state.history = [*turn.state.history, record]
     waiters = flight.waiters
     turn.set_flight(done.service, waiters=(), retries=0)
     turn.effects.append(CountTransition(done.service, record, waiters[0].op if waiters else None))
@@ -993,8 +990,8 @@ def _on_reconfigure(turn: _Turn, message: Reconfigure) -> None:
         svc = turn.state.services.get(name)
         if svc is not None and svc.rung >= len(new.services[name].ladder):
             del turn.state.services[name]
-    turn.world = replace(turn.world, config=new, needs=dict(message.needs))
-    turn.changes.update(config=new, needs=dict(message.needs))
+    turn.world = replace(turn.world, config=new, needs=dict(message.needs), watched=watched_by(new))
+    turn.changes.update(config=new, needs=dict(message.needs), watched=turn.world.watched)
     if turn.bursts.window_s != new.policy.burst_window:  # a burst spanning a reload stays one
         turn.bursts = BurstGrouper(new.policy.burst_window, turn.bursts)
     _settle(turn, message.planned)
@@ -1050,7 +1047,13 @@ def initial_world(
         bursts=bursts,
         started_at=started_at,
         daemon=dict(daemon),
+        watched=watched_by(config),
     )
+
+
+def watched_by(config: FleetConfig) -> Mapping[str, str]:
+    """Container name -> the service that watches it."""
+    return {c: n for n, svc in config.services.items() for c in svc.watched}
 
 
 # --- helpers shared with the daemon --------------------------------------------------------
