@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from supervisor.config import FleetConfig, RungConfig, ServiceConfig
-from supervisor.estimate import RUNTIME_OVERHEAD_MIB, estimate_model
+from supervisor.estimate import estimate_model
 from supervisor.gpus import Discovery, Gpu
 from supervisor.planner import Demand, GpuSlot, Solution, solve
-from supervisor.runtimes import Runtime
+from supervisor.runtimes import REGISTRY, Runtime, spec_of
 from supervisor.state import Measured
 from supervisor.units import GIB, MIB, format_size
 
@@ -66,7 +66,7 @@ class GpuPlan:
     budget_bytes: int
     unmanaged_bytes: int
     planned_bytes: int
-    ollama_limit: int
+    ollama_limit: int  # `ollama_instances_per_gpu` here: the name the config and plan JSON use
     services: tuple[str, ...]
 
     @property
@@ -100,7 +100,7 @@ def rung_need(
         return RungNeed(index, rung.model, rung.vram, "declared", "declared in the config")
     seen = (measured or {}).get(rung.model)
     if seen is not None and seen.vram_bytes:
-        overhead = RUNTIME_OVERHEAD_MIB[runtime] * MIB
+        overhead = spec_of(runtime).overhead_mib * MIB
         when = time.strftime("%Y-%m-%d", time.gmtime(seen.at))
         detail = (
             f"measured {format_size(seen.vram_bytes)} loaded ({when}) + {runtime.value} "
@@ -132,7 +132,13 @@ def service_needs(
     return [RungNeed(0, first, largest.need_bytes, largest.source, detail)]
 
 
+def limited_titles() -> str:
+    """The runtimes that `ollama_instances_per_gpu` limits, as people write them."""
+    return "/".join(s.title for s in REGISTRY.values() if s.instance_limited)
+
+
 def ollama_limit(config: FleetConfig, gpu: Gpu) -> int:
+    """How many instance-limited services (Ollama's) a GPU may host."""
     if config.ollama_instances_per_gpu != "auto":
         return config.ollama_instances_per_gpu
     for floor_gib, limit in _OLLAMA_TIERS_GIB:
@@ -179,7 +185,7 @@ def _slot(config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int]) -> GpuSlo
     return GpuSlot(
         index=gpu.index,
         budget_bytes=gpu_budget_bytes(config, gpu, managed_pids),
-        ollama_limit=ollama_limit(config, gpu),
+        instance_limit=ollama_limit(config, gpu),
     )
 
 
@@ -189,7 +195,7 @@ def _demand(name: str, service: ServiceConfig, needs: list[RungNeed]) -> Demand:
         needs_bytes=tuple(n.need_bytes for n in needs),
         allowed_gpus=service.pinned_gpus,
         priority=service.priority,
-        ollama=service.runtime is Runtime.OLLAMA,
+        limited=spec_of(service.runtime).instance_limited,
     )
 
 
@@ -212,7 +218,7 @@ def _gpu_plans(
                 budget_bytes=slot.budget_bytes if slot else 0,
                 unmanaged_bytes=gpu.unmanaged_bytes(managed_pids) if gpu.valid else 0,
                 planned_bytes=planned,
-                ollama_limit=slot.ollama_limit if slot else 0,
+                ollama_limit=slot.instance_limit if slot else 0,
                 services=tuple(sorted(chosen)),
             )
         )
@@ -275,10 +281,10 @@ def _why_not(
         )
     best = max(allowed, key=lambda g: _room_beside_others(name, g, own))
     room = _room_beside_others(name, best, own)
-    if room >= need.need_bytes and service.runtime is Runtime.OLLAMA:
+    if room >= need.need_bytes and spec_of(service.runtime).instance_limited:
         return (
             f"needs {size}; GPU {best.gpu.index} has the room but already hosts "
-            f"{best.ollama_limit} Ollama service(s), its limit"
+            f"{best.ollama_limit} {limited_titles()} service(s), its limit"
         )
     if room >= need.need_bytes:
         return f"fits beside the others on GPU {best.gpu.index}, but the search stopped first"
@@ -307,7 +313,7 @@ def _unplaced_reason(
     if short <= 0:
         return (
             f"nearest option: {smallest.model!r} ({format_size(smallest.need_bytes)}) fits "
-            f"the room on GPU {best.gpu.index} but not its Ollama limit of "
+            f"the room on GPU {best.gpu.index} but not its {limited_titles()} limit of "
             f"{best.ollama_limit}"
         )
     return (

@@ -24,27 +24,9 @@ from supervisor.analyzer import FleetPlan, ServicePlan
 from supervisor.config import FleetConfig
 from supervisor.errors import RenderError
 from supervisor.fsutil import atomic_write
-from supervisor.runtimes import Runtime
+from supervisor.runtimes import RungOptions, RuntimeSpec, spec_of
 
-HANDOFF_DIR = "/run/fleetd"
-DEFAULT_IMAGES = {
-    Runtime.OLLAMA: "ollama/ollama:latest",
-    Runtime.VLLM: "vllm/vllm-openai:latest",
-    Runtime.LLAMACPP: "ghcr.io/ggml-org/llama.cpp:server-cuda",
-}
-FIRST_PORT = {Runtime.OLLAMA: 11434, Runtime.VLLM: 8000, Runtime.LLAMACPP: 8080}
-CONTAINER_PORT = {Runtime.OLLAMA: 11434, Runtime.VLLM: 8000, Runtime.LLAMACPP: 8080}
-
-# Start scripts read the hand-off file when the container starts, so a restart through
-# the Docker SDK picks up a new model with the same container (no compose drift).
-_OLLAMA_START = (
-    "ollama serve & pid=$!; trap 'kill -TERM $pid' TERM INT; "
-    "until ollama list >/dev/null 2>&1; do sleep 1; done; "
-    'ollama pull "$(cat /run/fleetd/model)" || echo "fleetd: pull failed, using local models"; '
-    "wait $pid"
-)
-_VLLM_START = 'exec vllm serve "$(cat /run/fleetd/model)" "$@"'
-_LLAMACPP_START = 'exec /app/llama-server -m "$(cat /run/fleetd/model)" "$@"'
+HANDOFF_DIR = "/run/fleetd"  # the start scripts in supervisor/runtimes/ read model from here
 
 
 class Quoted(str):
@@ -226,7 +208,8 @@ def host_ports(config: FleetConfig) -> dict[str, int]:
             taken[port] = name
     ports = {n: s.port for n, s in config.services.items() if s.port is not None}
     for name in sorted(config.services):
-        first = FIRST_PORT.get(config.services[name].runtime)
+        spec = spec_of(config.services[name].runtime)
+        first = spec.port if spec.generated else None
         if name in ports or first is None:
             continue
         port = next(p for p in range(first, 65536) if p not in taken)
@@ -236,10 +219,12 @@ def host_ports(config: FleetConfig) -> dict[str, int]:
 
 def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:
     assert svc.rung is not None and svc.gpu is not None and svc.model is not None
-    runtime, config = svc.service.runtime, svc.service
+    config = svc.service
+    spec = _generated_spec(svc)
     rung = config.ladder[svc.rung]
     gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
-    container_port = CONTAINER_PORT.get(runtime, host_port)
+    options = RungOptions(rung.context, rung.parallel, svc.need_bytes or 0, gpu_total)
+    container_port = spec.port if spec.port is not None else host_port
     own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}
     if config.model_env:
         own[config.model_env] = quote_raw("${" + model_env_var(svc.name) + "}")
@@ -250,94 +235,48 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
             "sets itself for the model hand-off"
         )
     # The config's environment overrides the runtime defaults (e.g. OLLAMA_KEEP_ALIVE).
-    defaults = dict(_runtime_env(runtime, rung.context, rung.parallel))
-    merged = {**defaults, **dict(sorted(config.environment.items()))}
+    merged = {**dict(spec.env(options)), **dict(sorted(config.environment.items()))}
     env = list(own.items()) + [(k, quote(v)) for k, v in merged.items()]
+    image = config.image or spec.image
+    assert image is not None  # the config requires `image:` where the runtime has none
     return RenderedService(
         name=svc.name,
-        template=f"{runtime.value}.yml.j2",
-        runtime=runtime.value,
+        template=spec.template or "",
+        runtime=spec.name.value,
         container=config.containers[0],
-        image=config.image or DEFAULT_IMAGES[runtime],
+        image=image,
         gpu=svc.gpu,
         model=svc.model,
         handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
-        args=_runtime_args(runtime, rung.context, rung.parallel, svc.need_bytes or 0, gpu_total),
+        args=list(spec.args(options)),
         environment=env,
-        volumes=[quote(v) for v in _runtime_volumes(svc.name, runtime)]
+        volumes=[quote(v.format(service=svc.name)) for v in spec.volumes]
         + [quote_raw(v) for v in config.volumes],  # written by ops: ${VAR} is theirs
         port_mapping=f"127.0.0.1:{host_port}:{container_port}" if host_port else None,
-        start_script={
-            Runtime.OLLAMA: _OLLAMA_START,
-            Runtime.VLLM: _VLLM_START,
-            Runtime.LLAMACPP: _LLAMACPP_START,
-        }.get(runtime),
-        healthcheck=_healthcheck(runtime, config.healthcheck),
+        start_script=spec.start_script,
+        healthcheck=_healthcheck(spec, config.healthcheck),
     )
 
 
-def _runtime_env(
-    runtime: Runtime, context: int | None, parallel: int | None
-) -> list[tuple[str, str]]:
-    if runtime is not Runtime.OLLAMA:
-        return []
-    env = [
-        ("OLLAMA_HOST", "0.0.0.0:11434"),
-        ("OLLAMA_MAX_LOADED_MODELS", "1"),  # the plan budgets one model per service
-        ("OLLAMA_NUM_PARALLEL", str(parallel or 1)),  # the slots the KV estimate counted
-        ("OLLAMA_KEEP_ALIVE", "-1"),  # budgeted VRAM stays loaded; fleetd unloads on change
-    ]
-    if context:
-        env.append(("OLLAMA_CONTEXT_LENGTH", str(context)))
-    return env
+def _generated_spec(svc: ServicePlan) -> RuntimeSpec:
+    """The runtime's spec; RenderError where fleetd has no template for it."""
+    spec = spec_of(svc.service.runtime)
+    if not spec.generated:
+        raise RenderError(
+            f"service {svc.name!r}: fleetd does not generate {spec.title} containers "
+            f"(runtime {spec.name.value}); run it yourself and let fleetd watch and restart "
+            "it (see docs/runtimes.md), or leave it out of the config you generate from"
+        )
+    return spec
 
 
-def _runtime_args(
-    runtime: Runtime, context: int | None, parallel: int | None, need: int, gpu_total: int
-) -> list[str]:
-    if runtime is Runtime.VLLM:
-        # vLLM takes this share of the whole GPU for weights, activations and KV cache.
-        share = min(0.99, -(-need * 100 // gpu_total) / 100)  # rounded up, in integers
-        args = ["--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", f"{share:.2f}"]
-        return args + (["--max-model-len", str(context)] if context else [])
-    if runtime is Runtime.LLAMACPP:
-        return [
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "8080",
-            "-ngl",
-            "999",
-            "-c",
-            str(context or 4096),
-            "-np",
-            str(parallel or 1),
-        ]
-    return []
-
-
-def _runtime_volumes(service: str, runtime: Runtime) -> list[str]:
-    if runtime is Runtime.OLLAMA:
-        return [f"ollama-{service}:/root/.ollama"]
-    if runtime is Runtime.VLLM:
-        return ["huggingface-cache:/root/.cache/huggingface"]
-    return []
-
-
-def _healthcheck(runtime: Runtime, custom: str | None) -> Healthcheck | None:
+def _healthcheck(spec: RuntimeSpec, custom: str | None) -> Healthcheck | None:
     if custom:
         return Healthcheck(test=["CMD-SHELL", custom])
-    if runtime is Runtime.OLLAMA:
-        return Healthcheck(test=["CMD-SHELL", "ollama list >/dev/null 2>&1 || exit 1"])
-    if runtime is Runtime.VLLM:  # big models take minutes to load
-        return Healthcheck(
-            test=["CMD", "curl", "-fsS", "http://127.0.0.1:8000/health"], start_period="600s"
-        )
-    if runtime is Runtime.LLAMACPP:
-        return Healthcheck(
-            test=["CMD", "curl", "-fsS", "http://127.0.0.1:8080/health"], start_period="300s"
-        )
-    return None
+    check = spec.container_check
+    if check is None:
+        return None
+    return Healthcheck(test=list(check.test), start_period=check.start_period)
 
 
 def _check_env_value(what: str, value: str) -> None:

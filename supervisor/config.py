@@ -27,7 +27,7 @@ from pydantic_core import ErrorDetails
 
 from supervisor.address import parse_address
 from supervisor.errors import ConfigError
-from supervisor.runtimes import Runtime
+from supervisor.runtimes import REGISTRY, Runtime, spec_of
 from supervisor.units import format_size, parse_duration, parse_size
 from supervisor.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
 
@@ -44,6 +44,8 @@ ServiceName = Annotated[str, AfterValidator(lambda v: _check_name(v, "service na
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 Bool = Annotated[bool, Field(strict=True)]
 ListenAddress = Annotated[str, BeforeValidator(lambda v: _check_address(v))]  # kept as written
+# A name from the registry of runtimes; the error lists every accepted one.
+RuntimeName = Annotated[Runtime, BeforeValidator(lambda v: _check_runtime(v))]
 
 # Compose service/container names and model names: refused here rather than escaped
 # later, because no runtime accepts whitespace, quotes or `$` in them anyway.
@@ -59,6 +61,12 @@ def _check_name(value: str, what: str) -> str:
             f"{value!r} is not a valid {what} (expected letters, digits, '_', '.', '-', "
             "starting with a letter or digit)"
         )
+    return value
+
+
+def _check_runtime(value: object) -> object:
+    if isinstance(value, str):
+        spec_of(value)  # raises ValueError listing the accepted names
     return value
 
 
@@ -141,7 +149,7 @@ class WarmupConfig(_Strict):
 class ServiceConfig(_Strict):
     """A served model or app: what runs it, which containers are its, and its ladder."""
 
-    runtime: Runtime
+    runtime: RuntimeName
     containers: Annotated[list[str], Field(min_length=1)]
     watch: list[str] | None = None
     restart: list[str] | None = None
@@ -156,8 +164,8 @@ class ServiceConfig(_Strict):
     healthcheck: str | None = None
     rules: list[RuleConfig] = Field(default_factory=list)
     endpoint: str | None = None  # the runtime's API, e.g. http://127.0.0.1:11434
-    # Models one app uses one after another (Ollama loads one at a time): instead of a
-    # ladder, the service is budgeted for its largest member.
+    # Models one app uses one after another (runtimes that swap models in one server, as
+    # Ollama does): instead of a ladder, the service is budgeted for its largest member.
     ensemble: Annotated[list[RungConfig], Field(min_length=2)] | None = None
     health: HealthConfig = HealthConfig()
     warmup: WarmupConfig = WarmupConfig()
@@ -208,18 +216,24 @@ class ServiceConfig(_Strict):
     @model_validator(mode="after")
     def _ensemble_ladder(self) -> ServiceConfig:
         if self.ensemble is not None:
-            if self.runtime is not Runtime.OLLAMA:
+            if not spec_of(self.runtime).swaps_models:
+                swappers = [s for s in REGISTRY.values() if s.swaps_models]
+                names = " or ".join(s.name.value for s in swappers)
+                titles = ", ".join(s.title for s in swappers)
                 raise ValueError(
-                    f"an `ensemble:` needs runtime ollama (got {self.runtime.value}): only "
-                    "Ollama swaps between models in one server"
+                    f"an `ensemble:` needs runtime {names} (got {self.runtime.value}): only "
+                    f"{titles} swaps between models in one server"
                 )
             object.__setattr__(self, "ladder", [self.ensemble[0]])
         return self
 
     @model_validator(mode="after")
-    def _generic_needs_image(self) -> ServiceConfig:
-        if self.runtime is Runtime.GENERIC and self.image is None:
-            raise ValueError("a `generic` service needs `image:` (the app's container image)")
+    def _image_when_no_default(self) -> ServiceConfig:
+        if spec_of(self.runtime).needs_image and self.image is None:
+            raise ValueError(
+                f"a `{self.runtime.value}` service needs `image:` (the app's container image; "
+                "fleetd has no default for it)"
+            )
         return self
 
     @property

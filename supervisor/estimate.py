@@ -8,19 +8,20 @@ Formula, all in bytes:
     weights           GGUF: sum of every tensor's data size (all shards of a split GGUF);
                       HF: total size of the *.safetensors files (else pytorch_model*.bin,
                       else *.bin)
-    context           the requested context, else the runtime default (4096; vLLM: the
-                      model's max, as its --max-model-len defaults to it), always capped at
-                      the model's trained max context when that is known
-    slots             the requested parallel slots, else 1; vLLM always 1 (its KV pool is
-                      sized by its own utilisation flag, and one full-length sequence is the
-                      minimum it must hold at start)
+    context           the requested context, else the runtime default (4096; vLLM, TGI,
+                      SGLang, TensorRT-LLM: the model's max, as their max length defaults
+                      to it), always capped at the model's trained max context when known
+    slots             the requested parallel slots, else 1; always 1 for the runtimes whose
+                      KV pool is a share of the GPU (vLLM, TGI, SGLang, TensorRT-LLM: one
+                      full-length sequence is the minimum they must hold at start)
     kv_cache          n_layers x context x slots x n_head_kv x (head_dim_k + head_dim_v)
                       x kv_bytes_per_element (GGUF runtimes: f16 cache = 2;
                       HF: torch_dtype size, bf16/f16 = 2, f32 = 4, missing = 2)
     compute           512 x (n_embd + n_vocab) x 4  (one 512-token batch of f32
                       activations and logits)
-    runtime_overhead  CUDA context and the runtime's own buffers: ollama 500 MiB,
-                      llamacpp 300 MiB, vllm 1024 MiB, generic 500 MiB
+    runtime_overhead  CUDA context and the runtime's own buffers, from its registry entry:
+                      ollama 500 MiB, llamacpp 300 MiB, vllm 1024 MiB, generic 500 MiB;
+                      tgi, sglang, tensorrt, triton 1024 MiB
     total             sum of the four parts
 """
 
@@ -35,21 +36,12 @@ from typing import Any
 import gguf
 
 from supervisor.errors import EstimateError
-from supervisor.runtimes import Runtime
+from supervisor.runtimes import REGISTRY, Runtime, spec_of
 from supervisor.units import GIB, MIB
 
-DEFAULT_CONTEXT: dict[Runtime, int] = {
-    Runtime.OLLAMA: 4096,
-    Runtime.LLAMACPP: 4096,
-    Runtime.GENERIC: 4096,
-    Runtime.VLLM: 4096,  # used only when the model's own max context is unknown
-}
-RUNTIME_OVERHEAD_MIB: dict[Runtime, int] = {
-    Runtime.OLLAMA: 500,
-    Runtime.LLAMACPP: 300,
-    Runtime.VLLM: 1024,
-    Runtime.GENERIC: 500,
-}
+# The registry's figures (supervisor.runtimes), by runtime.
+DEFAULT_CONTEXT: dict[Runtime, int] = {r: s.default_context for r, s in REGISTRY.items()}
+RUNTIME_OVERHEAD_MIB: dict[Runtime, int] = {r: s.overhead_mib for r, s in REGISTRY.items()}
 COMPUTE_BATCH_TOKENS = 512
 COMPUTE_BYTES_PER_ELEMENT = 4  # activations and logits are f32 in every runtime
 GGUF_KV_BYTES_PER_ELEMENT = 2  # llama.cpp and ollama default to an f16 KV cache
@@ -160,7 +152,7 @@ def _resolve_context(
     if requested is not None:
         _require_positive("context", requested)
         ctx = requested
-    elif runtime is Runtime.VLLM and shape.context_length is not None:
+    elif spec_of(runtime).context_is_model_max and shape.context_length is not None:
         ctx = shape.context_length
     else:
         ctx = DEFAULT_CONTEXT[runtime]
@@ -172,9 +164,9 @@ def _resolve_context(
 def _resolve_slots(runtime: Runtime, requested: int | None) -> int:
     if requested is not None:
         _require_positive("parallel", requested)
-    # vLLM sizes its KV pool from --gpu-memory-utilization; at start it only has to fit one
-    # full-length sequence, so more parallel requests do not raise its minimum.
-    if runtime is Runtime.VLLM or requested is None:
+    # vLLM (and its kind) sizes its KV pool from a share of the GPU; at start it only has
+    # to fit one full-length sequence, so more parallel requests do not raise its minimum.
+    if spec_of(runtime).one_sequence_at_start or requested is None:
         return 1
     return requested
 
@@ -206,8 +198,11 @@ def _describe(
         default = f"default {DEFAULT_CONTEXT[runtime]}"
         asked = requested_ctx if requested_ctx is not None else default
         notes.append(f"{asked} ctx capped at model max {shape.context_length}")
-    if runtime is Runtime.VLLM and requested_slots not in (None, 1):
-        notes.append(f"vLLM needs 1 sequence at start, parallel {requested_slots} not counted")
+    spec = spec_of(runtime)
+    if spec.one_sequence_at_start and requested_slots not in (None, 1):
+        notes.append(
+            f"{spec.title} needs 1 sequence at start, parallel {requested_slots} not counted"
+        )
     kv_text = "; ".join([kv_terms, *notes])
     return (
         f"{_SOURCE_LABEL.get(source, source)} {shape.architecture}: "

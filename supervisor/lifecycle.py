@@ -1,13 +1,14 @@
 """One change of model, done completely: before the restart and after it.
 
-    prepare (before the containers restart)
-      Ollama: the new model is pulled if `/api/tags` does not list it (progress reported),
-              and the old one is unloaded (`keep_alive: 0`) so its VRAM is free
+    prepare (before the containers restart), as the runtime's registry entry allows
+      can_pull:   the new model is pulled if the runtime does not have it (progress
+                  reported; Ollama: `/api/tags`, `/api/pull`)
+      can_unload: the old one is unloaded so its VRAM is free (Ollama: `keep_alive: 0`)
     restart (supervisor.handoff: the model file, then restart or recreate)
     settle (after)
-      wait until the runtime answers its health check (Ollama /api/version, vLLM and
-      llama.cpp /health), preload and warm up with a short generation, and measure: load
-      time and tokens/s from the response, VRAM from Ollama's /api/ps
+      wait until the runtime answers its health check (its `health_path`), preload and
+      warm up with a short generation (its `warmup_path`, when it has one), and measure:
+      load time and tokens/s from the response, VRAM where `reports_measured_vram`
 
 A pull that fails leaves the old model running (the change is retried later). While
 settling, an out-of-memory line in the service's log (fleetd's detector sets `abort`)
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from supervisor.config import FleetConfig, ServiceConfig
-from supervisor.runtime_api import OllamaApi, PullProgress, RuntimeApi, RuntimeApiError, api_for
-from supervisor.runtimes import Runtime
+from supervisor.runtime_api import PullProgress, RuntimeApi, RuntimeApiError, api_for
+from supervisor.runtimes import spec_of
 from supervisor.state import Measured
 
 PULL_TIMEOUT_S = 6 * 3600.0  # a 70B model over a slow link
@@ -41,7 +42,7 @@ def endpoint_of(config: FleetConfig, name: str) -> str | None:
     `compose_dir:` (the fleet runs the generated compose file), the host port that file
     publishes; else None: fleetd never guesses, no endpoint means no API calls."""
     service = config.services[name]
-    if service.runtime is Runtime.GENERIC:
+    if spec_of(service.runtime).api is None:
         return None
     if service.endpoint is not None:
         return service.endpoint
@@ -78,6 +79,7 @@ class ModelChange:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service, self.config, self.api = service, config, api
+        self.spec = spec_of(config.runtime)
         self.report, self.abort, self.clock = report, abort, clock
 
     @classmethod
@@ -95,16 +97,25 @@ class ModelChange:
         return cls(service, config, api, report, abort, clock) if api is not None else None
 
     def prepare(self, old: str | None, new: str) -> None:
-        if not isinstance(self.api, OllamaApi):
-            return  # vLLM and llama.cpp load the model at start; their image holds it
-        if not self.api.present(new):
+        # Runtimes that cannot pull or unload load the model at start from what they hold.
+        if self.spec.can_pull and not self.api.present(new):
             self._pull(new)
-        if old is not None and old != new:
+        if self.spec.can_unload and old is not None and old != new:
             self.report(f"unloading {old}")
             self.api.unload(old)
 
+    def unload_others(self, others: Iterable[str]) -> None:
+        """Unload the models named that the runtime has loaded (an ensemble's other
+        members), so one member's budget holds; nothing where it cannot unload."""
+        if not self.spec.can_unload:
+            return
+        loaded = {self.api.full_name(m.name) for m in self.api.loaded()}
+        for other in others:
+            if self.api.full_name(other) in loaded:
+                self.report(f"unloading {other}")
+                self.api.unload(other)
+
     def _pull(self, model: str) -> None:
-        assert isinstance(self.api, OllamaApi)
         last_at = [0.0]
 
         def progress(p: PullProgress) -> None:
@@ -123,12 +134,12 @@ class ModelChange:
             deadline = time.monotonic() + self.config.warmup.timeout
             self._wait_ready(deadline)
             warmed = None
-            if self.config.warmup.enabled:
+            if self.config.warmup.enabled and self.spec.warmup_path is not None:
                 self.report(f"warming up {model}")
                 remaining = max(1.0, deadline - time.monotonic())
                 warm = self.config.warmup
                 warmed = self.api.warm(model, warm.prompt, warm.tokens, remaining)
-            vram = self.api.size_vram(model) if isinstance(self.api, OllamaApi) else None
+            vram = self.api.size_vram(model) if self.spec.reports_measured_vram else None
         except LoadFailed as e:
             return Settled(self.service, model, False, str(e), oom=True)
         except RuntimeApiError as e:

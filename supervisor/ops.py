@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from supervisor.analyzer import analyze
+from supervisor.analyzer import analyze, limited_titles
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery
@@ -100,7 +100,8 @@ def check_fit(
         return Fit(False, f"needs {size}: {target.reason}")
     best = max(rooms, key=lambda g: g.headroom_bytes)
     if best.headroom_bytes >= need.need_bytes:
-        why = f"GPU {best.gpu.index} has the room but already runs {best.ollama_limit} Ollama "
+        limited = f"{best.ollama_limit} {limited_titles()} "
+        why = f"GPU {best.gpu.index} has the room but already runs {limited}"
         return Fit(False, f"needs {size}; {why}service(s), its limit")
     short = format_size(need.need_bytes - best.headroom_bytes)
     return Fit(

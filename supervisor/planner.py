@@ -32,7 +32,7 @@ class GpuSlot:
 
     index: int
     budget_bytes: int  # budget ratio x total, minus what unmanaged processes hold
-    ollama_limit: int  # most Ollama services it may host
+    instance_limit: int  # most `limited` demands it may host (a runtime's registry says)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Demand:
     needs_bytes: tuple[int, ...]
     allowed_gpus: frozenset[int] | None = None  # None: any GPU
     priority: int = 0
-    ollama: bool = False
+    limited: bool = False  # counts against each GPU's instance_limit
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class _Search:
         self.level_of = [self.levels.index(d.priority) for d in self.order]
         self.twin = self._twins()
         self.used = [0] * len(self.gpus)
-        self.ollama = [0] * len(self.gpus)
+        self.instances = [0] * len(self.gpus)
         self.picked: list[Choice | None] = []
         self.best: tuple[Score, list[Choice | None]] | None = None
         self.nodes, self.node_limit = 0, node_limit
@@ -84,7 +84,7 @@ class _Search:
     def _twins(self) -> list[int]:
         """For each slot, the first slot interchangeable with it (same budget, limit, pins)."""
         signature = [
-            (g.budget_bytes, g.ollama_limit, tuple(s in a for a in self.allowed))
+            (g.budget_bytes, g.instance_limit, tuple(s in a for a in self.allowed))
             for s, g in enumerate(self.gpus)
         ]
         return [signature.index(sig) for sig in signature]
@@ -93,7 +93,7 @@ class _Search:
         # Restart from the root on every better plan: the tighter bound then prunes the
         # early choices (the biggest services) that the first descent got wrong.
         while True:
-            self.used, self.ollama, self.picked = [0] * len(self.gpus), [0] * len(self.gpus), []
+            self.used, self.instances, self.picked = [0] * len(self.gpus), [0] * len(self.gpus), []
             try:
                 self._visit(0)
                 return
@@ -155,7 +155,7 @@ class _Search:
         for rung in rungs:
             need, tried = demand.needs_bytes[rung], set()
             for s in sorted(self.allowed[k], key=lambda s: -self._room_share(s)):
-                key = (self.twin[s], self.used[s], self.ollama[s])
+                key = (self.twin[s], self.used[s], self.instances[s])
                 if key not in tried and self._fits(k, s, need, floor):
                     tried.add(key)
                     options.append(Choice(rung=rung, gpu=s))
@@ -163,7 +163,7 @@ class _Search:
 
     def _fits(self, k: int, s: int, need: int, floor: float | None = None) -> bool:
         gpu = self.gpus[s]
-        if self.order[k].ollama and self.ollama[s] >= gpu.ollama_limit:
+        if self.order[k].limited and self.instances[s] >= gpu.instance_limit:
             return False
         if floor is not None:
             return (gpu.budget_bytes - (self.used[s] + need)) / gpu.budget_bytes > floor
@@ -171,7 +171,7 @@ class _Search:
 
     def _place(self, k: int, choice: Choice, sign: int) -> None:
         self.used[choice.gpu] += sign * self.order[k].needs_bytes[choice.rung]
-        self.ollama[choice.gpu] += sign * int(self.order[k].ollama)
+        self.instances[choice.gpu] += sign * int(self.order[k].limited)
 
     def _room_share(self, s: int) -> float:
         budget = self.gpus[s].budget_bytes

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from supervisor.runtimes import Runtime
+
 
 class IncidentClass(StrEnum):
     VRAM_OOM = "vram_oom"  # the GPU ran out of memory: step down after repeated incidents
@@ -17,9 +19,7 @@ class IncidentClass(StrEnum):
     HOST_OOM = "host_oom"  # host RAM ran out (cgroup/kernel OOM): not a VRAM problem
 
 
-KNOWN_RUNTIMES = frozenset(
-    {"ollama", "vllm", "llamacpp", "tgi", "sglang", "tensorrt", "triton", "generic"}
-)
+KNOWN_RUNTIMES = frozenset(r.value for r in Runtime)  # the registry's (supervisor.runtimes)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,15 @@ Paths and fields are the runtimes' documented ones:
 - llama.cpp server (tools/server/README.md): GET /health (200 {"status": "ok"}, 503 while
   loading), POST /v1/completions (OpenAI's shape, plus llama.cpp's own `timings` with
   `predicted_per_second`).
+- SGLang and TensorRT-LLM's trtllm-serve: GET /health, GET /v1/models, POST /v1/completions
+  (OpenAI's shape), as vLLM.
+- Text Generation Inference (docs/openapi.json): GET /health, POST /generate with
+  `parameters.max_new_tokens` and `details: true` (answer: `details.generated_tokens`).
+- Triton (KServe v2): GET /v2/health/ready; no warm-up (its model names are the
+  repository's).
+
+Which paths a client uses and what it can do are the runtime's registry entry
+(supervisor.runtimes); each client names its runtime.
 
 Every call has a timeout; every failure is a `RuntimeApiError` with the endpoint, the
 path and what went wrong, in one line.
@@ -23,18 +32,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 
 from supervisor.errors import FleetdError
-from supervisor.runtimes import Runtime
+from supervisor.runtimes import REGISTRY, Runtime, RuntimeSpec, spec_of
 
 NS = 1e9
 
 
 class RuntimeApiError(FleetdError):
     """A runtime's API did not do what was asked (unreachable, error answer, timeout)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of an error answer; None when there was none
 
 
 @dataclass(frozen=True)
@@ -69,19 +82,69 @@ class PullProgress:
         return self.status
 
 
+@dataclass(frozen=True)
+class Loaded:
+    name: str
+    size_vram: int | None
+
+
 class RuntimeApi:
-    """The part every runtime has: health and a warm-up generation."""
+    """One runtime's API client: health, and what its registry entry says it can do.
+
+    Callers read the spec's flags (`can_pull`, `can_unload`, `reports_measured_vram`,
+    `warmup_path`) before calling; a call the runtime cannot answer raises."""
+
+    runtime: ClassVar[Runtime]
 
     def __init__(self, endpoint: str, session: requests.Session | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.session = session or requests.Session()
 
+    @property
+    def spec(self) -> RuntimeSpec:
+        return spec_of(self.runtime)
+
     def health(self, timeout_s: float) -> None:
         """Return when the runtime says it is ready; raise RuntimeApiError otherwise."""
-        raise NotImplementedError
+        self._request("GET", self._path(self.spec.health_path), timeout_s)
+
+    def full_name(self, model: str) -> str:
+        """The name the runtime reports a model under (Ollama: `llama3` is `llama3:latest`)."""
+        return model
 
     def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
-        raise NotImplementedError
+        raise self._cannot("warm up a model")
+
+    def present(self, model: str, timeout_s: float = 10.0) -> bool:
+        raise self._cannot("list its models")
+
+    def pull(
+        self,
+        model: str,
+        progress: Callable[[PullProgress], None],
+        timeout_s: float,
+        abort: threading.Event | None = None,
+    ) -> None:
+        raise self._cannot("pull a model")
+
+    def unload(self, model: str, timeout_s: float = 30.0) -> None:
+        raise self._cannot("unload a model")
+
+    def loaded(self, timeout_s: float = 10.0) -> list[Loaded]:
+        raise self._cannot("list loaded models")
+
+    def size_vram(self, model: str) -> int | None:
+        raise self._cannot("report a model's VRAM")
+
+    def _path(self, path: str | None) -> str:
+        """A path from the registry entry; tests/test_runtimes.py checks each client's."""
+        assert path is not None, f"the registry gives {self.runtime} no such path"
+        return path
+
+    def _cannot(self, what: str) -> RuntimeApiError:
+        return RuntimeApiError(
+            f"{self.spec.title} at {self.endpoint} cannot {what} through its API"
+        )
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -96,7 +159,10 @@ class RuntimeApi:
         except requests.RequestException as e:
             raise RuntimeApiError(f"{method} {url}: {_reason(e)}") from None
         if response.status_code >= 400:
-            raise RuntimeApiError(f"{method} {url}: HTTP {response.status_code}{_error(response)}")
+            raise RuntimeApiError(
+                f"{method} {url}: HTTP {response.status_code}{_error(response)}",
+                response.status_code,
+            )
         return response
 
     def _json(
@@ -146,15 +212,14 @@ def ollama_name(model: str) -> str:
     return model if ":" in last else f"{model}:latest"
 
 
-@dataclass(frozen=True)
-class Loaded:
-    name: str
-    size_vram: int | None
-
-
 class OllamaApi(RuntimeApi):
+    runtime = Runtime.OLLAMA
+
+    def full_name(self, model: str) -> str:
+        return ollama_name(model)
+
     def health(self, timeout_s: float) -> None:
-        self._json("GET", "/api/version", timeout_s)
+        self._json("GET", self._path(self.spec.health_path), timeout_s)
 
     def present(self, model: str, timeout_s: float = 10.0) -> bool:
         document = self._json("GET", "/api/tags", timeout_s)
@@ -179,7 +244,8 @@ class OllamaApi(RuntimeApi):
             ) as response:
                 if response.status_code >= 400:
                     raise RuntimeApiError(
-                        f"POST {url} ({model}): HTTP {response.status_code}{_error(response)}"
+                        f"POST {url} ({model}): HTTP {response.status_code}{_error(response)}",
+                        response.status_code,
                     )
                 for item in _ndjson(response.iter_lines()):
                     if "error" in item:
@@ -207,11 +273,11 @@ class OllamaApi(RuntimeApi):
 
     def unload(self, model: str, timeout_s: float = 30.0) -> None:
         """Ask Ollama to free the model's memory now (keep_alive 0); a model it does not
-        have is already unloaded."""
+        have is already unloaded (Ollama answers 404)."""
         try:
             self._json("POST", "/api/generate", timeout_s, {"model": model, "keep_alive": 0})
         except RuntimeApiError as e:
-            if "not found" not in str(e):
+            if e.status != 404:
                 raise
 
     def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
@@ -223,7 +289,7 @@ class OllamaApi(RuntimeApi):
             "stream": False,
             "options": {"num_predict": tokens},
         }
-        document = self._json("POST", "/api/generate", timeout_s, body)
+        document = self._json("POST", self._path(self.spec.warmup_path), timeout_s, body)
         seconds = time.monotonic() - started
         eval_count = _field(document, "eval_count", int, where)
         eval_ns = document.get("eval_duration")
@@ -259,38 +325,50 @@ def _ndjson(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
             yield item
 
 
-# ---------------------------------------------------------------- vLLM and llama.cpp
+# ---------------------------------------------------------------- one model per server
 
 
-class VllmApi(RuntimeApi):
-    def health(self, timeout_s: float) -> None:
-        self._request("GET", "/health", timeout_s)
+class OpenAiServerApi(RuntimeApi):
+    """A server of one model behind OpenAI's completions API (vLLM, SGLang, trtllm-serve)."""
 
     def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
         # vLLM serves a model under the name it was started with: ask rather than guess.
         served = self._json("GET", "/v1/models", timeout_s)
         data = _field(served, "data", list, f"{self.endpoint}/v1/models")
         name = data[0].get("id", model) if data and isinstance(data[0], dict) else model
+        path = self._path(self.spec.warmup_path)
         started = time.monotonic()
         body = {"model": name, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
-        document = self._json("POST", "/v1/completions", timeout_s, body)
+        document = self._json("POST", path, timeout_s, body)
         seconds = time.monotonic() - started
-        usage = _field(document, "usage", dict, f"{self.endpoint}/v1/completions")
-        count = _field(usage, "completion_tokens", int, f"{self.endpoint}/v1/completions")
+        usage = _field(document, "usage", dict, f"{self.endpoint}{path}")
+        count = _field(usage, "completion_tokens", int, f"{self.endpoint}{path}")
         return Warmed(count, seconds, None, count / seconds if seconds > 0 else None)
 
 
+class VllmApi(OpenAiServerApi):
+    runtime = Runtime.VLLM
+
+
+class SglangApi(OpenAiServerApi):
+    runtime = Runtime.SGLANG
+
+
+class TensorRtLlmApi(OpenAiServerApi):
+    runtime = Runtime.TENSORRT
+
+
 class LlamaCppApi(RuntimeApi):
-    def health(self, timeout_s: float) -> None:
-        self._request("GET", "/health", timeout_s)
+    runtime = Runtime.LLAMACPP
 
     def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
         # The OpenAI-compatible path; llama.cpp adds its own `timings` to the answer.
+        path = self._path(self.spec.warmup_path)
         started = time.monotonic()
         body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
-        document = self._json("POST", "/v1/completions", timeout_s, body)
+        document = self._json("POST", path, timeout_s, body)
         seconds = time.monotonic() - started
-        where = f"{self.endpoint}/v1/completions"
+        where = f"{self.endpoint}{path}"
         usage = _field(document, "usage", dict, where)
         count = _field(usage, "completion_tokens", int, where)
         timings = document.get("timings") if isinstance(document, dict) else None
@@ -300,11 +378,37 @@ class LlamaCppApi(RuntimeApi):
         return Warmed(count, seconds, None, float(rate) if rate is not None else None)
 
 
-API_FOR: dict[Runtime, type[RuntimeApi]] = {
-    Runtime.OLLAMA: OllamaApi,
-    Runtime.VLLM: VllmApi,
-    Runtime.LLAMACPP: LlamaCppApi,
-}
+class TgiApi(RuntimeApi):
+    runtime = Runtime.TGI
+
+    def warm(self, model: str, prompt: str, tokens: int, timeout_s: float) -> Warmed:
+        # TGI serves the one model it was started with; /generate takes no model name.
+        path = self._path(self.spec.warmup_path)
+        where = f"{self.endpoint}{path}"
+        started = time.monotonic()
+        parameters = {"max_new_tokens": tokens, "details": True, "do_sample": False}
+        document = self._json("POST", path, timeout_s, {"inputs": prompt, "parameters": parameters})
+        seconds = time.monotonic() - started
+        details = _field(document, "details", dict, where)
+        count = _field(details, "generated_tokens", int, where)
+        return Warmed(count, seconds, None, count / seconds if seconds > 0 else None)
+
+
+class TritonApi(RuntimeApi):
+    runtime = Runtime.TRITON
+
+
+def _clients() -> dict[Runtime, type[RuntimeApi]]:
+    """Each runtime's client, by the class name its registry entry gives."""
+    classes = {c.__name__: c for c in _subclasses(RuntimeApi)}
+    return {s.name: classes[s.api] for s in REGISTRY.values() if s.api is not None}
+
+
+def _subclasses(cls: type[RuntimeApi]) -> list[type[RuntimeApi]]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+API_FOR: dict[Runtime, type[RuntimeApi]] = _clients()
 
 
 def api_for(runtime: Runtime, endpoint: str) -> RuntimeApi | None:

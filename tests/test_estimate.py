@@ -31,6 +31,10 @@ OVERHEAD_MIB = {
     Runtime.LLAMACPP: 300,
     Runtime.VLLM: 1024,
     Runtime.GENERIC: 500,
+    Runtime.TGI: 1024,
+    Runtime.SGLANG: 1024,
+    Runtime.TENSORRT: 1024,
+    Runtime.TRITON: 1024,
 }
 
 # Arch keys (without the "{arch}." prefix) of a small llama-like model.
@@ -266,6 +270,17 @@ def test_each_runtime_adds_its_own_overhead(tmp_path: Path, runtime: Runtime) ->
     assert estimate.parts["runtime_overhead"] == OVERHEAD_MIB[runtime] * MIB
     assert f"{runtime.value} overhead" in estimate.detail
     assert_consistent(estimate)
+
+
+@pytest.mark.parametrize("runtime", [Runtime.TGI, Runtime.SGLANG, Runtime.TENSORRT])
+def test_runtimes_with_a_kv_pool_are_priced_as_vllm(tmp_path: Path, runtime: Runtime) -> None:
+    path = write_gguf(tmp_path / "m.gguf", {"context_length": 8192})
+
+    estimate = estimate_model(path, runtime, parallel=8)
+    as_vllm = estimate_model(path, Runtime.VLLM, parallel=8)
+
+    assert estimate.parts == as_vllm.parts
+    assert "needs 1 sequence at start, parallel 8 not counted" in estimate.detail
 
 
 def test_vllm_defaults_to_model_max_context(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ Choices = dict[str, Choice | None]
 SEED_LADDER = (2048 * MIB, 2200 * MIB, 637 * MIB, 397 * MIB)
 
 
-def gpu(index: int, budget_mib: int, ollama_limit: int = 4) -> GpuSlot:
-    return GpuSlot(index=index, budget_bytes=budget_mib * MIB, ollama_limit=ollama_limit)
+def gpu(index: int, budget_mib: int, instance_limit: int = 4) -> GpuSlot:
+    return GpuSlot(index=index, budget_bytes=budget_mib * MIB, instance_limit=instance_limit)
 
 
 def demand(name: str, *needs_mib: int, **kwargs: object) -> Demand:
@@ -47,11 +47,11 @@ def violations(gpus: Sequence[GpuSlot], demands: Sequence[Demand], choices: Choi
         if d.allowed_gpus is not None and choice.gpu not in d.allowed_gpus:
             found.append(f"{d.service} on GPU {choice.gpu}, pinned to {sorted(d.allowed_gpus)}")
         used[choice.gpu] += d.needs_bytes[choice.rung]
-        ollama[choice.gpu] += int(d.ollama)
+        ollama[choice.gpu] += int(d.limited)
     for index, slot in by_index.items():
         if used[index] > slot.budget_bytes:
             found.append(f"GPU {index} over budget")
-        if ollama[index] > slot.ollama_limit:
+        if ollama[index] > slot.instance_limit:
             found.append(f"GPU {index} over its Ollama limit")
     return found
 
@@ -93,14 +93,14 @@ def brute_force_best(gpus: Sequence[GpuSlot], demands: Sequence[Demand]) -> Scor
                     continue
                 if used[g.index] + need > g.budget_bytes:
                     continue
-                if d.ollama and ollama[g.index] >= g.ollama_limit:
+                if d.limited and ollama[g.index] >= g.instance_limit:
                     continue
                 used[g.index] += need
-                ollama[g.index] += int(d.ollama)
+                ollama[g.index] += int(d.limited)
                 choices[d.service] = Choice(rung, g.index)
                 visit(k + 1)
                 used[g.index] -= need
-                ollama[g.index] -= int(d.ollama)
+                ollama[g.index] -= int(d.limited)
         del choices[d.service]
 
     visit(0)
@@ -127,7 +127,7 @@ def instances(draw: st.DrawFn) -> tuple[list[GpuSlot], list[Demand]]:
             ),
             allowed_gpus=draw(pins),
             priority=draw(st.integers(0, 1)),
-            ollama=draw(st.booleans()),
+            limited=draw(st.booleans()),
         )
         for k in range(draw(st.integers(1, 5)))
     ]
@@ -153,8 +153,8 @@ def test_solver_matches_brute_force(instance: tuple[list[GpuSlot], list[Demand]]
 
 def test_seed_ladder_skips_phi3_which_needs_more_than_llama() -> None:
     # 2100 MiB: llama3.2:3b (2048) fits; on 2000 MiB phi3:mini (2200) cannot help either.
-    roomy = solve([gpu(0, 2100)], [Demand("alpha", SEED_LADDER, ollama=True)])
-    tight = solve([gpu(0, 2000)], [Demand("alpha", SEED_LADDER, ollama=True)])
+    roomy = solve([gpu(0, 2100)], [Demand("alpha", SEED_LADDER, limited=True)])
+    tight = solve([gpu(0, 2000)], [Demand("alpha", SEED_LADDER, limited=True)])
 
     assert roomy.choices["alpha"] == Choice(rung=0, gpu=0)
     assert tight.choices["alpha"] == Choice(rung=2, gpu=0)  # tinyllama:1.1b
@@ -225,7 +225,7 @@ def test_headroom_is_a_share_of_each_budget() -> None:
 
 
 def test_ollama_limit_sends_the_second_ollama_service_to_another_gpu() -> None:
-    demands = [demand("a", 8, ollama=True), demand("b", 8, ollama=True)]
+    demands = [demand("a", 8, limited=True), demand("b", 8, limited=True)]
     big, small = 100, 10
 
     unlimited = solve([gpu(0, big, 2), gpu(1, small, 2)], demands)
@@ -237,9 +237,9 @@ def test_ollama_limit_sends_the_second_ollama_service_to_another_gpu() -> None:
 
 
 def test_ollama_limit_leaves_a_service_unplaced_on_one_gpu() -> None:
-    demands = [demand("a", 1, ollama=True), demand("b", 1, ollama=True), demand("v", 1)]
+    demands = [demand("a", 1, limited=True), demand("b", 1, limited=True), demand("v", 1)]
 
-    solution = solve([gpu(0, 100, ollama_limit=1)], demands)
+    solution = solve([gpu(0, 100, instance_limit=1)], demands)
 
     assert sum(c is None for c in solution.choices.values()) == 1
     assert solution.choices["v"] == Choice(0, 0)  # a vLLM service does not count
@@ -260,9 +260,9 @@ def test_no_gpus_or_zero_budget_places_nothing() -> None:
 
 
 def test_node_limit_still_returns_a_feasible_plan_but_not_proven() -> None:
-    gpus = [gpu(i, 9000 + 700 * i, ollama_limit=3) for i in range(4)]
+    gpus = [gpu(i, 9000 + 700 * i, instance_limit=3) for i in range(4)]
     demands = [
-        demand(f"s{k}", 4000 + 97 * k, 2500 + 53 * k, 1200 + 31 * k, ollama=k % 2 == 0)
+        demand(f"s{k}", 4000 + 97 * k, 2500 + 53 * k, 1200 + 31 * k, limited=k % 2 == 0)
         for k in range(12)
     ]
 

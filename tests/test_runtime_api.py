@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,12 @@ from supervisor.runtime_api import (
     OllamaApi,
     PullProgress,
     RuntimeApiError,
+    SglangApi,
+    TensorRtLlmApi,
+    TgiApi,
+    TritonApi,
     VllmApi,
+    api_for,
 )
 
 STANDIN = Path(__file__).resolve().parent / "images" / "runtime-api" / "standin.py"
@@ -183,9 +189,10 @@ def service(runtime: str, endpoint: str, **warmup: object) -> ServiceConfig:
 
 
 def change_for(config: ServiceConfig, reports: list[str], abort: threading.Event) -> ModelChange:
-    api = {"ollama": OllamaApi, "vllm": VllmApi, "llamacpp": LlamaCppApi}[config.runtime.value]
     assert config.endpoint is not None
-    return ModelChange("svc", config, api(config.endpoint), reports.append, abort)
+    api = api_for(config.runtime, config.endpoint)
+    assert api is not None
+    return ModelChange("svc", config, api, reports.append, abort)
 
 
 def test_prepare_pulls_the_missing_model_and_unloads_the_old_one(standin: StartStandin) -> None:
@@ -258,3 +265,129 @@ services:
     # With compose_dir, the fleet runs the generated file: the port it publishes.
     path.write_text("compose_dir: out\n" + text)
     assert endpoint_of(load_config(path), "plain") == "http://127.0.0.1:8080"
+
+
+# ---------------------------------------------------------------- runtimes without a stand-in
+
+# Answers by (method, path): status and JSON body, as each runtime documents them.
+Routes = dict[tuple[str, str], tuple[int, object]]
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[[Routes], tuple[str, list[tuple[str, str, object]]]]]:
+    """A local HTTP server that answers fixed routes and records each request."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(routes: Routes) -> tuple[str, list[tuple[str, str, object]]]:
+        seen: list[tuple[str, str, object]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                seen.append((method, self.path, body))
+                status, document = routes.get((method, self.path), (404, {"error": "no route"}))
+                data = json.dumps(document).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._answer("GET")
+
+            def do_POST(self) -> None:
+                self._answer("POST")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}", seen
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+Fake = Callable[[Routes], tuple[str, list[tuple[str, str, object]]]]
+COMPLETION = {"choices": [{"text": " Hello!"}], "usage": {"completion_tokens": 5}}
+
+
+def test_tgi_health_and_warm_up_through_generate(fake: Fake) -> None:
+    answer = {"generated_text": " Hello!", "details": {"generated_tokens": 7}}
+    endpoint, seen = fake({("GET", "/health"): (200, {}), ("POST", "/generate"): (200, answer)})
+    api = TgiApi(endpoint)
+    api.health(2)
+    warmed = api.warm("ignored", "Say hello.", 7, timeout_s=5)
+    assert warmed.tokens == 7 and warmed.tokens_per_s is not None
+    body = seen[-1][2]
+    assert isinstance(body, dict) and body["inputs"] == "Say hello."
+    assert body["parameters"]["max_new_tokens"] == 7 and body["parameters"]["details"] is True
+
+
+@pytest.mark.parametrize("client", [SglangApi, TensorRtLlmApi])
+def test_openai_servers_warm_up_with_the_served_model_name(
+    fake: Fake, client: type[SglangApi] | type[TensorRtLlmApi]
+) -> None:
+    endpoint, seen = fake(
+        {
+            ("GET", "/health"): (200, {}),
+            ("GET", "/v1/models"): (200, {"data": [{"id": "served/name"}]}),
+            ("POST", "/v1/completions"): (200, COMPLETION),
+        }
+    )
+    api = client(endpoint)
+    api.health(2)
+    assert api.warm("ladder-name", "Say hello.", 5, timeout_s=5).tokens == 5
+    body = seen[-1][2]
+    assert isinstance(body, dict) and body["model"] == "served/name"
+
+
+def test_triton_health_is_its_ready_endpoint_and_it_has_no_warm_up(fake: Fake) -> None:
+    endpoint, seen = fake({("GET", "/v2/health/ready"): (200, {})})
+    api = TritonApi(endpoint)
+    api.health(2)
+    assert seen == [("GET", "/v2/health/ready", None)]
+    with pytest.raises(RuntimeApiError, match="cannot warm up a model"):
+        api.warm("m", "hi", 1, timeout_s=2)
+
+
+def test_health_that_is_not_ready_is_an_error_with_its_status(fake: Fake) -> None:
+    endpoint, _ = fake({("GET", "/health"): (503, {"error": "loading"})})
+    with pytest.raises(RuntimeApiError, match="HTTP 503: loading") as raised:
+        TgiApi(endpoint).health(2)
+    assert raised.value.status == 503
+
+
+def test_unload_decides_by_the_status_code_not_the_words(fake: Fake) -> None:
+    gone, _ = fake({("POST", "/api/generate"): (404, {"error": "no such model"})})
+    OllamaApi(gone).unload("x")  # 404: nothing loaded, whatever the wording
+    broken, _ = fake({("POST", "/api/generate"): (500, {"error": "runner not found"})})
+    with pytest.raises(RuntimeApiError, match="HTTP 500") as raised:
+        OllamaApi(broken).unload("x")  # "not found" in a server error is still an error
+    assert raised.value.status == 500
+
+
+def test_a_change_on_triton_waits_for_health_and_skips_the_warm_up(fake: Fake) -> None:
+    endpoint, seen = fake({("GET", "/v2/health/ready"): (200, {})})
+    reports: list[str] = []
+    change = change_for(service("triton", endpoint), reports, threading.Event())
+    change.prepare("small", "medium")  # Triton cannot pull or unload: nothing to do
+    settled = change.settle("medium")
+    assert settled.ok, settled.detail
+    assert settled.measured is not None and settled.measured.vram_bytes is None
+    assert [path for _, path, _ in seen] == ["/v2/health/ready"] and reports == []
+
+
+def test_a_change_on_tgi_warms_up_through_generate(fake: Fake) -> None:
+    answer = {"generated_text": " Hi", "details": {"generated_tokens": 10}}
+    endpoint, _ = fake({("GET", "/health"): (200, {}), ("POST", "/generate"): (200, answer)})
+    reports: list[str] = []
+    settled = change_for(service("tgi", endpoint), reports, threading.Event()).settle("medium")
+    assert settled.ok and "warm-up 10 tokens" in settled.detail, settled.detail
+    assert reports == ["warming up medium"]

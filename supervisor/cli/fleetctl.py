@@ -29,7 +29,7 @@ from supervisor.cli.views import read_state
 from supervisor.control import SOCKET_ENV
 from supervisor.errors import FleetdError, UsageError
 from supervisor.fsutil import atomic_write
-from supervisor.rules import KNOWN_RUNTIMES
+from supervisor.runtimes import Runtime
 from supervisor.state import transition_json
 
 # The planner (numpy, gguf), compose rendering and NVML load in the commands that use
@@ -155,7 +155,7 @@ def generate(
 @click.argument("source", default="-", metavar="[FILE|-]")
 @click.option(
     "--runtime",
-    type=click.Choice(sorted(KNOWN_RUNTIMES)),
+    type=click.Choice(sorted(r.value for r in Runtime)),  # the registry of runtimes
     default=None,
     help=(
         "Read the log as this runtime's service would: every rule still applies, its own"
