@@ -391,3 +391,23 @@ def test_a_change_on_tgi_warms_up_through_generate(fake: Fake) -> None:
     settled = change_for(service("tgi", endpoint), reports, threading.Event()).settle("medium")
     assert settled.ok and "warm-up 10 tokens" in settled.detail, settled.detail
     assert reports == ["warming up medium"]
+
+
+def test_unload_others_unloads_only_the_loaded_members_by_their_full_name(fake: Fake) -> None:
+    endpoint, seen = fake(
+        {
+            ("GET", "/api/ps"): (200, {"models": [{"name": "embed:latest", "size_vram": 1}]}),
+            ("POST", "/api/generate"): (200, {"done": True}),
+        }
+    )
+    reports: list[str] = []
+    change = change_for(service("ollama", endpoint), reports, threading.Event())
+    change.unload_others(["embed", "chat:7b"])  # `embed` is Ollama's `embed:latest`
+    posts = [body for method, _, body in seen if method == "POST"]
+    assert posts == [{"model": "embed", "keep_alive": 0}] and reports == ["unloading embed"]
+
+
+def test_unload_others_asks_nothing_of_a_runtime_that_cannot_unload(fake: Fake) -> None:
+    endpoint, seen = fake({})
+    change_for(service("vllm", endpoint), [], threading.Event()).unload_others(["a", "b"])
+    assert seen == []
