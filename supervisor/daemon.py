@@ -42,7 +42,8 @@ from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.nvml import Nvml
 from supervisor.rules import BUILTIN_RULES
-from supervisor.runtime_api import OllamaApi, RuntimeApiError, api_for, ollama_name
+from supervisor.runtime_api import RuntimeApiError, api_for
+from supervisor.runtimes import spec_of
 from supervisor.sdnotify import Notifier
 from supervisor.state import FleetState, LogCursor
 from supervisor.step import ContainerEvent
@@ -278,19 +279,15 @@ class Daemon:
         report = self._reporter(name, effect.change)
         change = ModelChange.for_service(self.config, name, report, abort)
         if change is None:
-            why = f"{name} has no `endpoint:` (or `port:`) for fleetd to reach Ollama"
+            runtime = spec_of(self.config.services[name].runtime).title
+            why = f"{name} has no `endpoint:` (or `port:`) for fleetd to reach {runtime}"
             result = Settled(name, model, False, why)
             self.queue.put(step.MemberWarmed(effect.call, effect.change, result, refused=why))
             return
 
         def warm() -> None:
             try:
-                assert isinstance(change.api, OllamaApi)
-                loaded = {ollama_name(m.name) for m in change.api.loaded()}
-                for other in effect.others:
-                    if ollama_name(other) in loaded:
-                        report(f"unloading {other}")
-                        change.api.unload(other)
+                change.unload_others(effect.others)
                 change.prepare(None, model)
                 result = change.settle(model)
             except RuntimeApiError as e:
@@ -647,7 +644,8 @@ class Daemon:
         )  # fmt: skip
         for name, svc in self.config.services.items():
             endpoint = endpoint_of(self.config, name)
-            if svc.health.enabled and endpoint is not None and api_for(svc.runtime, endpoint):
+            has_health = spec_of(svc.runtime).health_path is not None
+            if svc.health.enabled and endpoint is not None and has_health:
                 scheduler.add_job(
                     self.queue.put, "interval", args=[step.Tick(f"health:{name}")],
                     seconds=svc.health.interval, id=f"health:{name}", coalesce=True,
