@@ -20,10 +20,10 @@ import jinja2
 import yaml
 
 from supervisor import __version__
-from supervisor.analyzer import FleetPlan, ServicePlan
 from supervisor.config import FleetConfig
 from supervisor.errors import RenderError
 from supervisor.fsutil import atomic_write
+from supervisor.plan import FleetPlan, ServicePlan
 from supervisor.runtimes import RungOptions, RuntimeSpec, spec_of
 
 HANDOFF_DIR = "/run/fleetd"  # the start scripts in supervisor/runtimes/ read model from here

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,7 +28,7 @@ from loguru import logger
 
 from supervisor import __version__, engine, step
 from supervisor.address import format_address
-from supervisor.analyzer import analyze, gpu_budget_bytes, service_needs
+from supervisor.analyzer import analyze, prices
 from supervisor.backoff import DOCKER_RECONNECT
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.control import Call, ControlServer
@@ -41,6 +41,7 @@ from supervisor.lifecycle import ModelChange, Settled, endpoint_of
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.nvml import Nvml
+from supervisor.plan import RungNeed, gpu_budget_bytes
 from supervisor.rules import BUILTIN_RULES
 from supervisor.runtime_api import RuntimeApiError, api_for
 from supervisor.runtimes import spec_of
@@ -158,8 +159,9 @@ class Daemon:
         gpus = world.gpus if config.gpus == "auto" else declared_gpus(config.gpus)
         budgets = {g.index: gpu_budget_bytes(config, g, world.managed) for g in gpus if g.valid}
         health = {n: f.health for n, f in world.flights.items() if f.health.last_check_at}
+        needs = {name: world.needs_bytes(name) for name in world.needs}
         snapshot = build_snapshot(
-            config, world.state, gpus, world.needs, budgets, self.clock(), world.docker_up, health
+            config, world.state, gpus, needs, budgets, self.clock(), world.docker_up, health
         )
         self.metrics.publish(snapshot)
 
@@ -763,13 +765,9 @@ class RecentStamps:
         return True
 
 
-def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, Sequence[int]]:
-    """Each service's VRAM need per rung (measured figures preferred over estimates)."""
-    measured = state.measured if state is not None else None
-    return {
-        name: [n.need_bytes for n in service_needs(config, svc, measured)]
-        for name, svc in config.services.items()
-    }
+def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[RungNeed]]:
+    """Each service's rungs priced (measured figures preferred over estimates)."""
+    return prices(config, state.measured if state is not None else None)
 
 
 def _detectors(config: FleetConfig) -> dict[str, Detector]:

@@ -13,13 +13,13 @@ skip rungs that are no smaller); moving up is checked against the GPUs first
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from supervisor.analyzer import analyze, limited_titles
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery
+from supervisor.plan import RungNeed, limited_titles, place
 from supervisor.state import FleetState, PendingChange, ServiceState, ServiceStatus
 from supervisor.units import format_size
 
@@ -61,25 +61,29 @@ def check_fit(
     service: str,
     rung: int,
     discovery: Discovery,
+    needs: Mapping[str, Sequence[RungNeed]],
     managed_pids: frozenset[int] = frozenset(),
 ) -> Fit:
     """Would the fleet fit with `service` on `rung` and every other service where it is?
 
     The planner answers it on the GPUs as read now: each GPU's budget less the memory
-    of processes that are not the fleet's, against the fleet's VRAM needs at their
-    current rungs. So a step up is predicted before anything is loaded.
+    of processes that are not the fleet's, against the fleet's VRAM needs (`needs`, each
+    service's rungs priced) at their current rungs. So a step up is predicted before
+    anything is loaded, and without reading a model file.
     """
     if not any(g.valid for g in discovery.gpus):
         why = discovery.problem or "no usable GPU"
         return Fit(False, f"cannot check the VRAM: {why}")
-    services = {}
+    services, trial_needs = {}, {}
     for name, svc in config.services.items():
         current = state.services.get(name)
         at = rung if name == service else (current.rung if current is not None else 0)
         at = min(at, len(svc.ladder) - 1)
         services[name] = svc.model_copy(update={"ladder": [svc.ladder[at]]})
+        priced = needs[name]  # an ensemble is priced as one rung: its largest member
+        trial_needs[name] = [replace(priced[min(at, len(priced) - 1)], rung=0)]
     trial = config.model_copy(update={"services": services})
-    plan = analyze(trial, discovery, managed_pids, state.measured)
+    plan = place(trial, discovery, trial_needs, managed_pids)
     target = plan.services[service]
     need = target.rungs[0].need  # the service's ladder is just that rung here
     size = format_size(need.need_bytes)

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.analyzer import FleetPlan, GpuPlan, ServicePlan
+from supervisor.plan import FleetPlan, GpuPlan, ServicePlan
 from supervisor.units import format_size
 
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from supervisor.analyzer import gpu_budget_bytes
 from supervisor.errors import UsageError
+from supervisor.plan import gpu_budget_bytes
 from supervisor.state import FleetState, ServiceState, Transition, measured_json, transition_json
 
 if TYPE_CHECKING:

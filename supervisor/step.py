@@ -29,7 +29,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from supervisor import ops
-from supervisor.analyzer import gpu_budget_bytes
 from supervisor.backoff import APPLY_RETRY, GPU_FAULT_RESTART
 from supervisor.config import FleetConfig
 from supervisor.errors import FleetdError, UsageError
@@ -50,6 +49,7 @@ from supervisor.ladder import (
     step_up_due,
     transition,
 )
+from supervisor.plan import RungNeed, gpu_budget_bytes
 from supervisor.rules import IncidentClass, classify_event
 from supervisor.state import FleetState, LogCursor, ServiceState, ServiceStatus, transition_json
 from supervisor.status import Live, gpus_json, status_json
@@ -102,7 +102,7 @@ class World:
 
     config: FleetConfig
     state: FleetState
-    needs: Mapping[str, Sequence[int]]  # per service, VRAM per rung (measured preferred)
+    needs: Mapping[str, Sequence[RungNeed]]  # per service, each rung priced (measured first)
     flights: Mapping[str, Flight] = field(default_factory=dict)
     gpus: tuple[Gpu, ...] = ()  # the latest NVML reading ("auto" GPUs only)
     gpu_problem: str | None = None
@@ -122,6 +122,10 @@ class World:
 
     def flight(self, service: str) -> Flight:
         return self.flights.get(service) or Flight()
+
+    def needs_bytes(self, service: str) -> list[int]:
+        """The service's VRAM need per rung, in bytes."""
+        return [n.need_bytes for n in self.needs[service]]
 
 
 # --- messages: what the daemon hands the step ----------------------------------------
@@ -238,7 +242,7 @@ class MemberWarmed:
 class Repriced:
     """The VRAM needs per rung, priced again (after a measurement or a reload)."""
 
-    needs: Mapping[str, Sequence[int]]
+    needs: Mapping[str, Sequence[RungNeed]]
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ class Reconfigure:
     services that have no rung yet; `needs` are the new config's VRAM needs per rung."""
 
     config: FleetConfig
-    needs: Mapping[str, Sequence[int]]
+    needs: Mapping[str, Sequence[RungNeed]]
     planned: Mapping[str, int | None]
     starting: bool = False
     call: int | None = None  # a `fleetctl reload` waiting for the outcome
@@ -530,7 +534,7 @@ def _incident(turn: _Turn, service: str, seen: Observed) -> None:
         turn.effects.append(AbortSettle(service, flight.change))  # the new model does not fit
     svc = turn.state.services[service]
     new, decision = transition(
-        svc, seen, turn.config.services[service], turn.world.needs[service], turn.world.policy
+        svc, seen, turn.config.services[service], turn.world.needs_bytes(service), turn.world.policy
     )
     turn.state.services[service] = new
     latency_s = turn.now - seen.time
@@ -700,7 +704,9 @@ def _on_settled(turn: _Turn, done: SettleDone) -> None:
         return
     if svc.pending is not None or svc.model != result.model:
         return  # the OOM already moved it (probation), or a change is on its way
-    new, decision = load_failed(svc, turn.config.services[name], turn.world.needs[name], turn.now)
+    new, decision = load_failed(
+        svc, turn.config.services[name], turn.world.needs_bytes(name), turn.now
+    )
     turn.state.services[name] = new
     turn.save()
     turn.log(_level(decision), f"{name}: {decision.reason}")
@@ -721,7 +727,7 @@ def _vram_note(turn: _Turn, result: Settled) -> str:
         return ""
     service = turn.config.services[result.service]
     rung = next((i for i, r in enumerate(service.ladder) if r.model == result.model), None)
-    needs = turn.world.needs[result.service]
+    needs = turn.world.needs_bytes(result.service)
     planned = f" (planned {format_size(needs[rung])})" if rung is not None else ""
     return f"; {format_size(vram)} VRAM measured{planned}"
 
@@ -773,7 +779,7 @@ def _try_step_up(turn: _Turn, window_open: bool) -> None:
             if window_open
             else f"no vram_oom for {format_duration(policy.step_up_after_s)}"
         )
-        config, needs = turn.config.services[name], turn.world.needs[name]
+        config, needs = turn.config.services[name], turn.world.needs_bytes(name)
         new = step_up(svc, config, needs, turn.now, policy, f"{quiet}; {fit.reason}")
         turn.state.services[name] = new
         turn.save()
@@ -786,7 +792,10 @@ def _fit(turn: _Turn, service: str, rung: int) -> ops.Fit:
     from supervisor.gpus import Discovery
 
     discovery = Discovery(gpus=turn.world.gpus, problem=turn.world.gpu_problem)
-    return ops.check_fit(turn.config, turn.state, service, rung, discovery, turn.world.managed)
+    world = turn.world
+    return ops.check_fit(
+        turn.config, turn.state, service, rung, discovery, world.needs, world.managed
+    )
 
 
 # --- ticks and readings ----------------------------------------------------------------
@@ -1028,7 +1037,7 @@ def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
 def initial_world(
     config: FleetConfig,
     state: FleetState,
-    needs: Mapping[str, Sequence[int]],
+    needs: Mapping[str, Sequence[RungNeed]],
     started_at: float,
     daemon: Mapping[str, Any],
 ) -> World:

@@ -8,10 +8,11 @@ import gguf
 import numpy as np
 import pytest
 
-from supervisor.analyzer import FleetPlan, analyze, ollama_limit
+from supervisor.analyzer import analyze
 from supervisor.config import FleetConfig, load_config
 from supervisor.estimate import estimate_model
 from supervisor.gpus import Discovery, Gpu, GpuProcess, simulated_gpus
+from supervisor.plan import FleetPlan, ollama_limit
 from supervisor.runtimes import Runtime
 from supervisor.units import format_size
 

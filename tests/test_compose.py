@@ -20,7 +20,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.analyzer import FleetPlan, analyze
+from supervisor.analyzer import analyze
 from supervisor.compose import (
     ComposeProject,
     build_project,
@@ -31,6 +31,7 @@ from supervisor.compose import (
 from supervisor.config import FleetConfig, RungConfig, load_config
 from supervisor.errors import ConfigError, RenderError
 from supervisor.gpus import Discovery, Gpu, simulated_gpus
+from supervisor.plan import FleetPlan
 
 GIB = 1024**3
 MIB = 1024**2

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from supervisor import step
-from supervisor.analyzer import analyze
+from supervisor.analyzer import analyze, prices
 from supervisor.config import load_config
 from supervisor.gpus import resolve_gpus
 from supervisor.ladder import apply_change
@@ -35,7 +35,7 @@ def _world(
     config = load_config(path)
     discovery = resolve_gpus(config, (), Nvml(fake))
     state = FleetState(services={"chat": ServiceState("big", 0)})
-    world = step.initial_world(config, state, {"chat": [6 * GIB, 2 * GIB]}, 0.0, {})
+    world = step.initial_world(config, state, prices(config), 0.0, {})
     world, _ = step.step(world, step.GpusRead(discovery.gpus, discovery.problem, managed), 1.0)
     return world
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import ops
+from supervisor.analyzer import prices
 from supervisor.config import FleetConfig, load_config
 from supervisor.errors import UsageError
 from supervisor.gpus import Discovery, Gpu, GpuProcess
@@ -207,7 +208,7 @@ def test_check_fit_counts_the_other_services_at_their_current_rungs(config: Flee
     # with chat down on tiny (500 MiB) it fits.
     discovery = Discovery(gpus=(gpu(8),))
     both_top = FleetState(services={"web": at(1, "medium"), "chat": at(0, "large")})
-    refused = ops.check_fit(config, both_top, "web", 0, discovery)
+    refused = ops.check_fit(config, both_top, "web", 0, discovery, prices(config))
     assert not refused.fits
     # budget 6963 MiB - chat's 3000 MiB = 3963 MiB of room for big's 4000 MiB
     assert refused.reason == (
@@ -216,7 +217,7 @@ def test_check_fit_counts_the_other_services_at_their_current_rungs(config: Flee
     )
 
     chat_down = FleetState(services={"web": at(1, "medium"), "chat": at(1, "tiny")})
-    allowed = ops.check_fit(config, chat_down, "web", 0, discovery)
+    allowed = ops.check_fit(config, chat_down, "web", 0, discovery, prices(config))
     assert allowed.fits, allowed.reason
     assert "fits on GPU 0" in allowed.reason
 
@@ -227,13 +228,13 @@ def test_check_fit_subtracts_memory_held_by_processes_outside_the_fleet(
     state = FleetState(services={"web": at(1, "medium"), "chat": at(1, "tiny")})
     # Another program holds 3 GiB on the GPU: big no longer fits beside tiny.
     busy = Discovery(gpus=(gpu(8, 3.2, (4242, 3.0)),))
-    assert not ops.check_fit(config, state, "web", 0, busy).fits
+    assert not ops.check_fit(config, state, "web", 0, busy, prices(config)).fits
     # The same 3 GiB held by the fleet's own container (pid known as ours) does not count.
-    assert ops.check_fit(config, state, "web", 0, busy, frozenset({4242})).fits
+    assert ops.check_fit(config, state, "web", 0, busy, prices(config), frozenset({4242})).fits
 
 
 def test_check_fit_without_any_gpu_reading_says_it_cannot_check(config: FleetConfig) -> None:
     no_gpu = Discovery(gpus=(), problem="no NVIDIA GPU found: NVML: Driver Not Loaded")
-    result = ops.check_fit(config, FleetState(), "web", 0, no_gpu)
+    result = ops.check_fit(config, FleetState(), "web", 0, no_gpu, prices(config))
     assert not result.fits
     assert result.reason == "cannot check the VRAM: no NVIDIA GPU found: NVML: Driver Not Loaded"

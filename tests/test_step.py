@@ -22,6 +22,7 @@ from supervisor.config import GpuDeclaration, load_config
 from supervisor.gpus import declared_gpus
 from supervisor.health import Breaker, HealthStatus
 from supervisor.lifecycle import Settled
+from supervisor.plan import RungNeed
 from supervisor.state import FleetState, Measured, ServiceState, ServiceStatus
 from supervisor.step import Phase, World
 
@@ -55,7 +56,21 @@ services:
     containers: [app-1]
     ensemble: [{model: "qwen:7b", vram: 5GiB}, {model: "llama3:8b", vram: 5GiB}]
 """
-NEEDS = {"svc": [4000 * MIB, 2500 * MIB, 2600 * MIB, 1000 * MIB], "app": [5 * GIB]}
+
+
+def priced(name: str, models: list[str], sizes: list[int]) -> list[RungNeed]:
+    return [
+        RungNeed(i, m, b, "declared", "declared")
+        for i, (m, b) in enumerate(zip(models, sizes, strict=True))
+    ]
+
+
+NEEDS = {
+    "svc": priced(
+        "svc", ["big", "medium", "wide", "small"], [4000 * MIB, 2500 * MIB, 2600 * MIB, 1000 * MIB]
+    ),
+    "app": priced("app", ["qwen:7b"], [5 * GIB]),
+}
 T0 = 1_000_000.0  # fleetd started; every time below is T0 + seconds
 
 

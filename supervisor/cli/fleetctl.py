@@ -35,8 +35,8 @@ from supervisor.state import transition_json
 # The planner (numpy, gguf), compose rendering and NVML load in the commands that use
 # them, so that `fleetctl status` and `history` start quickly.
 if TYPE_CHECKING:
-    from supervisor.analyzer import FleetPlan
     from supervisor.config import FleetConfig
+    from supervisor.plan import FleetPlan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -165,9 +165,12 @@ def _operate_locked(
         who = f"{local_who()}, fleetd not running"
 
         def fit(name: str, target: int) -> ops.Fit:
+            from supervisor.analyzer import prices
+
             discovery = discover(config)
             pids = fleet_pids(config, discovery)
-            return ops.check_fit(config, state, name, target, discovery, pids)
+            needs = prices(config, state.measured)
+            return ops.check_fit(config, state, name, target, discovery, needs, pids)
 
         outcome = ops.dispatch(op, state, config, service, now, who, fit, rung or "", force)
         store.save(state)
