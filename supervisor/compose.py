@@ -14,17 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 import yaml
 
 from supervisor import __version__
-from supervisor.config import FleetConfig
+from supervisor.endpoints import host_ports
 from supervisor.errors import RenderError
 from supervisor.fsutil import atomic_write
 from supervisor.plan import FleetPlan, ServicePlan
 from supervisor.runtimes import RungOptions, RuntimeSpec, spec_of
+
+if TYPE_CHECKING:  # jinja2 loads when a compose file is rendered, not before
+    import jinja2
 
 HANDOFF_DIR = "/run/fleetd"  # the start scripts in supervisor/runtimes/ read model from here
 
@@ -106,6 +108,8 @@ def default_template_dir() -> Path:
 
 
 def template_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir or default_template_dir())),
         undefined=jinja2.StrictUndefined,
@@ -167,6 +171,8 @@ def build_project(
 def _render(
     template_dir: Path | None, plan: FleetPlan, services: list[RenderedService], volumes: list[str]
 ) -> str:
+    import jinja2
+
     try:
         template = template_environment(template_dir).get_template("compose.yml.j2")
         return template.render(
@@ -193,28 +199,6 @@ def _volume_source(volume: Quoted) -> str:
 def _is_named(volume: Quoted) -> bool:
     source = _volume_source(volume)
     return bool(source) and not source.startswith(("/", ".", "~", "$"))
-
-
-def host_ports(config: FleetConfig) -> dict[str, int]:
-    """Host ports of the config's services: the configured ones, then 11434, 11435, ...
-    per runtime in name order, never twice. From the config alone (placed or not), so
-    `fleetctl generate` and fleetd's runtime endpoints agree."""
-    taken: dict[int, str] = {}
-    for name, service in config.services.items():
-        port = service.port
-        if port is not None:
-            if port in taken:
-                raise RenderError(f"services {taken[port]!r} and {name!r} both ask for port {port}")
-            taken[port] = name
-    ports = {n: s.port for n, s in config.services.items() if s.port is not None}
-    for name in sorted(config.services):
-        spec = spec_of(config.services[name].runtime)
-        first = spec.port if spec.generated else None
-        if name in ports or first is None:
-            continue
-        port = next(p for p in range(first, 65536) if p not in taken)
-        taken[port], ports[name] = name, port
-    return ports
 
 
 def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:

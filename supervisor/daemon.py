@@ -33,11 +33,12 @@ from supervisor.backoff import DOCKER_RECONNECT
 from supervisor.config import FleetConfig, ServiceConfig, load_config
 from supervisor.control import Call, ControlServer
 from supervisor.detector import Detector, compile_rule
+from supervisor.endpoints import endpoint_of
 from supervisor.engine import DockerError
 from supervisor.errors import FleetdError, UsageError
 from supervisor.gpus import Discovery, declared_gpus, resolve_gpus
 from supervisor.handoff import change_model
-from supervisor.lifecycle import ModelChange, Settled, endpoint_of
+from supervisor.lifecycle import ModelChange, Settled
 from supervisor.managed import container_names, managed_pids
 from supervisor.metrics import FleetMetrics, build_snapshot, transition_kind
 from supervisor.nvml import Nvml

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from supervisor.config import FleetConfig, ServiceConfig
+from supervisor.endpoints import endpoint_of
 from supervisor.runtime_api import PullProgress, RuntimeApi, RuntimeApiError, api_for
 from supervisor.runtimes import spec_of
 from supervisor.state import Measured
@@ -35,23 +36,6 @@ REPORT_EVERY_S = 2.0
 
 class LoadFailed(RuntimeApiError):
     """The new model ran out of memory while loading (seen in the service's log)."""
-
-
-def endpoint_of(config: FleetConfig, name: str) -> str | None:
-    """A service's runtime API: `endpoint:`; else 127.0.0.1 and its `port:`, or, with
-    `compose_dir:` (the fleet runs the generated compose file), the host port that file
-    publishes; else None: fleetd never guesses, no endpoint means no API calls."""
-    service = config.services[name]
-    if spec_of(service.runtime).api is None:
-        return None
-    if service.endpoint is not None:
-        return service.endpoint
-    if service.port is None and config.compose_dir is None:
-        return None
-    from supervisor.compose import host_ports  # compose imports the planner: only here
-
-    port = service.port or host_ports(config).get(name)
-    return f"http://127.0.0.1:{port}" if port is not None else None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from supervisor.endpoints import endpoint_of
 from supervisor.errors import UsageError
 from supervisor.plan import gpu_budget_bytes
 from supervisor.state import FleetState, ServiceState, Transition, measured_json, transition_json
@@ -44,8 +45,6 @@ def status_json(
 
     Without `live` (fleetctl reading state.json) the live-only fields are null: health,
     activity, daemon; GPUs are added with `gpus_json` by the caller in both cases."""
-    from supervisor.lifecycle import endpoint_of  # the runtime clients: only when needed
-
     if service is not None and service not in state.services:
         known = ", ".join(sorted(state.services)) or "none yet"
         raise UsageError(f"no service {service!r} in the state; services: {known}")

@@ -245,7 +245,7 @@ def test_health_flapping_then_ready_settles(standin: StartStandin) -> None:
 
 def test_an_endpoint_is_named_never_guessed(tmp_path: Path) -> None:
     from supervisor.config import load_config
-    from supervisor.lifecycle import endpoint_of
+    from supervisor.endpoints import endpoint_of
 
     rung = "ladder: [{model: m, vram: 1GiB}]"
     text = f"""

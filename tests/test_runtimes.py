@@ -16,11 +16,11 @@ import yaml
 import supervisor.runtimes
 from supervisor import runtime_api
 from supervisor.analyzer import analyze
-from supervisor.compose import build_project, host_ports
+from supervisor.compose import build_project
 from supervisor.config import load_config
+from supervisor.endpoints import endpoint_of, host_ports
 from supervisor.errors import ConfigError, RenderError
 from supervisor.gpus import Discovery, simulated_gpus
-from supervisor.lifecycle import endpoint_of
 from supervisor.rules import BUILTIN_RULES, KNOWN_RUNTIMES
 from supervisor.runtime_api import RuntimeApi, api_for
 from supervisor.runtimes import (
