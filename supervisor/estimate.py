@@ -27,17 +27,20 @@ Formula, all in bytes:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import gguf
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from supervisor.errors import EstimateError
 from supervisor.runtimes import REGISTRY, Runtime, spec_of
 from supervisor.units import GIB, MIB
+
+if TYPE_CHECKING:  # gguf (and numpy under it) loads when a GGUF file is read, not before
+    import gguf
 
 # The registry's figures (supervisor.runtimes), by runtime.
 DEFAULT_CONTEXT: dict[Runtime, int] = {r: s.default_context for r, s in REGISTRY.items()}
@@ -49,21 +52,33 @@ GGUF_KV_BYTES_PER_ELEMENT = 2  # llama.cpp and ollama default to an f16 KV cache
 _GGUF_MAGIC = b"GGUF"
 # What gguf.GGUFReader raises on a truncated or corrupt header; it has no error type of its own.
 _GGUF_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError)
-_GGUF_INT_TYPES = frozenset(
-    {
-        gguf.GGUFValueType.UINT8,
-        gguf.GGUFValueType.INT8,
-        gguf.GGUFValueType.UINT16,
-        gguf.GGUFValueType.INT16,
-        gguf.GGUFValueType.UINT32,
-        gguf.GGUFValueType.INT32,
-        gguf.GGUFValueType.UINT64,
-        gguf.GGUFValueType.INT64,
-    }
-)
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _HF_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _SOURCE_LABEL = {"gguf": "GGUF", "hf": "HF"}
+
+
+@functools.cache
+def _gguf() -> ModuleType:
+    import gguf
+
+    return gguf
+
+
+@functools.cache
+def _gguf_int_types() -> frozenset[gguf.GGUFValueType]:
+    value = _gguf().GGUFValueType
+    return frozenset(
+        {
+            value.UINT8,
+            value.INT8,
+            value.UINT16,
+            value.INT16,
+            value.UINT32,
+            value.INT32,
+            value.UINT64,
+            value.INT64,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -260,7 +275,8 @@ def read_gguf_shape(path: Path) -> ModelShape:
 def _open_gguf(path: Path) -> gguf.GGUFReader:
     _check_gguf_magic(path)
     try:
-        return gguf.GGUFReader(path)
+        reader: gguf.GGUFReader = _gguf().GGUFReader(path)
+        return reader
     except _GGUF_READ_ERRORS as e:
         raise EstimateError(
             f"{path}: corrupt GGUF header ({type(e).__name__}: {e}); expected a complete GGUF file"
@@ -312,7 +328,7 @@ def _gguf_vocab(reader: gguf.GGUFReader, path: Path, arch: str) -> int:
         return vocab_size
     tokens = reader.get_field("tokenizer.ggml.tokens")
     # field.data indexes one entry per token: counting it avoids decoding every token string.
-    if tokens is None or tokens.types[:1] != [gguf.GGUFValueType.ARRAY] or not tokens.data:
+    if tokens is None or tokens.types[:1] != [_gguf().GGUFValueType.ARRAY] or not tokens.data:
         raise EstimateError(
             f"{path}: missing key '{arch}.vocab_size' and 'tokenizer.ggml.tokens' "
             "(expected a vocabulary size or a token list)"
@@ -324,7 +340,7 @@ def _gguf_str(reader: gguf.GGUFReader, path: Path, key: str) -> str:
     field = reader.get_field(key)
     if field is None:
         raise EstimateError(f"{path}: missing key '{key}' (expected a string)")
-    if field.types != [gguf.GGUFValueType.STRING]:
+    if field.types != [_gguf().GGUFValueType.STRING]:
         raise EstimateError(f"{path}: key '{key}' is {_gguf_type_text(field)} (expected a string)")
     try:
         value: str = field.contents()
@@ -347,7 +363,7 @@ def _gguf_optional_int(reader: gguf.GGUFReader, path: Path, key: str) -> int | N
     field = reader.get_field(key)
     if field is None:
         return None
-    if not field.types or field.types[-1] not in _GGUF_INT_TYPES:
+    if not field.types or field.types[-1] not in _gguf_int_types():
         raise EstimateError(
             f"{path}: key '{key}' is {_gguf_type_text(field)} (expected a positive integer)"
         )
