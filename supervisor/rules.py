@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from supervisor.runtimes import Runtime
+from supervisor.runtimes.spec import Runtime
 
 
 class IncidentClass(StrEnum):
