@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from supervisor.control import ControlClient  # noqa: E402
+from supervisor.edges.control import ControlClient  # noqa: E402
 
 CONFIG = ROOT / "examples" / "demo" / "fleet.yaml"
 FLEETCTL = [sys.executable, "-c", "from supervisor.cli.fleetctl import main; main()"]

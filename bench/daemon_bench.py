@@ -55,8 +55,8 @@ import docker
 import docker.errors
 import yaml
 
-from supervisor.detector import Detector
-from supervisor.watch import parse_docker_time_ns
+from supervisor.core.detector import Detector
+from supervisor.edges.watch import parse_docker_time_ns
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSYBOX = "fleetd-test/busybox:1"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-from supervisor.planner import Demand, GpuSlot, solve
+from supervisor.core.planner import Demand, GpuSlot, solve
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,5 @@
-"""A fake of the pynvml module: the calls `supervisor.gpus.Nvml` makes, raising real NVMLErrors.
+"""A fake of the pynvml module: the calls `supervisor.edges.nvml.Nvml` makes, raising real
+NVMLErrors.
 
 `pynvml.NVMLError(code)` builds the code's own subclass (`NVMLError_GpuIsLost`, ...), so the
 code under test sees exactly what the real library raises. Scenarios are named after the

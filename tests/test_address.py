@@ -1,10 +1,11 @@
-"""Tests for supervisor.address: HOST:PORT as people write it, refused with the value quoted."""
+"""Tests for supervisor.core.address: HOST:PORT as people write it, refused with the value
+quoted."""
 
 from __future__ import annotations
 
 import pytest
 
-from supervisor.address import format_address, parse_address
+from supervisor.core.address import format_address, parse_address
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from supervisor.analyzer import analyze
-from supervisor.config import FleetConfig, load_config
-from supervisor.estimate import estimate_model
-from supervisor.gpus import Discovery, Gpu, GpuProcess, simulated_gpus
-from supervisor.plan import FleetPlan, ollama_limit
-from supervisor.runtimes import Runtime
-from supervisor.units import format_size
+from supervisor.analyzer.estimate import estimate_model
+from supervisor.core.config import FleetConfig, load_config
+from supervisor.core.gpus import Discovery, Gpu, GpuProcess, simulated_gpus
+from supervisor.core.plan import FleetPlan, ollama_limit
+from supervisor.core.runtimes import Runtime
+from supervisor.core.units import format_size
 
 MIB, GIB = 1024**2, 1024**3
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet.yaml"

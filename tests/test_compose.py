@@ -1,4 +1,4 @@
-"""Tests for supervisor.compose: the compose project rendered from a plan (no Docker).
+"""Tests for supervisor.analyzer.compose: the compose project rendered from a plan (no Docker).
 
 Plans come from real configs written to tmp_path, priced by the analyzer on simulated
 GPUs. Values the config refuses (hostile model names, ...) reach the renderer through
@@ -21,17 +21,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.analyzer import analyze
-from supervisor.compose import (
+from supervisor.analyzer.compose import (
     ComposeProject,
     build_project,
     default_template_dir,
     model_env_var,
     quote,
 )
-from supervisor.config import FleetConfig, RungConfig, load_config
-from supervisor.errors import ConfigError, RenderError
-from supervisor.gpus import Discovery, Gpu, simulated_gpus
-from supervisor.plan import FleetPlan
+from supervisor.core.config import FleetConfig, RungConfig, load_config
+from supervisor.core.errors import ConfigError, RenderError
+from supervisor.core.gpus import Discovery, Gpu, simulated_gpus
+from supervisor.core.plan import FleetPlan
 
 GIB = 1024**3
 MIB = 1024**2

@@ -1,4 +1,4 @@
-"""Tests for supervisor.config: fleet.yaml loads exactly, or every problem is named at once.
+"""Tests for supervisor.core.config: fleet.yaml loads exactly, or every problem is named at once.
 
 Each problem must read `FILE:LINE: key.path[i].x: explanation`, quote the bad value and say
 what was expected. Line numbers are found in the written text, never hard-coded.
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supervisor.config import FleetConfig, load_config
-from supervisor.errors import ConfigError
-from supervisor.runtimes import Runtime
+from supervisor.core.config import FleetConfig, load_config
+from supervisor.core.errors import ConfigError
+from supervisor.core.runtimes import Runtime
 
 MIB, GIB = 1024**2, 1024**3
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet.yaml"

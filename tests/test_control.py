@@ -1,4 +1,4 @@
-"""The control API on a real Unix socket (supervisor.control), and fleetctl against it and
+"""The control API on a real Unix socket (supervisor.edges.control), and fleetctl against it and
 without it, as real subprocesses. The daemon's side is a stand-in loop answering `Call`s;
 tests/integration/test_control_api.py drives the real fleetd."""
 
@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from supervisor.control import (
+from supervisor.core.errors import FleetdError
+from supervisor.core.state import FleetState, ServiceState
+from supervisor.edges.control import (
     API_VERSION,
     Call,
     ControlClient,
@@ -27,9 +29,7 @@ from supervisor.control import (
     DaemonError,
     DaemonUnreachable,
 )
-from supervisor.errors import FleetdError
-from supervisor.state import FleetState, ServiceState
-from supervisor.store import StateStore
+from supervisor.edges.store import StateStore
 
 CONFIG = """
 gpus: [{name: "test GPU", memory: 8GiB}]

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor import step
 from supervisor.analyzer import analyze, prices
-from supervisor.config import load_config
-from supervisor.gpus import resolve_gpus
-from supervisor.ladder import apply_change
-from supervisor.nvml import Nvml
-from supervisor.state import FleetState, PendingChange, ServiceState
-from supervisor.status import gpus_json
+from supervisor.core import step
+from supervisor.core.config import load_config
+from supervisor.core.gpus import resolve_gpus
+from supervisor.core.ladder import apply_change
+from supervisor.core.state import FleetState, PendingChange, ServiceState
+from supervisor.core.status import gpus_json
+from supervisor.edges.nvml import Nvml
 from tests.fakenvml import GIB, FakeDevice, FakeNvml
 
 CONFIG = """

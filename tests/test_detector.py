@@ -1,4 +1,5 @@
-"""Tests for supervisor.detector and supervisor.rules: real log lines in, incident classes out.
+"""Tests for supervisor.core.detector and supervisor.core.rules: real log lines in, incident
+classes out.
 
 The examples and NOT_INCIDENTS lines come from the runtimes' own output (see each rule's
 source); every one is run here, for every runtime: every rule applies to every service.
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from supervisor.detector import (
+from supervisor.core.detector import (
     CLASS_PRIORITY,
     Detector,
     Match,
@@ -18,7 +19,7 @@ from supervisor.detector import (
     required_literals,
     scan_lines,
 )
-from supervisor.rules import (
+from supervisor.core.rules import (
     BUILTIN_RULES,
     HANDLED_LINES,
     KNOWN_RUNTIMES,

@@ -1,4 +1,5 @@
-"""Tests for supervisor.estimate, against real GGUF files and HF folders written in tmp_path."""
+"""Tests for supervisor.analyzer.estimate, against real GGUF files and HF folders written in
+tmp_path."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from supervisor.errors import EstimateError
-from supervisor.estimate import (
+from supervisor.analyzer.estimate import (
     Estimate,
     ModelShape,
     estimate_from_shape,
@@ -21,7 +21,8 @@ from supervisor.estimate import (
     read_gguf_shape,
     read_hf_shape,
 )
-from supervisor.runtimes import Runtime
+from supervisor.core.errors import EstimateError
+from supervisor.core.runtimes import Runtime
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,5 @@
-"""Tests for supervisor.gpus: NVML discovery through a fake pynvml, simulated and declared GPUs."""
+"""Tests for supervisor.core.gpus and supervisor.edges.nvml: NVML discovery through a fake
+pynvml, simulated and declared GPUs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from supervisor.config import FleetConfig
-from supervisor.errors import UsageError
-from supervisor.gpus import Gpu, GpuProcess, resolve_gpus, simulated_gpus
-from supervisor.nvml import Nvml
+from supervisor.core.config import FleetConfig
+from supervisor.core.errors import UsageError
+from supervisor.core.gpus import Gpu, GpuProcess, resolve_gpus, simulated_gpus
+from supervisor.edges.nvml import Nvml
 from tests import fakenvml
 from tests.fakenvml import GIB, NOT_AVAILABLE, FakeDevice, FakeNvml
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from supervisor.config import load_config
-from supervisor.gpus import Gpu
-from supervisor.health import Health, HealthStatus
-from supervisor.metrics import Direction, FleetMetrics, TransitionReason, build_snapshot
-from supervisor.state import FleetState, Measured, ServiceState
+from supervisor.core.config import load_config
+from supervisor.core.gpus import Gpu
+from supervisor.core.health import Health, HealthStatus
+from supervisor.core.state import FleetState, Measured, ServiceState
+from supervisor.edges.metrics import Direction, FleetMetrics, TransitionReason, build_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "fleetd.json"

@@ -1,10 +1,10 @@
-"""Health checks and the circuit breaker (supervisor.health): check results in, restarts out,
+"""Health checks and the circuit breaker (supervisor.core.health): check results in, restarts out,
 with plain float times."""
 
 from __future__ import annotations
 
-from supervisor.config import HealthConfig
-from supervisor.health import Breaker, Health, HealthStatus, observe
+from supervisor.core.config import HealthConfig
+from supervisor.core.health import Breaker, Health, HealthStatus, observe
 
 CONFIG = HealthConfig(unhealthy_after=3, healthy_after=2, breaker_after=5, breaker_reset=60.0)
 

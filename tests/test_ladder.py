@@ -1,4 +1,4 @@
-"""Tests for supervisor.ladder: the incident -> decision state machine, with plain float times
+"""Tests for supervisor.core.ladder: the incident -> decision state machine, with plain float times
 (no Docker, no clock), and a property test that a step down always goes to a smaller rung."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.config import PolicyConfig, ServiceConfig
-from supervisor.ladder import (
+from supervisor.core.config import PolicyConfig, ServiceConfig
+from supervisor.core.ladder import (
     GPU_FAULT,
     HOST_OOM,
     VRAM_OOM,
@@ -23,7 +23,7 @@ from supervisor.ladder import (
     next_rung_down,
     transition,
 )
-from supervisor.state import ServiceState, ServiceStatus, Transition
+from supervisor.core.state import ServiceState, ServiceStatus, Transition
 
 MIB = 1024**2
 POLICY = Policy(incidents_to_step_down=3, window_s=600.0, cooldown_s=60.0)

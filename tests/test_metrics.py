@@ -1,4 +1,4 @@
-"""Tests for supervisor.metrics: what a scrape of fleetd shows, read back with the client's
+"""Tests for supervisor.edges.metrics: what a scrape of fleetd shows, read back with the client's
 own parser, and the HTTP endpoint's binding and errors."""
 
 from __future__ import annotations
@@ -16,19 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.config import FleetConfig, load_config
-from supervisor.gpus import Gpu, GpuProcess
-from supervisor.ladder import apply_change
-from supervisor.metrics import (
-    Direction,
-    FleetMetrics,
-    FleetSnapshot,
-    MetricsError,
-    TransitionReason,
-    build_snapshot,
-    transition_kind,
-)
-from supervisor.state import (
+from supervisor.core.config import FleetConfig, load_config
+from supervisor.core.gpus import Gpu, GpuProcess
+from supervisor.core.ladder import apply_change
+from supervisor.core.state import (
     Actor,
     FleetState,
     Incident,
@@ -36,6 +27,15 @@ from supervisor.state import (
     ServiceState,
     ServiceStatus,
     Transition,
+)
+from supervisor.edges.metrics import (
+    Direction,
+    FleetMetrics,
+    FleetSnapshot,
+    MetricsError,
+    TransitionReason,
+    build_snapshot,
+    transition_kind,
 )
 
 MIB, GIB = 1024**2, 1024**3
@@ -494,7 +494,7 @@ def test_fleetd_run_on_a_taken_port_exits_1_before_touching_the_state(tmp_path: 
 def test_health_and_the_breaker_are_shown_once_checked(
     metrics: FleetMetrics, config: FleetConfig
 ) -> None:
-    from supervisor.health import Breaker, Health, HealthStatus
+    from supervisor.core.health import Breaker, Health, HealthStatus
 
     state = fresh_state()
     unhealthy = Health(status=HealthStatus.UNHEALTHY, breaker=Breaker.OPEN, failed_restarts=5)
@@ -512,7 +512,7 @@ def test_health_and_the_breaker_are_shown_once_checked(
 def test_measured_vram_and_warmup_speed_sit_beside_the_estimates(
     metrics: FleetMetrics, config: FleetConfig
 ) -> None:
-    from supervisor.state import Measured
+    from supervisor.core.state import Measured
 
     state = fresh_state()
     state.measured["big"] = Measured(vram_bytes=3 * GIB, load_s=2.5, tokens_per_s=42.0, at=NOW)

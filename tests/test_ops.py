@@ -1,4 +1,4 @@
-"""What a person asks of fleetctl (supervisor.ops): reset, downgrade, upgrade, pin, unpin,
+"""What a person asks of fleetctl (supervisor.core.ops): reset, downgrade, upgrade, pin, unpin,
 and the VRAM check that guards every move up; pure functions on a state, no daemon."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import ops
 from supervisor.analyzer import prices
-from supervisor.config import FleetConfig, load_config
-from supervisor.errors import UsageError
-from supervisor.gpus import Discovery, Gpu, GpuProcess
-from supervisor.ladder import apply_change
-from supervisor.state import FleetState, Incident, ServiceState, ServiceStatus
+from supervisor.core import ops
+from supervisor.core.config import FleetConfig, load_config
+from supervisor.core.errors import UsageError
+from supervisor.core.gpus import Discovery, Gpu, GpuProcess
+from supervisor.core.ladder import apply_change
+from supervisor.core.state import FleetState, Incident, ServiceState, ServiceStatus
 
 GIB = 1024**3
 WHO = "with fleetctl by uid 0 (root)"

@@ -1,4 +1,4 @@
-"""Tests for supervisor.planner: examples a user would recognise, and a property test that the
+"""Tests for supervisor.core.planner: examples a user would recognise, and a property test that the
 branch and bound finds the same optimum as trying every assignment."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.planner import Choice, Demand, GpuSlot, Score, Solution, solve
+from supervisor.core.planner import Choice, Demand, GpuSlot, Score, Solution, solve
 
 MIB = 1024**2
 Choices = dict[str, Choice | None]

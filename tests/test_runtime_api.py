@@ -1,5 +1,5 @@
-"""fleetd's runtime API clients and its change procedure (supervisor.runtime_api,
-supervisor.lifecycle) against the runtime stand-in (tests/images/runtime-api/standin.py)
+"""fleetd's runtime API clients and its change procedure (supervisor.edges.runtime_api,
+supervisor.daemon.lifecycle) against the runtime stand-in (tests/images/runtime-api/standin.py)
 run as a local process: a real HTTP server with Ollama's, vLLM's and llama.cpp's paths
 and JSON shapes, and injected faults. tests/integration/ runs it as a container."""
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ServiceConfig, WarmupConfig
-from supervisor.lifecycle import ModelChange
-from supervisor.runtime_api import (
+from supervisor.core.config import ServiceConfig, WarmupConfig
+from supervisor.daemon.lifecycle import ModelChange
+from supervisor.edges.runtime_api import (
     LlamaCppApi,
     OllamaApi,
     PullProgress,
@@ -244,8 +244,8 @@ def test_health_flapping_then_ready_settles(standin: StartStandin) -> None:
 
 
 def test_an_endpoint_is_named_never_guessed(tmp_path: Path) -> None:
-    from supervisor.config import load_config
-    from supervisor.endpoints import endpoint_of
+    from supervisor.core.config import load_config
+    from supervisor.core.endpoints import endpoint_of
 
     rung = "ladder: [{model: m, vram: 1GiB}]"
     text = f"""

@@ -1,4 +1,4 @@
-"""The registry of runtimes (supervisor.runtimes): every runtime has what its entry claims,
+"""The registry of runtimes (supervisor.core.runtimes): every runtime has what its entry claims,
 the registry is pure, and a runtime's name is spelled only in its own files."""
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from typing import Any
 import pytest
 import yaml
 
-import supervisor.runtimes
-from supervisor import runtime_api
+import supervisor.core.runtimes
 from supervisor.analyzer import analyze
-from supervisor.compose import build_project
-from supervisor.config import load_config
-from supervisor.endpoints import endpoint_of, host_ports
-from supervisor.errors import ConfigError, RenderError
-from supervisor.gpus import Discovery, simulated_gpus
-from supervisor.rules import BUILTIN_RULES, KNOWN_RUNTIMES
-from supervisor.runtime_api import RuntimeApi, api_for
-from supervisor.runtimes import (
+from supervisor.analyzer.compose import build_project
+from supervisor.core.config import load_config
+from supervisor.core.endpoints import endpoint_of, host_ports
+from supervisor.core.errors import ConfigError, RenderError
+from supervisor.core.gpus import Discovery, simulated_gpus
+from supervisor.core.rules import BUILTIN_RULES, KNOWN_RUNTIMES
+from supervisor.core.runtimes import (
     REGISTRY,
     Runtime,
     RuntimeSpec,
@@ -31,6 +29,8 @@ from supervisor.runtimes import (
     own_rule_ids,
     spec_of,
 )
+from supervisor.edges import runtime_api
+from supervisor.edges.runtime_api import RuntimeApi, api_for
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = list(REGISTRY.values())
@@ -39,7 +39,7 @@ IO_LIBRARIES = ("docker", "requests", "pynvml", "gguf", "numpy", "jinja2", "sock
 
 
 def test_every_runtime_has_its_module_and_nothing_else_is_one() -> None:
-    package = Path(supervisor.runtimes.__file__).parent
+    package = Path(supervisor.core.runtimes.__file__).parent
     modules = {m.name for m in pkgutil.iter_modules([str(package)])} - {"spec"}
     assert modules == {r.value for r in Runtime}
     assert set(REGISTRY) == set(Runtime)
@@ -53,7 +53,7 @@ def test_the_rules_know_exactly_the_registrys_runtimes() -> None:
 
 def test_the_registry_and_the_rules_import_no_io_library() -> None:
     code = (
-        "import sys, supervisor.runtimes, supervisor.rules;"
+        "import sys, supervisor.core.runtimes, supervisor.core.rules;"
         f"print([m for m in {IO_LIBRARIES!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -204,10 +204,10 @@ def own_files(runtime: Runtime) -> set[str]:
     """Where a runtime's name may be spelled: its module, the enum, its template, its API
     client and the detector rules in its wording (rules.py)."""
     spec = spec_of(runtime)
-    files = {f"supervisor/runtimes/{runtime.value}.py", "supervisor/runtimes/spec.py"}
+    files = {f"supervisor/core/runtimes/{runtime.value}.py", "supervisor/core/runtimes/spec.py"}
     files |= {f"templates/{spec.template}"} if spec.template else set()
-    files |= {"supervisor/runtime_api.py"} if spec.api else set()
-    files |= {"supervisor/rules.py"} if own_rule_ids(runtime) else set()
+    files |= {"supervisor/edges/runtime_api.py"} if spec.api else set()
+    files |= {"supervisor/core/rules.py"} if own_rule_ids(runtime) else set()
     return files
 
 
@@ -225,6 +225,8 @@ def test_a_runtime_is_named_only_in_its_own_files(runtime: Runtime) -> None:
 
 def test_docs_runtimes_md_has_the_registrys_tables() -> None:
     docs = (REPO / "docs" / "runtimes.md").read_text()
-    assert markdown_tables() in docs, "regenerate the tables: supervisor.runtimes.markdown_tables()"
+    assert markdown_tables() in docs, (
+        "regenerate the tables: supervisor.core.runtimes.markdown_tables()"
+    )
     for runtime in Runtime:
         assert f"`{runtime.value}`" in docs.split("## The runtimes")[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.rules import BUILTIN_RULES, NOT_INCIDENTS, Rule
+from supervisor.core.rules import BUILTIN_RULES, NOT_INCIDENTS, Rule
 
 REPO = Path(__file__).resolve().parents[1]
 FLEETCTL = "from supervisor.cli.fleetctl import main; main()"

@@ -1,4 +1,4 @@
-"""Tests for supervisor.sdnotify: the systemd notify protocol over a real AF_UNIX socket.
+"""Tests for supervisor.edges.sdnotify: the systemd notify protocol over a real AF_UNIX socket.
 
 Each test binds its own datagram socket (a path in tmp_path, or an abstract `@name`) and
 reads what the Notifier sent, the way systemd would.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sdnotify import Notifier
+from supervisor.edges.sdnotify import Notifier
 
 MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
 

@@ -1,4 +1,4 @@
-"""Tests for supervisor.state: the state.json schema, load/save, the lock, hand-off files."""
+"""Tests for supervisor.core.state: the state.json schema, load/save, the lock, hand-off files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.state import (
+from supervisor.core.state import (
     HISTORY_LIMIT,
     SCHEMA_VERSION,
     STATE_FILE,
@@ -29,7 +29,7 @@ from supervisor.state import (
     StateError,
     Transition,
 )
-from supervisor.store import StateStore
+from supervisor.edges.store import StateStore
 
 FIXED_NOW = datetime(2026, 11, 23, 10, 15, 0, tzinfo=UTC).timestamp()
 STAMP = "20261123T101500Z"
@@ -408,7 +408,7 @@ def test_model_file_refuses_models_that_are_not_one_name(store: StateStore, mode
 HOLDER = """
 import sys
 from pathlib import Path
-from supervisor.store import StateStore
+from supervisor.edges.store import StateStore
 with StateStore(Path(sys.argv[1])).lock():
     print("locked", flush=True)
     sys.stdin.read()

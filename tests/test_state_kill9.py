@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.state import FleetState, ServiceState
-from supervisor.store import StateStore
+from supervisor.core.state import FleetState, ServiceState
+from supervisor.edges.store import StateStore
 
 KILLS = 20
 MAX_DELAY_S = 0.050
@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 WRITER = f"""
 import sys, time
 from pathlib import Path
-from supervisor.state import Transition
-from supervisor.store import StateStore
+from supervisor.core.state import Transition
+from supervisor.edges.store import StateStore
 store = StateStore(Path(sys.argv[1]))
 with store.lock():
     result = store.load()

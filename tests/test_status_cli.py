@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.state import (
+from supervisor.core.state import (
     FleetState,
     Incident,
     ServiceState,
     ServiceStatus,
     Transition,
 )
-from supervisor.store import StateStore
+from supervisor.edges.store import StateStore
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
 

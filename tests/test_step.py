@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from supervisor import step
-from supervisor.config import GpuDeclaration, load_config
-from supervisor.gpus import declared_gpus
-from supervisor.health import Breaker, HealthStatus
-from supervisor.lifecycle import Settled
-from supervisor.plan import RungNeed
-from supervisor.state import FleetState, Measured, ServiceState, ServiceStatus
-from supervisor.step import Phase, World
+from supervisor.core import step
+from supervisor.core.config import GpuDeclaration, load_config
+from supervisor.core.gpus import declared_gpus
+from supervisor.core.health import Breaker, HealthStatus
+from supervisor.core.plan import RungNeed
+from supervisor.core.state import FleetState, Measured, ServiceState, ServiceStatus
+from supervisor.core.step import Phase, World
+from supervisor.daemon.lifecycle import Settled
 
 MIB = 1024**2
 GIB = 1024**3
@@ -561,7 +561,7 @@ def test_a_lost_gpu_is_said_once_and_its_return_too(fleet: World) -> None:
 
 
 def test_a_checkpoint_saves_where_each_follower_read_to(fleet: World) -> None:
-    from supervisor.state import LogCursor
+    from supervisor.core.state import LogCursor
 
     effects = Run(fleet)(step.Checkpoint({"svc-1": LogCursor("c1", 42)}), 1)
     assert effects == [step.Save()]

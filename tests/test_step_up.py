@@ -1,9 +1,9 @@
-"""Stepping back up (supervisor.ladder): when a step up is due, probation, and the doubling
+"""Stepping back up (supervisor.core.ladder): when a step up is due, probation, and the doubling
 wait after a failed probation; plain float times."""
 
 from __future__ import annotations
 
-from supervisor.ladder import (
+from supervisor.core.ladder import (
     VRAM_OOM,
     Action,
     Observed,
@@ -14,7 +14,7 @@ from supervisor.ladder import (
     step_up_due,
     transition,
 )
-from supervisor.state import Incident, ServiceState, ServiceStatus
+from supervisor.core.state import Incident, ServiceState, ServiceStatus
 from tests.test_ladder import SEED, SEED_MODELS, SEED_NEEDS
 
 DAY = 86400.0

@@ -1,4 +1,4 @@
-"""Tests for supervisor.units: sizes and durations as people write them."""
+"""Tests for supervisor.core.units: sizes and durations as people write them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.units import format_duration, format_size, parse_duration, parse_size
+from supervisor.core.units import format_duration, format_size, parse_duration, parse_size
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 

@@ -1,4 +1,4 @@
-"""LogFollower's reading of Docker's stamped log stream (supervisor.watch), fed the bytes
+"""LogFollower's reading of Docker's stamped log stream (supervisor.edges.watch), fed the bytes
 Docker's log API sends, without an engine (tests/integration/ follows real containers)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 from typing import Any
 
-from supervisor.watch import LogFollower, LogLine
+from supervisor.edges.watch import LogFollower, LogLine
 
 
 def stamped(stamp: str, text: str) -> bytes:

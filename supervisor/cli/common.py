@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from supervisor.errors import FleetdError
-from supervisor.paths import default_config_path
+from supervisor.cli.paths import default_config_path
+from supervisor.core.errors import FleetdError
 
 if TYPE_CHECKING:
-    from supervisor.config import FleetConfig
+    from supervisor.core.config import FleetConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +73,7 @@ def json_option(func: F) -> F:
 
 
 def read_config(path: Path | None) -> FleetConfig:
-    from supervisor.config import load_config  # pydantic: only for commands that read it
+    from supervisor.core.config import load_config  # pydantic: only for commands that read it
 
     return load_config(path or default_config_path())
 

@@ -26,17 +26,17 @@ from supervisor.cli.common import (
 )
 from supervisor.cli.link import Link, connect, discover, fleet_pids, operate_offline
 from supervisor.cli.views import read_state
-from supervisor.control import SOCKET_ENV
-from supervisor.errors import FleetdError, UsageError
-from supervisor.fsutil import atomic_write
-from supervisor.runtimes import Runtime
-from supervisor.state import transition_json
+from supervisor.core.errors import FleetdError, UsageError
+from supervisor.core.runtimes import Runtime
+from supervisor.core.state import transition_json
+from supervisor.edges.control import SOCKET_ENV
+from supervisor.edges.fsutil import atomic_write
 
 # The planner (numpy, gguf), compose rendering and NVML load in the commands that use
 # them, so that `fleetctl status` and `history` start quickly.
 if TYPE_CHECKING:
-    from supervisor.config import FleetConfig
-    from supervisor.plan import FleetPlan
+    from supervisor.core.config import FleetConfig
+    from supervisor.core.plan import FleetPlan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,8 +51,8 @@ def cli() -> None:
 
 def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
     from supervisor.analyzer import analyze
-    from supervisor.gpus import resolve_gpus
-    from supervisor.nvml import Nvml
+    from supervisor.core.gpus import resolve_gpus
+    from supervisor.edges.nvml import Nvml
 
     nvml = Nvml()
     try:
@@ -75,7 +75,7 @@ def plan(config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool) ->
     VRAM need was obtained, and why each more-preferred rung did not fit.
     Exits 0 when every service is placed, 1 when one is not.
     """
-    from supervisor.report import plan_json, print_plan
+    from supervisor.cli.report import plan_json, print_plan
 
     result = _plan(read_config(config_path), gpu_specs, quiet=not as_json)
     if as_json:
@@ -127,7 +127,7 @@ def generate(
         raise UsageError(f"--templates {template_dir}: no compose.yml.j2 there")
     result = _plan(read_config(config_path), gpu_specs)
     state = (state_dir or default_state_dir()).resolve()
-    from supervisor.compose import build_project
+    from supervisor.analyzer.compose import build_project
 
     project = build_project(result, state, template_dir)  # raises before anything is written
     atomic_write(out_dir / "compose.yml", project.compose_yaml)
@@ -170,7 +170,7 @@ def scan(source: str, runtime: str | None, as_json: bool) -> int:
     classified line: {"line": N, "class": ..., "rule": ..., "text": ...}.
     Exits 0 whether or not anything matched, 2 when the input cannot be read.
     """
-    from supervisor.detector import Detector, scan_lines
+    from supervisor.core.detector import Detector, scan_lines
 
     detector = Detector(runtime=runtime)
     try:

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from supervisor import __version__
-from supervisor.address import parse_address
 from supervisor.cli.common import (
     EXIT_OK,
     checkout_root,
@@ -17,11 +16,12 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
-from supervisor.config import DEFAULT_METRICS_ADDRESS
-from supervisor.control import SOCKET_ENV, default_socket, resolve_group
-from supervisor.errors import UsageError
-from supervisor.logs import setup_logging
-from supervisor.paths import default_config_path
+from supervisor.cli.logs import setup_logging
+from supervisor.cli.paths import default_config_path
+from supervisor.core.address import parse_address
+from supervisor.core.config import DEFAULT_METRICS_ADDRESS
+from supervisor.core.errors import UsageError
+from supervisor.edges.control import SOCKET_ENV, default_socket, resolve_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,7 +2,7 @@
 
 The socket is `--socket` / FLEETD_SOCKET when given, else the one a running fleetd
 recorded in STATE_DIR/daemon.lock, else the default. Without a daemon, changes are made
-here under the state lock, exactly as fleetd would make them (`supervisor.ops`), and the
+here under the state lock, exactly as fleetd would make them (`supervisor.core.ops`), and the
 containers are restarted when Docker answers; a fleetd that holds the state directory
 but does not answer is never worked around.
 """
@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from supervisor.cli.common import checkout_root
-from supervisor.control import ControlClient, DaemonUnreachable, Peer, default_socket
-from supervisor.errors import FleetdError
-from supervisor.state import FleetState
-from supervisor.store import DaemonInfo, StateStore
+from supervisor.core.errors import FleetdError
+from supervisor.core.state import FleetState
+from supervisor.edges.control import ControlClient, DaemonUnreachable, Peer, default_socket
+from supervisor.edges.store import DaemonInfo, StateStore
 
 # The planner, NVML and Docker load only for the commands that use them: `fleetctl status`
 # through a running fleetd needs none of them and starts in a fraction of the time.
 if TYPE_CHECKING:
-    from supervisor import ops
-    from supervisor.config import FleetConfig
-    from supervisor.gpus import Discovery
+    from supervisor.core import ops
+    from supervisor.core.config import FleetConfig
+    from supervisor.core.gpus import Discovery
 
 EXIT_NO_DAEMON = 3
 
@@ -96,8 +96,8 @@ def local_who() -> str:
 
 def discover(config: FleetConfig | None) -> Discovery:
     """The GPUs as this process reads them (NVML, or the config's declared ones)."""
-    from supervisor.gpus import Discovery, resolve_gpus
-    from supervisor.nvml import Nvml
+    from supervisor.core.gpus import Discovery, resolve_gpus
+    from supervisor.edges.nvml import Nvml
 
     if config is None:
         return Discovery(gpus=())
@@ -113,7 +113,7 @@ def discover(config: FleetConfig | None) -> Discovery:
 def fleet_pids(config: FleetConfig | None, discovery: Discovery) -> frozenset[int]:
     """The host pids of the fleet's own containers, when NVML lists GPU processes (so the
     budget leaves out only others' memory); empty when Docker does not answer."""
-    from supervisor.managed import managed_pids_if_reachable
+    from supervisor.edges.managed import managed_pids_if_reachable
 
     if config is None or not any(g.processes for g in discovery.gpus):
         return frozenset()
@@ -151,7 +151,7 @@ def _operate_locked(
     rung: str | None,
     force: bool,
 ) -> dict[str, Any]:
-    from supervisor import ops
+    from supervisor.core import ops
 
     with store.lock():
         if store.running_daemon() is not None:  # it started since we looked
@@ -187,10 +187,10 @@ def _apply_offline(
     unload where the runtime does that, restart, wait for health and warm up."""
     import threading
 
-    from supervisor import engine
-    from supervisor.engine import DockerError
-    from supervisor.handoff import change_model
-    from supervisor.ladder import apply_change
+    from supervisor.core.ladder import apply_change
+    from supervisor.daemon.handoff import change_model
+    from supervisor.edges import engine
+    from supervisor.edges.engine import DockerError
 
     svc = state.services[service]
     pending = svc.pending

@@ -11,10 +11,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from supervisor.errors import FleetdError
-from supervisor.state import STATE_FILE, FleetState, StateError
-from supervisor.status import gpus_json, status_json
-from supervisor.units import format_size
+from supervisor.core.errors import FleetdError
+from supervisor.core.state import STATE_FILE, FleetState, StateError
+from supervisor.core.status import gpus_json, status_json
+from supervisor.core.units import format_size
 
 __all__ = ["gpus_json", "print_history", "print_status", "read_state", "status_json"]
 

@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from supervisor.analyzer import analyze
-from supervisor.compose import build_project
-from supervisor.config import FleetConfig, RungConfig, load_config
-from supervisor.errors import RenderError
-from supervisor.gpus import Discovery, simulated_gpus
+from supervisor.analyzer.compose import build_project
+from supervisor.core.config import FleetConfig, RungConfig, load_config
+from supervisor.core.errors import RenderError
+from supervisor.core.gpus import Discovery, simulated_gpus
 from tests.entrypoints import entry_point
 
 REPO = Path(__file__).resolve().parents[2]

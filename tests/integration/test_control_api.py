@@ -17,7 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from supervisor.control import ControlClient, DaemonUnreachable
+from supervisor.edges.control import ControlClient, DaemonUnreachable
 from tests.integration.fleet_harness import Fleet, at_rung
 
 pytestmark = pytest.mark.integration
@@ -215,8 +215,9 @@ def as_user(
         "import os, sys\n"
         "from supervisor.cli.fleetctl import main\n"
         # What fleetctl loads only when a command needs it, loaded here while still root.
-        "import docker, supervisor.config, supervisor.lifecycle, supervisor.ops\n"
-        "import supervisor.gpus, supervisor.handoff, supervisor.managed, supervisor.watch\n"
+        "import docker, supervisor.core.config, supervisor.daemon.lifecycle, supervisor.core.ops\n"
+        "import supervisor.core.gpus, supervisor.daemon.handoff, supervisor.edges.managed\n"
+        "import supervisor.edges.watch\n"
         f"os.setgroups({groups!r}); os.setgid({uid}); os.setuid({uid})\n"
         "main()\n"
     )

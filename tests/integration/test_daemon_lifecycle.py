@@ -29,9 +29,9 @@ import pytest
 import yaml
 from docker.models.containers import Container
 
+from supervisor.core.state import FleetState, ServiceState
 from supervisor.daemon import Daemon
-from supervisor.state import FleetState, ServiceState
-from supervisor.watch import LogLine
+from supervisor.edges.watch import LogLine
 from tests.integration.fleet_harness import IMAGE, LADDER, SIZES
 
 WATCHDOG_USEC = 2_000_000

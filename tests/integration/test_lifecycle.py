@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from docker.models.containers import Container
 
-from supervisor.control import ControlClient
+from supervisor.edges.control import ControlClient
 from tests.integration.fleet_harness import Fleet, at_rung
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("runtime_api_image")]

@@ -9,9 +9,9 @@ from typing import Any
 import docker
 
 from supervisor.analyzer import analyze
-from supervisor.config import load_config
-from supervisor.gpus import Discovery, Gpu, GpuProcess
-from supervisor.managed import container_names, managed_pids
+from supervisor.core.config import load_config
+from supervisor.core.gpus import Discovery, Gpu, GpuProcess
+from supervisor.edges.managed import container_names, managed_pids
 
 GIB = 1024**3
 

@@ -24,8 +24,8 @@ import docker.errors
 import pytest
 from docker.types import DeviceRequest, IPAMConfig, IPAMPool, LogConfig, Mount
 
-from supervisor.errors import ConfigError
-from supervisor.recreate import (
+from supervisor.core.errors import ConfigError
+from supervisor.edges.recreate import (
     NEW_SUFFIX,
     OLD_SUFFIX,
     ContainerError,

@@ -1,0 +1,80 @@
+"""The resource analyzer: config + GPUs -> a plan a person can check.
+
+It prices every rung (declared, measured, or estimated from the model's metadata: this
+may read model files) and hands the prices to `plan.place`, which places the fleet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from supervisor.analyzer.estimate import estimate_model
+from supervisor.core.config import FleetConfig, RungConfig, ServiceConfig
+from supervisor.core.gpus import Discovery
+from supervisor.core.plan import FleetPlan, NeedSource, RungNeed, place
+from supervisor.core.runtimes import Runtime, spec_of
+from supervisor.core.state import Measured
+from supervisor.core.units import MIB, format_size
+
+
+def rung_need(
+    config: FleetConfig,
+    runtime: Runtime,
+    index: int,
+    rung: RungConfig,
+    measured: Mapping[str, Measured] | None = None,
+) -> RungNeed:
+    """A rung's VRAM need: declared as its whole need; else measured, when fleetd has seen
+    the model loaded (the runtime's figure plus its overhead); else estimated."""
+    if rung.vram is not None:
+        return RungNeed(index, rung.model, rung.vram, "declared", "declared in the config")
+    seen = (measured or {}).get(rung.model)
+    if seen is not None and seen.vram_bytes:
+        overhead = spec_of(runtime).overhead_mib * MIB
+        when = time.strftime("%Y-%m-%d", time.gmtime(seen.at))
+        detail = (
+            f"measured {format_size(seen.vram_bytes)} loaded ({when}) + {runtime.value} "
+            f"overhead {format_size(overhead)}"
+        )
+        return RungNeed(index, rung.model, seen.vram_bytes + overhead, "measured", detail)
+    assert rung.metadata is not None  # the config refuses a rung with neither
+    estimate = estimate_model(config.resolve(rung.metadata), runtime, rung.context, rung.parallel)
+    source: NeedSource = "gguf" if estimate.source == "gguf" else "hf"
+    return RungNeed(index, rung.model, estimate.total_bytes, source, estimate.detail)
+
+
+def service_needs(
+    config: FleetConfig, service: ServiceConfig, measured: Mapping[str, Measured] | None = None
+) -> list[RungNeed]:
+    """Every rung's need; an ensemble (one model loaded at a time) is one rung that needs
+    what its largest member needs."""
+    if service.ensemble is None:
+        return [
+            rung_need(config, service.runtime, i, r, measured) for i, r in enumerate(service.ladder)
+        ]
+    members = [rung_need(config, service.runtime, 0, r, measured) for r in service.ensemble]
+    largest = max(members, key=lambda n: n.need_bytes)
+    detail = (
+        f"ensemble of {len(members)} models, one loaded at a time; the largest is "
+        f"{largest.model} ({largest.source}: {largest.detail})"
+    )
+    first = service.ensemble[0].model
+    return [RungNeed(0, first, largest.need_bytes, largest.source, detail)]
+
+
+def analyze(
+    config: FleetConfig,
+    discovery: Discovery,
+    managed_pids: frozenset[int] = frozenset(),
+    measured: Mapping[str, Measured] | None = None,
+) -> FleetPlan:
+    """Plan the fleet on these GPUs; every rung priced, every refusal explained."""
+    return place(config, discovery, prices(config, measured), managed_pids)
+
+
+def prices(
+    config: FleetConfig, measured: Mapping[str, Measured] | None = None
+) -> dict[str, list[RungNeed]]:
+    """Every service's rungs, priced."""
+    return {name: service_needs(config, svc, measured) for name, svc in config.services.items()}

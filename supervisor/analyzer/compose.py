@@ -1,0 +1,306 @@
+"""Render the plan into a compose project (compose.yml + .env) from Jinja templates.
+
+Safety: every `{{ }}` in a template must pass through `q` (a JSON-quoted scalar, which
+is valid YAML, with `$` doubled so compose does not interpolate it) or be a number; the
+environment's `finalize` refuses any other value. The rendered YAML is then parsed back
+and compared with what was meant, so no value can change the file's structure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from supervisor import __version__
+from supervisor.core.endpoints import host_ports
+from supervisor.core.errors import RenderError
+from supervisor.core.plan import FleetPlan, ServicePlan
+from supervisor.core.runtimes import RungOptions, RuntimeSpec, spec_of
+from supervisor.edges.fsutil import atomic_write
+
+if TYPE_CHECKING:  # jinja2 loads when a compose file is rendered, not before
+    import jinja2
+
+HANDOFF_DIR = "/run/fleetd"  # the start scripts in supervisor/runtimes/ read model from here
+
+
+class Quoted(str):
+    """A value already rendered as a safe YAML scalar."""
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    test: list[str]
+    interval: str = "30s"
+    timeout: str = "10s"
+    retries: int = 3
+    start_period: str = "60s"
+
+
+@dataclass(frozen=True)
+class RenderedService:
+    name: str
+    template: str
+    runtime: str
+    container: str
+    image: str
+    gpu: int
+    model: str
+    handoff_mount: Quoted
+    args: list[str] = field(default_factory=list)
+    environment: list[tuple[str, Quoted]] = field(default_factory=list)
+    volumes: list[Quoted] = field(default_factory=list)
+    port_mapping: str | None = None
+    start_script: str | None = None
+    healthcheck: Healthcheck | None = None
+
+
+@dataclass(frozen=True)
+class ComposeProject:
+    compose_yaml: str
+    env: dict[str, str]
+    models: dict[str, str]  # service -> model to hand off
+    skipped: list[str]  # services with no place in the plan
+
+
+def quote(value: object) -> Quoted:
+    """A YAML double-quoted scalar (JSON is valid YAML) with `$` escaped for compose."""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise RenderError(f"cannot render {value!r} into a compose file")
+    return Quoted(_json_yaml(str(value).replace("$", "$$")))
+
+
+def quote_raw(value: object) -> Quoted:
+    """A quoted scalar whose `${VAR}` compose must interpolate (fleetd's own values only)."""
+    return Quoted(_json_yaml(str(value)))
+
+
+# YAML reads U+0085/U+2028/U+2029 as line breaks and refuses DEL, C1 controls, surrogates
+# and U+FFFE/F; JSON leaves them raw with ensure_ascii=False, so escape them as \uXXXX.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff\ufffe\uffff]")
+
+
+def _json_yaml(text: str) -> str:
+    """A JSON string that YAML reads back unchanged (astral characters stay single)."""
+    encoded = json.dumps(text, ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, Quoted) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise RenderError(f"template printed an unquoted value {value!r}; pipe it through `q`")
+
+
+def default_template_dir() -> Path:
+    """`templates/` of the checkout when run from one, else the copy inside the package."""
+    checkout = Path(__file__).resolve().parents[2] / "templates"  # supervisor/analyzer/
+    if (checkout / "compose.yml.j2").is_file():
+        return checkout
+    return Path(str(resources.files("supervisor") / "templates"))
+
+
+def template_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir or default_template_dir())),
+        undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
+        autoescape=False,  # YAML, not HTML: `q` does the escaping
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = quote
+    env.filters["qraw"] = quote_raw
+    return env
+
+
+_SAFE_ENV_VALUE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:@+~-"
+)
+
+
+def model_env_var(service: str) -> str:
+    """The .env variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
+    return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
+
+
+def update_env_file(path: Path, service: str, model: str) -> bool:
+    """Set FLEETD_<SERVICE>_MODEL in a generated .env, keeping every other line; False if
+    the file does not exist (nothing was generated there)."""
+    if not path.is_file():
+        return False
+    key = model_env_var(service)
+    _check_env_value(f".env {key}", model)
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(f"{key}=")]
+    atomic_write(path, "\n".join([*lines, f"{key}={model}"]) + "\n")
+    return True
+
+
+def build_project(
+    plan: FleetPlan, state_dir: Path, template_dir: Path | None = None
+) -> ComposeProject:
+    """Render the compose project for the placed services of a plan."""
+    placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
+    ports = host_ports(plan.config)
+    services = [_service(s, plan, ports.get(s.name)) for s in placed]
+    volumes = sorted({_volume_source(v) for s in services for v in s.volumes if _is_named(v)})
+    env = {"FLEETD_STATE_DIR": str(state_dir)}
+    env.update({model_env_var(s.name): s.model for s in services})
+    for name, value in env.items():  # .env has no quoting that compose v1 and v2 agree on
+        _check_env_value("state dir" if name == "FLEETD_STATE_DIR" else f".env {name}", value)
+    if ":" in str(state_dir):  # it becomes the source of a `src:dst:ro` mount
+        raise RenderError(
+            f"state dir {str(state_dir)!r} contains ':', which a bind mount cannot carry"
+        )
+    if not services:
+        raise RenderError("no service is placed, so there is nothing to generate")
+    text = _render(template_dir, plan, services, volumes)
+    _verify(text, services, volumes)
+    skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
+    return ComposeProject(text, env, {s.name: s.model for s in services}, skipped)
+
+
+def _render(
+    template_dir: Path | None, plan: FleetPlan, services: list[RenderedService], volumes: list[str]
+) -> str:
+    import jinja2
+
+    try:
+        template = template_environment(template_dir).get_template("compose.yml.j2")
+        return template.render(
+            version=__version__,
+            config_path=str(plan.config.source),
+            gpus=[_gpu_label(g.gpu.index, g.gpu.name, g.gpu.total_bytes) for g in plan.gpus],
+            services=services,
+            volumes=volumes,
+        )
+    except jinja2.TemplateSyntaxError as e:
+        raise RenderError(f"template {e.filename or e.name}:{e.lineno}: {e.message}") from e
+    except jinja2.TemplateError as e:
+        raise RenderError(f"template error: {e.message}") from e
+
+
+def _gpu_label(index: int, name: str, total_bytes: int) -> dict[str, Any]:
+    return {"index": index, "label": f"{name} ({total_bytes / 1024**3:.1f} GiB)"}
+
+
+def _volume_source(volume: Quoted) -> str:
+    return str(json.loads(volume)).split(":")[0]
+
+
+def _is_named(volume: Quoted) -> bool:
+    source = _volume_source(volume)
+    return bool(source) and not source.startswith(("/", ".", "~", "$"))
+
+
+def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:
+    assert svc.rung is not None and svc.gpu is not None and svc.model is not None
+    config = svc.service
+    spec = _generated_spec(svc)
+    rung = config.ladder[svc.rung]
+    gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
+    options = RungOptions(rung.context, rung.parallel, svc.need_bytes or 0, gpu_total)
+    container_port = spec.port if spec.port is not None else host_port
+    own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}
+    if config.model_env:
+        own[config.model_env] = quote_raw("${" + model_env_var(svc.name) + "}")
+    clash = sorted(set(own) & set(config.environment))
+    if clash:
+        raise RenderError(
+            f"service {svc.name!r}: environment sets {clash[0]}, which fleetd "
+            "sets itself for the model hand-off"
+        )
+    # The config's environment overrides the runtime defaults (e.g. OLLAMA_KEEP_ALIVE).
+    merged = {**dict(spec.env(options)), **dict(sorted(config.environment.items()))}
+    env = list(own.items()) + [(k, quote(v)) for k, v in merged.items()]
+    image = config.image or spec.image
+    assert image is not None  # the config requires `image:` where the runtime has none
+    return RenderedService(
+        name=svc.name,
+        template=spec.template or "",
+        runtime=spec.name.value,
+        container=config.containers[0],
+        image=image,
+        gpu=svc.gpu,
+        model=svc.model,
+        handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
+        args=list(spec.args(options)),
+        environment=env,
+        volumes=[quote(v.format(service=svc.name)) for v in spec.volumes]
+        + [quote_raw(v) for v in config.volumes],  # written by ops: ${VAR} is theirs
+        port_mapping=f"127.0.0.1:{host_port}:{container_port}" if host_port else None,
+        start_script=spec.start_script,
+        healthcheck=_healthcheck(spec, config.healthcheck),
+    )
+
+
+def _generated_spec(svc: ServicePlan) -> RuntimeSpec:
+    """The runtime's spec; RenderError where fleetd has no template for it."""
+    spec = spec_of(svc.service.runtime)
+    if not spec.generated:
+        raise RenderError(
+            f"service {svc.name!r}: fleetd does not generate {spec.title} containers "
+            f"(runtime {spec.name.value}); run it yourself and let fleetd watch and restart "
+            "it (see docs/runtimes.md), or leave it out of the config you generate from"
+        )
+    return spec
+
+
+def _healthcheck(spec: RuntimeSpec, custom: str | None) -> Healthcheck | None:
+    if custom:
+        return Healthcheck(test=["CMD-SHELL", custom])
+    check = spec.container_check
+    if check is None:
+        return None
+    return Healthcheck(test=list(check.test), start_period=check.start_period)
+
+
+def _check_env_value(what: str, value: str) -> None:
+    if not value or not set(value) <= _SAFE_ENV_VALUE:
+        raise RenderError(
+            f"{what} {value!r} cannot be written to .env safely "
+            "(expected letters, digits and _./:@+~- only)"
+        )
+
+
+def _verify(text: str, services: list[RenderedService], volumes: list[str]) -> None:
+    """Parse the rendered file back: its structure and values must be exactly the plan's."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RenderError(f"rendered compose file is not valid YAML: {e}") from e
+    expected_top = {"services"} | ({"volumes"} if volumes else set())
+    if not isinstance(doc, dict) or set(doc) != expected_top:
+        raise RenderError(f"rendered compose file has top-level keys {sorted(doc or {})}")
+    if list(doc["services"]) != [s.name for s in services]:
+        raise RenderError(f"rendered services {list(doc['services'])} differ from the plan")
+    for svc in services:
+        _verify_service(doc["services"][svc.name], svc)
+
+
+def _verify_service(got: dict[str, Any], svc: RenderedService) -> None:
+    escaped = {k: json.loads(v) for k, v in svc.environment}
+    checks: Iterator[tuple[str, object, object]] = iter(
+        [
+            ("image", got.get("image"), svc.image.replace("$", "$$")),
+            ("container_name", got.get("container_name"), svc.container),
+            ("environment", got.get("environment"), escaped),
+            ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
+            (
+                "gpu",
+                got["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"],
+                [str(svc.gpu)],
+            ),
+        ]
+    )
+    for key, value, want in checks:
+        if value != want:
+            raise RenderError(f"service {svc.name!r}: rendered {key} {value!r}, expected {want!r}")

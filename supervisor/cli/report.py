@@ -1,0 +1,146 @@
+"""A plan for people (aligned tables) and for scripts (JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
+from supervisor.core.units import format_size
+
+
+def plan_json(plan: FleetPlan) -> dict[str, Any]:
+    return {
+        "config": str(plan.config.source),
+        "budget": plan.config.budget,
+        "optimal": plan.optimal,
+        "all_placed": plan.all_placed,
+        "notes": list(plan.notes),
+        "gpus": [_gpu_json(g) for g in plan.gpus],
+        "services": {name: _service_json(s) for name, s in plan.services.items()},
+    }
+
+
+def _gpu_json(g: GpuPlan) -> dict[str, Any]:
+    return {
+        "index": g.gpu.index,
+        "uuid": g.gpu.uuid,
+        "name": g.gpu.name,
+        "source": g.gpu.source,
+        "valid": g.gpu.valid,
+        "error": g.gpu.error,
+        "total_bytes": g.gpu.total_bytes,
+        "budget_bytes": g.budget_bytes,
+        "unmanaged_bytes": g.unmanaged_bytes,
+        "planned_bytes": g.planned_bytes,
+        "headroom_bytes": g.headroom_bytes,
+        "headroom_ratio": round(g.headroom_bytes / g.budget_bytes, 4) if g.budget_bytes else None,
+        "ollama_limit": g.ollama_limit,
+        "services": list(g.services),
+    }
+
+
+def _service_json(s: ServicePlan) -> dict[str, Any]:
+    return {
+        "model": s.model,
+        "rung": s.rung,
+        "gpu": s.gpu,
+        "runtime": s.service.runtime.value,
+        "need_bytes": s.need_bytes,
+        "reason": s.reason,
+        "rungs": [
+            {
+                "rung": v.need.rung,
+                "model": v.need.model,
+                "need_bytes": v.need.need_bytes,
+                "source": v.need.source,
+                "detail": v.need.detail,
+                "status": v.status,
+                "reason": v.reason,
+            }
+            for v in s.rungs
+        ],
+    }
+
+
+def print_plan(plan: FleetPlan, console: Console) -> None:
+    console.print(f"Plan for {plan.config.source}: budget {plan.config.budget:.0%} of each GPU")
+    console.print()
+    console.print(_gpu_table(plan))
+    console.print()
+    console.print(_service_table(plan))
+    for s in plan.services.values():
+        _print_ladder(s, console)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    if not plan.all_placed:
+        unplaced = ", ".join(n for n, s in plan.services.items() if s.rung is None)
+        console.print(f"NOT PLACED: {unplaced}")
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for column in columns:
+        right = column in {"TOTAL", "BUDGET", "UNMANAGED", "PLANNED", "HEADROOM", "NEED"}
+        table.add_column(column, justify="right" if right else "left", no_wrap=True)
+    return table
+
+
+def _gpu_table(plan: FleetPlan) -> Table:
+    table = _table("GPU", "NAME", "TOTAL", "BUDGET", "UNMANAGED", "PLANNED", "HEADROOM", "SERVICES")
+    for g in plan.gpus:
+        if not g.gpu.valid:
+            table.add_row(
+                str(g.gpu.index), g.gpu.name, "-", "-", "-", "-", "-", f"unusable: {g.gpu.error}"
+            )
+            continue
+        share = f" ({g.headroom_bytes / g.budget_bytes:.0%})" if g.budget_bytes else ""
+        table.add_row(
+            str(g.gpu.index),
+            g.gpu.name,
+            format_size(g.gpu.total_bytes),
+            format_size(g.budget_bytes),
+            format_size(g.unmanaged_bytes),
+            format_size(g.planned_bytes),
+            format_size(g.headroom_bytes) + share,
+            ", ".join(g.services) or "-",
+        )
+    if not plan.gpus:
+        table.add_row("-", "no GPU", "", "", "", "", "", "")
+    return table
+
+
+def _service_table(plan: FleetPlan) -> Table:
+    table = _table("SERVICE", "RUNTIME", "RUNG", "MODEL", "NEED", "SOURCE", "GPU")
+    for s in plan.services.values():
+        if s.rung is None:
+            table.add_row(s.name, s.service.runtime.value, "-", "NOT PLACED", "-", "-", "-")
+            continue
+        verdict = s.rungs[s.rung]
+        table.add_row(
+            s.name,
+            s.service.runtime.value,
+            f"{s.rung} of {len(s.rungs)}",
+            verdict.need.model,
+            format_size(verdict.need.need_bytes),
+            verdict.need.source,
+            str(s.gpu),
+        )
+    return table
+
+
+def _print_ladder(s: ServicePlan, console: Console) -> None:
+    console.print(f"\n{s.name} ({s.service.runtime.value}) ladder:", highlight=False)
+    for v in s.rungs:
+        mark = {"chosen": "->", "rejected": " x", "not tried": "  "}[v.status]
+        line = f"  {mark} {v.need.rung} {v.need.model:<24} {format_size(v.need.need_bytes):>9}  "
+        line += f"{v.need.source}: {v.need.detail}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if v.reason:
+            console.print(
+                f"       not chosen: {v.reason}", highlight=False, markup=False, soft_wrap=True
+            )
+    if s.reason:
+        console.print(f"     {s.reason}", highlight=False, markup=False, soft_wrap=True)

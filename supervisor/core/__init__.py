@@ -1,0 +1,1 @@
+"""The pure core: decisions and schemas, tested with plain values; no I/O."""

@@ -1,0 +1,455 @@
+"""The fleet config (`fleet.yaml`): its schema, defaults and validation.
+
+Every field is parsed by a named converter that quotes the bad value; `load_config`
+turns all problems into one `ConfigError` naming file, line, key, value and expectation.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from supervisor.core.address import parse_address
+from supervisor.core.errors import ConfigError
+from supervisor.core.runtimes import REGISTRY, Runtime, spec_of
+from supervisor.core.units import format_size, parse_duration, parse_size
+from supervisor.core.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
+
+# Outside the exporters' range 9100-9999 (all allocated on Prometheus's default port
+# allocations page), Linux's ephemeral ports (32768-60999) and the runtimes' own ports.
+DEFAULT_METRICS_PORT = 10464
+DEFAULT_METRICS_ADDRESS = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+
+SizeBytes = Annotated[int, BeforeValidator(parse_size)]
+# Strict: pydantic's lax mode would read YAML `true` as 1 (`gpu: true` pinning GPU 1).
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+ServiceName = Annotated[str, AfterValidator(lambda v: _check_name(v, "service name"))]
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+Bool = Annotated[bool, Field(strict=True)]
+ListenAddress = Annotated[str, BeforeValidator(lambda v: _check_address(v))]  # kept as written
+# A name from the registry of runtimes; the error lists every accepted one.
+RuntimeName = Annotated[Runtime, BeforeValidator(lambda v: _check_runtime(v))]
+
+# Compose service/container names and model names: refused here rather than escaped
+# later, because no runtime accepts whitespace, quotes or `$` in them anyway.
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._:/@+~-]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_URL_RE = re.compile(r"^https?://[A-Za-z0-9._\[\]:-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid {what} (expected letters, digits, '_', '.', '-', "
+            "starting with a letter or digit)"
+        )
+    return value
+
+
+def _check_runtime(value: object) -> object:
+    if isinstance(value, str):
+        spec_of(value)  # raises ValueError listing the accepted names
+    return value
+
+
+def _check_address(value: object) -> object:
+    parse_address(value)  # raises ValueError quoting the bad value
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RungConfig(_Strict):
+    """One model of a service's ladder; the need is declared or estimated from metadata."""
+
+    model: str
+    vram: SizeBytes | None = None
+    metadata: Path | None = None
+    context: Annotated[Int, Field(gt=0)] | None = None
+    parallel: Annotated[Int, Field(gt=0)] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not _MODEL_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a model name (expected letters, digits and ._:/@+~- "
+                "with no spaces, quotes or control characters)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _need_known(self) -> RungConfig:
+        if self.vram is None and self.metadata is None:
+            raise ValueError(
+                f"rung {self.model!r} has no VRAM need (expected `vram: SIZE`, e.g. 2048MiB, "
+                "or `metadata: PATH` to a GGUF file or Hugging Face model folder)"
+            )
+        return self
+
+
+class RuleConfig(_Strict):
+    """An extra log rule for one service (see docs/detector.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str
+    incident_class: Literal["vram_oom", "gpu_fault", "host_oom"] = Field(alias="class")
+    pattern: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RuleConfig:
+        from supervisor.core.detector import compile_rule  # the detector's own checks, at load
+
+        compile_rule(self.id, self.incident_class, self.pattern)
+        return self
+
+
+class HealthConfig(_Strict):
+    """fleetd's own checks of a service's runtime API (`endpoint`), and its circuit breaker."""
+
+    enabled: Bool = True
+    interval: Seconds = 30.0
+    timeout: Seconds = 5.0
+    unhealthy_after: Annotated[Int, Field(ge=1)] = 3  # failures in a row
+    healthy_after: Annotated[Int, Field(ge=1)] = 2  # successes in a row
+    breaker_after: Annotated[Int, Field(ge=1)] = 5  # restarts that did not bring health back
+    breaker_reset: Seconds = 60.0  # open -> half-open: one more restart is tried
+
+
+class WarmupConfig(_Strict):
+    """The short generation fleetd runs on a new model before calling the change done."""
+
+    enabled: Bool = True
+    prompt: str = "Say hello."
+    tokens: Annotated[Int, Field(ge=1, le=4096)] = 10
+    timeout: Seconds = 300.0  # loading a large model from disk takes minutes
+
+
+class ServiceConfig(_Strict):
+    """A served model or app: what runs it, which containers are its, and its ladder."""
+
+    runtime: RuntimeName
+    containers: Annotated[list[str], Field(min_length=1)]
+    watch: list[str] | None = None
+    restart: list[str] | None = None
+    ladder: Annotated[list[RungConfig], Field(min_length=1)]
+    priority: Int = 0
+    gpu: Annotated[Int, Field(ge=0)] | list[Annotated[Int, Field(ge=0)]] | None = None
+    image: str | None = None
+    port: Annotated[Int, Field(ge=1, le=65535)] | None = None
+    model_env: str | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    volumes: list[str] = Field(default_factory=list)
+    healthcheck: str | None = None
+    rules: list[RuleConfig] = Field(default_factory=list)
+    endpoint: str | None = None  # the runtime's API, e.g. http://127.0.0.1:11434
+    # Models one app uses one after another (runtimes that swap models in one server, as
+    # Ollama does): instead of a ladder, the service is budgeted for its largest member.
+    ensemble: Annotated[list[RungConfig], Field(min_length=2)] | None = None
+    health: HealthConfig = HealthConfig()
+    warmup: WarmupConfig = WarmupConfig()
+
+    @field_validator("containers", "watch", "restart")
+    @classmethod
+    def _container_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            _check_name(name, "container name")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _URL_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an endpoint (expected http://HOST:PORT, e.g. "
+                "http://127.0.0.1:11434)"
+            )
+        return value.rstrip("/") if value else value
+
+    @field_validator("model_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ensemble_stands_for_the_ladder(cls, data: Any) -> Any:
+        """An ensemble service has no `ladder:`; a placeholder passes validation and is
+        replaced by the ensemble's first member below."""
+        if isinstance(data, dict) and "ensemble" in data:
+            if "ladder" in data:
+                raise ValueError("give `ladder:` or `ensemble:`, not both")
+            data = {**data, "ladder": [{"model": "ensemble", "vram": 1}]}
+        return data
+
+    @model_validator(mode="after")
+    def _ensemble_ladder(self) -> ServiceConfig:
+        if self.ensemble is not None:
+            if not spec_of(self.runtime).swaps_models:
+                swappers = [s for s in REGISTRY.values() if s.swaps_models]
+                names = " or ".join(s.name.value for s in swappers)
+                titles = ", ".join(s.title for s in swappers)
+                raise ValueError(
+                    f"an `ensemble:` needs runtime {names} (got {self.runtime.value}): only "
+                    f"{titles} swaps between models in one server"
+                )
+            object.__setattr__(self, "ladder", [self.ensemble[0]])
+        return self
+
+    @model_validator(mode="after")
+    def _image_when_no_default(self) -> ServiceConfig:
+        if spec_of(self.runtime).needs_image and self.image is None:
+            raise ValueError(
+                f"a `{self.runtime.value}` service needs `image:` (the app's container image; "
+                "fleetd has no default for it)"
+            )
+        return self
+
+    @property
+    def pinned_gpus(self) -> frozenset[int] | None:
+        if self.gpu is None:
+            return None
+        return frozenset([self.gpu] if isinstance(self.gpu, int) else self.gpu)
+
+    @property
+    def watched(self) -> list[str]:
+        return self.watch if self.watch is not None else self.containers
+
+    @property
+    def restarted(self) -> list[str]:
+        return self.restart if self.restart is not None else self.containers
+
+
+class GpuDeclaration(_Strict):
+    """A GPU declared in the config instead of discovered through NVML."""
+
+    name: str = "declared GPU"
+    memory: SizeBytes
+
+    @field_validator("memory")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"{value!r} is not a positive size")
+        return value
+
+
+class PolicyConfig(_Strict):
+    """When incidents step a service down, and how long fleetd waits after a change."""
+
+    incidents_to_step_down: Annotated[Int, Field(ge=1)] = 3
+    incident_window: Seconds = 600.0
+    cooldown: Seconds = 60.0
+    burst_window: Seconds = 2.0
+    stop_timeout: Seconds = 10.0
+    # Stepping back up: after this long without incidents (0: never by time), and/or at
+    # the times of a cron expression (an off-peak window), one rung on probation.
+    step_up_after: Seconds = 86400.0
+    step_up_at: str | None = None
+    probation: Seconds = 1800.0
+
+    @field_validator("step_up_at")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as e:
+            raise ValueError(
+                f"{value!r} is not a cron expression ({e}; expected 5 fields: minute hour "
+                "day month weekday, e.g. '0 3 * * *' for 03:00 UTC)"
+            ) from None
+        return value
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint `fleetd run` serves (docs/observability.md)."""
+
+    enabled: Bool = True
+    address: ListenAddress = DEFAULT_METRICS_ADDRESS
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+
+class FleetConfig(_Strict):
+    """The whole `fleet.yaml`."""
+
+    budget: Annotated[Float, Field(gt=0, le=1)] = 0.85
+    gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
+    ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
+    compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current
+    policy: PolicyConfig = PolicyConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    services: dict[ServiceName, ServiceConfig]
+    _source: Path = PrivateAttr(default=Path("fleet.yaml"))
+
+    @model_validator(mode="after")
+    def _containers_unique(self) -> FleetConfig:
+        owner: dict[str, str] = {}
+        for name, service in self.services.items():
+            for container in service.containers:
+                if container in owner:
+                    raise ValueError(
+                        f"container {container!r} belongs to both {owner[container]!r} and "
+                        f"{name!r} (expected each container in one service)"
+                    )
+                owner[container] = name
+        return self
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return path if path.is_absolute() else self._source.parent / path
+
+
+def load_config(path: Path) -> FleetConfig:
+    """Read and validate a fleet config; every problem is reported in one ConfigError."""
+    data, lines = load_yaml_with_lines(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping with at least `services:`")
+    try:
+        config = FleetConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_report(_relevant(e.errors()), lines, path)) from None
+    config._source = path
+    return config
+
+
+def _relevant(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """Drop a union branch's complaint when another branch got further into the value.
+
+    `gpus: [{memroy: 12GiB}]` fails both as `'auto'` and as a list; only the list's
+    complaint about `memroy` helps the reader.
+    """
+    paths = [_yaml_path(error["loc"]) for error in errors]
+    return [
+        error
+        for error, at in zip(errors, paths, strict=True)
+        if _yaml_path(error["loc"]) == error["loc"]
+        or not any(len(other) > len(at) and other[: len(at)] == at for other in paths)
+    ]
+
+
+def _report(errors: list[ErrorDetails], lines: dict[KeyPath, int], path: Path) -> str:
+    """One line per bad key; a union's alternatives merge (`expected 'auto' or a list`)."""
+    by_key: dict[str, list[str]] = {}
+    for error in errors:
+        at = _yaml_path(error["loc"])
+        line = line_of(lines, at)
+        where = f"{path}:{line}" if line is not None else str(path)
+        by_key.setdefault(f"{where}: {dotted(at)}", []).append(_explain(error, at))
+    return "\n".join(f"{key}: {_merge(reasons)}" for key, reasons in by_key.items())
+
+
+def _merge(reasons: list[str]) -> str:
+    got = reasons[0].split("; expected ")[0]
+    if len(reasons) > 1 and all(r.startswith(got + "; expected ") for r in reasons):
+        return f"{got}; expected " + " or ".join(r.split("; expected ", 1)[1] for r in reasons)
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> KeyPath:
+    # pydantic adds entries for union members and dict keys; keep only real YAML keys.
+    skip = {"[key]", "literal['auto']", "list[GpuDeclaration]", "int", "list[int]"}
+    return tuple(
+        p
+        for p in loc
+        if not (isinstance(p, str) and (p in skip or "[" in p or p.startswith("constrained-")))
+    )
+
+
+def _explain(error: ErrorDetails, at: KeyPath) -> str:
+    kind, message, value = error["type"], error["msg"], error.get("input")
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    if kind == "missing":
+        return "missing (this key is required)"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(at[:-1]))
+        return f"unknown key (expected one of: {allowed})"
+    if kind == "too_short":
+        return f"got {_show(value)}; expected at least {error['ctx']['min_length']} item(s)"
+    expected = message.removeprefix("Input should be ").removeprefix("Input ")
+    return f"got {_show(value)}; expected {expected}"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 1024**2:
+        return f"{value!r} ({format_size(value)})"
+    return repr(value)
+
+
+def _allowed_keys(at: KeyPath) -> list[str]:
+    """The keys a mapping at this path accepts, found by walking the annotations."""
+    annotation: Any = FleetConfig
+    for part in at:
+        annotation = _child(annotation, part)
+    model = _child(annotation, None)
+    return (
+        sorted(model.model_fields)
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        else []
+    )
+
+
+def _child(annotation: Any, part: str | int | None) -> Any:
+    """Step from a type to the type of its `part` (None: the model itself, if any)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if part is None:
+            return annotation
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and isinstance(part, int):
+        return args[0]
+    if origin is dict and isinstance(part, str):
+        return args[1]
+    if origin in (Union, types.UnionType, Annotated):
+        for arg in args:
+            found = _child(arg, part)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,125 @@
+"""The status report: what `fleetctl status --json` prints, from fleetd or from state.json.
+
+One builder for both: the daemon answers `status` with it (adding its live view: health,
+what a change is doing, itself), and fleetctl without a running fleetd prints the same
+report from the saved state. Pure: values in, a JSON-ready dict out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from supervisor.core.endpoints import endpoint_of
+from supervisor.core.errors import UsageError
+from supervisor.core.plan import gpu_budget_bytes
+from supervisor.core.state import (
+    FleetState,
+    ServiceState,
+    Transition,
+    measured_json,
+    transition_json,
+)
+
+if TYPE_CHECKING:
+    from supervisor.core.config import FleetConfig
+    from supervisor.core.gpus import Discovery
+
+
+@dataclass(frozen=True)
+class Live:
+    """What only a running fleetd knows, per service and about itself."""
+
+    health: Mapping[str, dict[str, Any] | None] = field(default_factory=dict)
+    activity: Mapping[str, str | None] = field(default_factory=dict)
+    daemon: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _last(state: FleetState, service: str) -> Transition | None:
+    return next((t for t in reversed(state.history) if t.service == service), None)
+
+
+def status_json(
+    state: FleetState,
+    config: FleetConfig | None,
+    now: float,
+    service: str | None = None,
+    live: Live | None = None,
+) -> dict[str, Any]:
+    """What `fleetctl status --json` prints, with or without a running fleetd.
+
+    Without `live` (fleetctl reading state.json) the live-only fields are null: health,
+    activity, daemon; GPUs are added with `gpus_json` by the caller in both cases."""
+    if service is not None and service not in state.services:
+        known = ", ".join(sorted(state.services)) or "none yet"
+        raise UsageError(f"no service {service!r} in the state; services: {known}")
+    services = {}
+    for name, svc in state.services.items():
+        if service is not None and name != service:
+            continue
+        window = config.policy.incident_window if config else None
+        last = _last(state, name)
+        services[name] = {
+            "model": svc.model,
+            "rung": svc.rung,
+            "rungs": len(config.services[name].ladder)
+            if config and name in config.services
+            else None,
+            "state": str(svc.state),
+            "in_config": None if config is None else name in config.services,
+            "incidents_in_window": _recent(svc, now, window),
+            "pinned": svc.pinned,
+            "pending": None if svc.pending is None else svc.pending.to_model,
+            "last_transition": None if last is None else transition_json(last),
+            "probation_until": svc.probation_until,
+            "step_up_not_before": svc.step_up_not_before,
+            "measured": _measured(state, svc.model),
+            "endpoint": endpoint_of(config, name) if config and name in config.services else None,
+            "ensemble": _members(config, name),
+            # fleetd's live view only: a check result and the circuit breaker; what a
+            # change is doing now (a pull's progress, a warm-up)
+            "health": live.health.get(name) if live else None,
+            "activity": live.activity.get(name) if live else None,
+        }
+    return {
+        "services": services,
+        "gpus": [],
+        "gpu_problem": None,
+        "daemon": dict(live.daemon) if live else None,
+    }
+
+
+def gpus_json(
+    discovery: Discovery, config: FleetConfig | None, managed: frozenset[int] = frozenset()
+) -> list[dict[str, Any]]:
+    """Per GPU: memory used and total (when NVML reads it) against the fleet's budget, the
+    same budget the planner, the metrics and the history use (`gpu_budget_bytes`)."""
+    return [
+        {
+            "index": g.index,
+            "name": g.name,
+            "uuid": g.uuid,
+            "source": g.source,
+            "total_bytes": g.total_bytes,
+            "used_bytes": g.used_bytes,
+            "free_bytes": g.free_bytes,
+            "budget_bytes": None if config is None else gpu_budget_bytes(config, g, managed),
+            "error": g.error,
+        }
+        for g in discovery.gpus
+    ]
+
+
+def _members(config: FleetConfig | None, name: str) -> list[str] | None:
+    service = config.services.get(name) if config is not None else None
+    return [r.model for r in service.ensemble] if service and service.ensemble else None
+
+
+def _measured(state: FleetState, model: str) -> dict[str, Any] | None:
+    seen = state.measured.get(model)
+    return None if seen is None else measured_json(seen)
+
+
+def _recent(svc: ServiceState, now: float, window_s: float | None) -> int:
+    return sum(1 for i in svc.incidents if window_s is None or i.time > now - window_s)

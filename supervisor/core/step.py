@@ -1,0 +1,1120 @@
+"""The supervision step: every per-service decision of `fleetd run`, as one pure function.
+
+    step(world, message, now) -> (world, effects)
+
+The daemon receives messages (a matched log line, a Docker event, a timer tick, a control
+request, a worker's result), hands each to `step` with the time, keeps the world it gets
+back and carries out the effects (save the state, restart containers, answer a caller).
+The step never touches Docker, NVML, files, threads or the clock, and never changes the
+world it was given: the whole supervisor is tested here with plain values
+(tests/test_step.py).
+
+A change in flight has one phase per service (`Phase`), changed only in this module:
+
+    IDLE      -> APPLYING   a decision (step down/up, a person's change, a restart)
+    APPLYING  -> SETTLING   the containers restarted into a new model: health, warm-up
+    APPLYING  -> IDLE       restarted with the same model (a GPU fault, failed health)
+    APPLYING  -> RETRYING   the restart failed: the change stays recorded, retried later
+    RETRYING  -> APPLYING   the retry is due (a reconcile tick)
+    SETTLING  -> IDLE       the new model is ready, or failed to load (maybe a step down)
+    IDLE      -> WARMING    a person asked to load an ensemble member
+    WARMING   -> IDLE       it is loaded, or failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from supervisor.core import ops
+from supervisor.core.backoff import APPLY_RETRY, GPU_FAULT_RESTART
+from supervisor.core.config import FleetConfig
+from supervisor.core.errors import FleetdError, UsageError
+from supervisor.core.gpus import Gpu
+from supervisor.core.health import Health, observe
+from supervisor.core.ladder import (
+    VRAM_OOM,
+    Action,
+    BurstGrouper,
+    Decision,
+    Observed,
+    Policy,
+    apply_change,
+    end_cooldown,
+    end_probation,
+    load_failed,
+    step_up,
+    step_up_due,
+    transition,
+)
+from supervisor.core.plan import RungNeed, gpu_budget_bytes
+from supervisor.core.rules import IncidentClass, classify_event
+from supervisor.core.state import (
+    FleetState,
+    LogCursor,
+    ServiceState,
+    ServiceStatus,
+    transition_json,
+)
+from supervisor.core.status import Live, gpus_json, status_json
+from supervisor.core.units import format_duration, format_size
+
+if TYPE_CHECKING:  # a worker's result; the module that makes it talks HTTP
+    from supervisor.daemon.lifecycle import Settled
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    APPLYING = "applying"  # a worker prepares (pull, unload) and restarts the containers
+    SETTLING = "settling"  # restarted into a new model: waiting for health and warm-up
+    RETRYING = "retrying"  # the restart failed: retried when `retry_at` has passed
+    WARMING = "warming"  # an ensemble member is being loaded on a person's request
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A control call waiting for a change to be applied, and what it asked for."""
+
+    call: int
+    op: str
+    asked: str
+
+
+@dataclass(frozen=True)
+class Flight:
+    """What fleetd is doing with one service now; never saved (a restart starts afresh)."""
+
+    phase: Phase = Phase.IDLE
+    change: int = 0  # the id of the change in flight: results of older ones are stale
+    new_model: bool = False  # the change loads another model (so a settle follows)
+    activity: str | None = None  # what the change is doing now, for status and the log
+    retry_at: float | None = None
+    retries: int = 0  # failed restarts of the recorded change, for the backoff
+    waiters: tuple[Waiter, ...] = ()
+    health: Health = field(default_factory=Health)
+    checking: bool = False  # a health check is in flight
+    step_up_note: str | None = None  # why a due step up was not made (said once)
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in (Phase.APPLYING, Phase.WARMING)
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything the step decides from. `state` is what is saved; the rest is live."""
+
+    config: FleetConfig
+    state: FleetState
+    needs: Mapping[str, Sequence[RungNeed]]  # per service, each rung priced (measured first)
+    flights: Mapping[str, Flight] = field(default_factory=dict)
+    gpus: tuple[Gpu, ...] = ()  # the latest NVML reading ("auto" GPUs only)
+    gpu_problem: str | None = None
+    managed: frozenset[int] = frozenset()  # host pids of the fleet's own containers
+    bursts: BurstGrouper = field(default_factory=BurstGrouper)
+    expected_stops: Mapping[str, float] = field(default_factory=dict)  # container -> until
+    docker_up: bool = False
+    started_at: float = 0.0
+    daemon: Mapping[str, Any] = field(default_factory=dict)  # pid, version, config: status
+    next_change: int = 1
+    # Container name -> the service that watches it; derived from `config` when it is set.
+    watched: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.from_config(self.config.policy)
+
+    def flight(self, service: str) -> Flight:
+        return self.flights.get(service) or Flight()
+
+    def needs_bytes(self, service: str) -> list[int]:
+        """The service's VRAM need per rung, in bytes."""
+        return [n.need_bytes for n in self.needs[service]]
+
+
+# --- messages: what the daemon hands the step ----------------------------------------
+
+
+@dataclass(frozen=True)
+class LineMatched:
+    """A log line that a rule matched, from a container's follower."""
+
+    container: str
+    container_id: str
+    time_ns: int
+    run_ns: int  # when that run of the container started (0: unknown)
+    rule: str
+    incident_class: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    container: str
+    container_id: str
+    action: str  # start, die, oom, destroy, health_status ...
+    time_ns: int
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer: reconcile, health:<service>, step_up, step_up_window."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class GpusRead:
+    """NVML's reading (and, when known, the fleet's own GPU processes)."""
+
+    gpus: tuple[Gpu, ...]
+    problem: str | None = None
+    managed: frozenset[int] | None = None  # None: unchanged
+
+
+@dataclass(frozen=True)
+class DockerState:
+    up: bool
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where each follower has read up to, saved so a restart of fleetd reads on."""
+
+    cursors: Mapping[str, LogCursor]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A control call: status, history, reset, downgrade, upgrade, pin, unpin, warm."""
+
+    call: int
+    op: str
+    service: str | None
+    args: Mapping[str, Any]
+    who: str  # who asked, for the history
+
+
+@dataclass(frozen=True)
+class StopExpected:
+    """A worker is about to stop a container: its exit is ours, not a RAM kill."""
+
+    container: str
+    until: float
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A worker restarted (or failed to restart) a service's containers."""
+
+    service: str
+    change: int
+    error: str | None
+    settles: bool = False  # a new model: `SettleDone` follows (health, warm-up)
+
+
+@dataclass(frozen=True)
+class SettleDone:
+    change: int
+    result: Settled
+
+
+@dataclass(frozen=True)
+class Progress:
+    service: str
+    change: int
+    text: str
+
+
+@dataclass(frozen=True)
+class HealthChecked:
+    service: str
+    ok: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MemberWarmed:
+    call: int
+    change: int
+    result: Settled
+    refused: str | None = None  # fleetd cannot reach the service's runtime at all
+
+
+@dataclass(frozen=True)
+class Repriced:
+    """The VRAM needs per rung, priced again (after a measurement or a reload)."""
+
+    needs: Mapping[str, Sequence[RungNeed]]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """fleetd started: complete the changes a restart of fleetd interrupted."""
+
+
+@dataclass(frozen=True)
+class Reconfigure:
+    """A config to run with: at start-up, or a reload (SIGHUP, `fleetctl reload`).
+
+    `planned` is the planner's rung for each service (None: it fits nowhere), given for
+    services that have no rung yet; `needs` are the new config's VRAM needs per rung."""
+
+    config: FleetConfig
+    needs: Mapping[str, Sequence[RungNeed]]
+    planned: Mapping[str, int | None]
+    starting: bool = False
+    call: int | None = None  # a `fleetctl reload` waiting for the outcome
+
+
+Message = (
+    LineMatched
+    | ContainerEvent
+    | Tick
+    | GpusRead
+    | DockerState
+    | Checkpoint
+    | Request
+    | StopExpected
+    | Applied
+    | SettleDone
+    | Progress
+    | HealthChecked
+    | MemberWarmed
+    | Repriced
+    | Resume
+    | Reconfigure
+)
+
+
+# --- effects: what the daemon carries out ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Save:
+    """Write state.json (atomically) and publish the metrics snapshot."""
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish the metrics snapshot (nothing to save)."""
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str  # DEBUG INFO WARNING ERROR CRITICAL
+    text: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Restart the service's containers on `model`, handing it off first for a recorded
+    change; a worker reports `Applied`, then `SettleDone` when it settles a new model."""
+
+    service: str
+    change: int
+    old_model: str
+    model: str
+    handoff: bool  # a recorded change (write the hand-off), not a restart of the same
+
+
+@dataclass(frozen=True)
+class AbortSettle:
+    """The model being loaded ran out of VRAM: end that change's wait now."""
+
+    service: str
+    change: int
+
+
+@dataclass(frozen=True)
+class StopContainers:
+    service: str
+    containers: tuple[str, ...]
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class CheckHealth:
+    service: str
+
+
+@dataclass(frozen=True)
+class WarmMember:
+    service: str
+    change: int
+    call: int
+    model: str
+    others: tuple[str, ...]  # the ensemble's other members, unloaded first
+
+
+@dataclass(frozen=True)
+class Reply:
+    call: int
+    status: int
+    body: Any
+
+
+@dataclass(frozen=True)
+class CountIncident:
+    service: str
+    incident_class: str
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class CountTransition:
+    service: str
+    record: Any  # state.Transition
+    op: str | None
+
+
+@dataclass(frozen=True)
+class Reprice:
+    """A measurement was recorded: price the rungs again (the daemon answers `Repriced`)."""
+
+
+@dataclass(frozen=True)
+class WriteModel:
+    """Write the service's model hand-off file (and the compose .env when it has one)."""
+
+    service: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """Follow these services' containers afresh (their rules changed, or they are gone)."""
+
+    services: frozenset[str]
+
+
+Effect = (
+    Save
+    | Publish
+    | Log
+    | Restart
+    | AbortSettle
+    | StopContainers
+    | CheckHealth
+    | WarmMember
+    | Reply
+    | CountIncident
+    | CountTransition
+    | Reprice
+    | WriteModel
+    | Reattach
+)
+
+
+def fail(call: int, kind: str, message: str) -> Reply:
+    status = {"usage": 400, "not_found": 404, "refused": 409}.get(kind, 500)
+    return Reply(call, status, {"error": message, "kind": kind})
+
+
+# --- the step ------------------------------------------------------------------------
+
+
+def step(world: World, message: Message, now: float) -> tuple[World, list[Effect]]:
+    """One message in: the next world and what to do, in order."""
+    turn = _Turn(world, now)
+    handler = _HANDLERS[type(message)]
+    handler(turn, message)
+    return turn.finish()
+
+
+class _Turn:
+    """One step's working copy: the world's mutable parts are copied before any change,
+    so the world passed in is never modified."""
+
+    def __init__(self, world: World, now: float) -> None:
+        self.world, self.now = world, now
+        self.state = FleetState(
+            version=world.state.version,
+            services=dict(world.state.services),
+            history=world.state.history,  # shared: a turn that adds a record copies it
+            log_cursors=dict(world.state.log_cursors),
+            measured=dict(world.state.measured),
+        )
+        self.flights = dict(world.flights)
+        self.expected_stops = dict(world.expected_stops)
+        self.bursts = world.bursts.copy()
+        self.effects: list[Effect] = []
+        self.changes: dict[str, Any] = {}
+
+    # the world as this turn leaves it
+    def finish(self) -> tuple[World, list[Effect]]:
+        world = replace(
+            self.world,
+            state=self.state,
+            flights=self.flights,
+            expected_stops=self.expected_stops,
+            bursts=self.bursts,
+            **self.changes,
+        )
+        return world, self.effects
+
+    @property
+    def config(self) -> FleetConfig:
+        return self.world.config
+
+    def flight(self, service: str) -> Flight:
+        return self.flights.get(service) or Flight()
+
+    def set_flight(self, service: str, **changes: Any) -> Flight:
+        flight = replace(self.flight(service), **changes)
+        self.flights[service] = flight
+        return flight
+
+    def log(self, level: str, text: str) -> None:
+        self.effects.append(Log(level, text))
+
+    def save(self) -> None:
+        if Save() not in self.effects:
+            self.effects.append(Save())
+
+    def new_change(self) -> int:
+        change = self.changes.get("next_change", self.world.next_change)
+        self.changes["next_change"] = change + 1
+        return int(change)
+
+
+# --- incidents ------------------------------------------------------------------------
+
+
+def _on_line(turn: _Turn, line: LineMatched) -> None:
+    service = turn.world.watched.get(line.container)
+    if service is None:
+        return
+    at = line.time_ns / 1e9
+    if not turn.bursts.opens_incident(line.container, line.incident_class, at, line.run_ns or None):
+        return  # a later line of a burst already counted
+    # The cursor goes into the same save as the incident: a kill -9 right after it never
+    # re-reads (and re-counts) this burst.
+    turn.state.log_cursors[line.container] = LogCursor(line.container_id, line.time_ns)
+    seen = Observed(
+        at,
+        IncidentClass(line.incident_class),
+        line.rule,
+        line.container,
+        line.container_id,
+        line.text,
+    )
+    _incident(turn, service, seen)
+
+
+def _on_event(turn: _Turn, event: ContainerEvent) -> None:
+    service = turn.world.watched.get(event.container)
+    if service is None:
+        return
+    rule = classify_event(event.action, event.exit_code)
+    if rule is None:
+        return
+    if turn.expected_stops.get(event.container, 0.0) > turn.now:
+        return  # our own stop timing out, not a RAM kill
+    text = f"container {event.container} {event.action} (exit {event.exit_code})"
+    seen = Observed(
+        event.time_ns / 1e9,
+        rule.incident_class,
+        rule.id,
+        event.container,
+        event.container_id,
+        text,
+    )
+    _incident(turn, service, seen)
+
+
+def _incident(turn: _Turn, service: str, seen: Observed) -> None:
+    flight = turn.flight(service)
+    if (
+        seen.incident_class == VRAM_OOM
+        and flight.new_model
+        and flight.phase
+        in (
+            Phase.APPLYING,
+            Phase.SETTLING,
+        )
+    ):
+        turn.effects.append(AbortSettle(service, flight.change))  # the new model does not fit
+    svc = turn.state.services[service]
+    new, decision = transition(
+        svc, seen, turn.config.services[service], turn.world.needs_bytes(service), turn.world.policy
+    )
+    turn.state.services[service] = new
+    latency_s = turn.now - seen.time
+    turn.effects.append(CountIncident(service, seen.incident_class, latency_s))
+    turn.log(
+        _level(decision),
+        f"{service}: {seen.incident_class} incident ({seen.rule}) in "
+        f"{seen.container}: {decision.reason} | evidence: {seen.evidence.strip()} "
+        f"| detected {latency_s * 1000:.0f} ms after the line",
+    )
+    if new is not svc:
+        turn.save()
+    _act(turn, service, decision)
+
+
+def _act(turn: _Turn, service: str, decision: Decision) -> None:
+    if decision.action is Action.STEP_DOWN:
+        _apply(turn, service)
+    elif decision.action is Action.EXHAUSTED:
+        svc = turn.state.services[service]
+        turn.log(
+            "CRITICAL",
+            f"{service}: EXHAUSTED at rung {svc.rung} ({svc.model}): no smaller model "
+            "left; stopping its containers so they do not crash-loop (kept for inspection)",
+        )
+        _stop_containers(turn, service)
+    elif decision.action is Action.RESTART:
+        _restart_after_fault(turn, service)
+
+
+# --- applying changes ------------------------------------------------------------------
+
+
+def _apply(turn: _Turn, service: str) -> None:
+    """Hand off the pending model and restart the service's containers (a worker)."""
+    if turn.flight(service).busy:
+        return  # the change in flight finishes first; the pending one is retried
+    svc = turn.state.services[service]
+    pending = svc.pending
+    assert pending is not None, "_apply needs a recorded decision"
+    if pending.gpu is None:  # the record shows what the GPUs held when it was made
+        pending = replace(pending, gpu=gpu_reading(turn.world))
+        svc = turn.state.services[service] = replace(svc, pending=pending)
+    _restart(turn, service, svc.model, pending.to_model, handoff=True)
+
+
+def _restart(turn: _Turn, service: str, old: str, model: str, handoff: bool = False) -> None:
+    change = turn.new_change()
+    turn.set_flight(
+        service, phase=Phase.APPLYING, change=change, new_model=old != model, retry_at=None
+    )
+    turn.effects.append(Restart(service, change, old, model, handoff))
+
+
+def _on_applied(turn: _Turn, done: Applied) -> None:
+    flight = turn.flight(done.service)
+    if flight.change != done.change or flight.phase is not Phase.APPLYING:
+        return
+    svc = turn.state.services.get(done.service)
+    settles = done.error is None and done.settles
+    turn.set_flight(
+        done.service,
+        phase=Phase.SETTLING if settles else Phase.IDLE,
+        new_model=settles,
+        activity=flight.activity if settles else None,
+    )
+    if svc is None or svc.pending is None:
+        if done.error is not None:
+            turn.log("ERROR", f"{done.service}: restart failed: {done.error}")
+        return
+    if done.error is not None:
+        _retry_later(turn, done.service, svc.pending.to_model, done.error)
+        return
+    new, record = apply_change(svc, done.service, turn.now)
+    turn.state.services[done.service] = new
+    turn.state.history = [*turn.state.history, record]
+    waiters = flight.waiters
+    turn.set_flight(done.service, waiters=(), retries=0)
+    turn.effects.append(CountTransition(done.service, record, waiters[0].op if waiters else None))
+    turn.save()
+    turn.log(
+        "WARNING",
+        f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
+        f"rung {record.from_rung} ({record.from_model}): {record.reason}"
+        + (f" | gpu: {record.gpu}" if record.gpu else ""),
+    )
+    restarted = ", ".join(turn.config.services[done.service].restarted)
+    for waiter in waiters:
+        body = {
+            "service": done.service,
+            "message": f"{waiter.asked}; restarted {restarted}",
+            "transition": transition_json(record),
+        }
+        turn.effects.append(Reply(waiter.call, 200, body))
+
+
+def _retry_later(turn: _Turn, service: str, model: str, error: str) -> None:
+    flight = turn.flight(service)
+    retries = flight.retries + 1
+    wait_s = APPLY_RETRY.delay_s(retries)
+    turn.set_flight(
+        service, phase=Phase.RETRYING, retry_at=turn.now + wait_s, retries=retries, waiters=()
+    )
+    message = f"{service}: could not apply {model}: {error}"
+    turn.log("ERROR", f"{message}; will retry in {wait_s:.0f} s")
+    for waiter in flight.waiters:
+        turn.effects.append(
+            fail(waiter.call, "failed", f"{message}; the change is recorded and fleetd retries it")
+        )
+
+
+def _restart_after_fault(turn: _Turn, service: str) -> None:
+    """A GPU fault: restart with the same model, backing off (the count decays)."""
+    svc = turn.state.services[service]
+    failures = GPU_FAULT_RESTART.failures_now(svc.restarts, svc.last_restart_at, turn.now)
+    wait_s = GPU_FAULT_RESTART.delay_s(failures)
+    if failures and svc.last_restart_at is not None and turn.now < svc.last_restart_at + wait_s:
+        turn.log("WARNING", f"{service}: restart held back ({wait_s:.0f} s backoff)")
+        return
+    turn.state.services[service] = replace(svc, restarts=failures + 1, last_restart_at=turn.now)
+    turn.save()
+    if not turn.flight(service).busy:
+        _restart(turn, service, svc.model, svc.model)
+
+
+def _stop_containers(turn: _Turn, service: str) -> None:
+    """Stop (not remove) a service's containers: Docker never restarts a manual stop."""
+    names = tuple(turn.config.services[service].restarted)
+    stop_s = turn.config.policy.stop_timeout
+    for name in names:
+        turn.expected_stops[name] = turn.now + stop_s + 5
+    turn.effects.append(StopContainers(service, names, stop_s))
+
+
+def _on_stop_expected(turn: _Turn, message: StopExpected) -> None:
+    turn.expected_stops[message.container] = max(
+        message.until, turn.expected_stops.get(message.container, 0.0)
+    )
+
+
+# --- settling a change, health, stepping up -----------------------------------------
+
+
+def _on_progress(turn: _Turn, progress: Progress) -> None:
+    flight = turn.flight(progress.service)
+    if flight.change == progress.change and flight.phase is not Phase.IDLE:
+        turn.set_flight(progress.service, activity=progress.text)
+    turn.log("INFO", f"{progress.service}: {progress.text}")
+
+
+def _on_settled(turn: _Turn, done: SettleDone) -> None:
+    result = done.result
+    name = result.service
+    flight = turn.flight(name)
+    if flight.change != done.change or flight.phase is not Phase.SETTLING:
+        turn.log("DEBUG", f"{name}: a newer change replaced {result.model}'s settle")
+        return
+    turn.set_flight(name, phase=Phase.IDLE, activity=None, new_model=False)
+    if result.ok:
+        _record_measured(turn, result)
+        turn.log("INFO", f"{name}: {result.model} {result.detail}{_vram_note(turn, result)}")
+        return
+    svc = turn.state.services.get(name)
+    if not result.oom or svc is None or name not in turn.config.services:
+        turn.log("ERROR", f"{name}: {result.model} did not become ready: {result.detail}")
+        turn.set_flight(name, activity=f"not ready: {result.detail}")
+        return
+    if svc.pending is not None or svc.model != result.model:
+        return  # the OOM already moved it (probation), or a change is on its way
+    new, decision = load_failed(
+        svc, turn.config.services[name], turn.world.needs_bytes(name), turn.now
+    )
+    turn.state.services[name] = new
+    turn.save()
+    turn.log(_level(decision), f"{name}: {decision.reason}")
+    _act(turn, name, decision)
+
+
+def _record_measured(turn: _Turn, result: Settled) -> None:
+    """Keep what a settled model really used; the planner prices its rung with it."""
+    if result.measured is not None:
+        turn.state.measured[result.model] = result.measured
+        turn.effects.append(Reprice())
+        turn.save()
+
+
+def _vram_note(turn: _Turn, result: Settled) -> str:
+    vram = result.measured.vram_bytes if result.measured else None
+    if vram is None:
+        return ""
+    service = turn.config.services[result.service]
+    rung = next((i for i, r in enumerate(service.ladder) if r.model == result.model), None)
+    needs = turn.world.needs_bytes(result.service)
+    planned = f" (planned {format_size(needs[rung])})" if rung is not None else ""
+    return f"; {format_size(vram)} VRAM measured{planned}"
+
+
+def _check_health(turn: _Turn, service: str) -> None:
+    """Start one health check unless a change or a check is in flight."""
+    svc = turn.state.services.get(service)
+    flight = turn.flight(service)
+    if svc is None or service not in turn.config.services or flight.checking:
+        return
+    if flight.phase is not Phase.IDLE or svc.state is ServiceStatus.EXHAUSTED:
+        return
+    turn.set_flight(service, checking=True)
+    turn.effects.append(CheckHealth(service))
+
+
+def _on_health(turn: _Turn, result: HealthChecked) -> None:
+    flight = turn.set_flight(result.service, checking=False)
+    if result.service not in turn.config.services or flight.busy:
+        return
+    config = turn.config.services[result.service].health
+    health, verdict = observe(flight.health, result.ok, result.error, turn.now, config)
+    turn.set_flight(result.service, health=health)
+    turn.effects.append(Publish())
+    if verdict.message:
+        turn.log("INFO" if result.ok else "WARNING", f"{result.service}: {verdict.message}")
+    if verdict.restart:
+        svc = turn.state.services[result.service]
+        _restart(turn, result.service, svc.model, svc.model)
+
+
+def _try_step_up(turn: _Turn, window_open: bool) -> None:
+    """Step a quiet service one rung up when the bigger rung fits (predicted first)."""
+    policy = turn.world.policy
+    for name, svc in list(turn.state.services.items()):
+        if name not in turn.config.services or turn.flight(name).phase is not Phase.IDLE:
+            continue
+        if not step_up_due(svc, turn.now, policy, turn.world.started_at, window_open):
+            continue
+        fit = _fit(turn, name, svc.rung - 1)
+        if not fit.fits:
+            if turn.flight(name).step_up_note != fit.reason:
+                turn.log("INFO", f"{name}: a step up is due but rung {svc.rung - 1} {fit.reason}")
+            turn.set_flight(name, step_up_note=fit.reason)
+            continue
+        turn.set_flight(name, step_up_note=None)
+        quiet = (
+            "in the off-peak window"
+            if window_open
+            else f"no vram_oom for {format_duration(policy.step_up_after_s)}"
+        )
+        config, needs = turn.config.services[name], turn.world.needs_bytes(name)
+        new = step_up(svc, config, needs, turn.now, policy, f"{quiet}; {fit.reason}")
+        turn.state.services[name] = new
+        turn.save()
+        assert new.pending is not None
+        turn.log("WARNING", f"{name}: {new.pending.reason}")
+        _apply(turn, name)
+
+
+def _fit(turn: _Turn, service: str, rung: int) -> ops.Fit:
+    from supervisor.core.gpus import Discovery
+
+    discovery = Discovery(gpus=turn.world.gpus, problem=turn.world.gpu_problem)
+    world = turn.world
+    return ops.check_fit(
+        turn.config, turn.state, service, rung, discovery, world.needs, world.managed
+    )
+
+
+# --- ticks and readings ----------------------------------------------------------------
+
+
+def _on_tick(turn: _Turn, tick: Tick) -> None:
+    if tick.job == "reconcile":
+        _reconcile(turn)
+    elif tick.job.startswith("health:"):
+        _check_health(turn, tick.job.removeprefix("health:"))
+    elif tick.job in ("step_up", "step_up_window"):
+        _try_step_up(turn, window_open=tick.job == "step_up_window")
+
+
+def _reconcile(turn: _Turn) -> None:
+    """End cooldowns and probations that have passed; retry changes that are due."""
+    policy = turn.world.policy
+    for name, svc in list(turn.state.services.items()):
+        svc = end_probation(end_cooldown(svc, turn.now, policy), turn.now)
+        turn.state.services[name] = svc
+        flight = turn.flight(name)
+        due = flight.phase is not Phase.RETRYING or turn.now >= (flight.retry_at or 0.0)
+        if svc.pending is not None and name in turn.config.services and due:
+            if flight.phase is Phase.RETRYING:
+                turn.set_flight(name, phase=Phase.IDLE)
+            _apply(turn, name)
+    turn.effects.append(Publish())
+
+
+def _on_resume(turn: _Turn, _: Resume) -> None:
+    for name, svc in list(turn.state.services.items()):
+        if svc.pending is not None and name in turn.config.services:
+            turn.log("WARNING", f"{name}: completing a change interrupted by a restart of fleetd")
+            _apply(turn, name)
+
+
+def _on_gpus(turn: _Turn, read: GpusRead) -> None:
+    """A new NVML reading; a GPU lost or found again is said once."""
+    before = _gpu_problems(turn.world.gpus, turn.world.gpu_problem)
+    after = _gpu_problems(read.gpus, read.problem)
+    for index, error in after.items():
+        if before.get(index) != error:
+            turn.log("ERROR", f"GPU {index if index >= 0 else '(all)'}: {error}")
+    for index in set(before) - set(after):
+        turn.log("WARNING", f"GPU {index if index >= 0 else '(all)'} is back")
+    turn.changes.update(gpus=read.gpus, gpu_problem=read.problem)
+    if read.managed is not None:
+        turn.changes["managed"] = read.managed
+
+
+def _gpu_problems(gpus: Sequence[Gpu], problem: str | None) -> dict[int, str | None]:
+    problems = {g.index: g.error for g in gpus if not g.valid}
+    if problem:
+        problems[-1] = problem
+    return problems
+
+
+def _on_docker(turn: _Turn, message: DockerState) -> None:
+    turn.changes["docker_up"] = message.up
+
+
+def _on_checkpoint(turn: _Turn, checkpoint: Checkpoint) -> None:
+    turn.state.log_cursors.update(checkpoint.cursors)
+    turn.save()
+
+
+def _on_repriced(turn: _Turn, priced: Repriced) -> None:
+    turn.changes["needs"] = dict(priced.needs)
+
+
+# --- the control API -------------------------------------------------------------------
+
+
+def _on_request(turn: _Turn, request: Request) -> None:
+    try:
+        _answer(turn, request)
+    except ops.Refused as e:
+        turn.effects.append(fail(request.call, "refused", str(e)))
+    except UsageError as e:
+        turn.effects.append(fail(request.call, "usage", str(e)))
+    except FleetdError as e:
+        turn.effects.append(fail(request.call, "failed", str(e)))
+
+
+def _answer(turn: _Turn, request: Request) -> None:
+    if request.op == "status":
+        report = status_report(turn.finish()[0], request.service, turn.now)
+        turn.effects.append(Reply(request.call, 200, report))
+    elif request.op == "history":
+        records = [t for t in turn.state.history if request.service in (None, t.service)]
+        turn.effects.append(Reply(request.call, 200, [transition_json(t) for t in records]))
+    elif request.op == "warm":
+        _warm_member(turn, request)
+    elif request.op in _OPS:
+        _operate(turn, request)
+    else:
+        raise UsageError(f"unknown operation {request.op!r}")
+
+
+_OPS = ("reset", "downgrade", "upgrade", "pin", "unpin")
+
+
+def _operate(turn: _Turn, request: Request) -> None:
+    name = request.service or ""
+    if turn.flight(name).busy:
+        raise ops.Refused(f"a change of {name} is being applied; try again in a few seconds")
+    force = request.args.get("force") is True
+    outcome = ops.dispatch(
+        request.op,
+        turn.state,
+        turn.config,
+        name,
+        turn.now,
+        request.who,
+        lambda service, rung: _fit(turn, service, rung),
+        rung=str(request.args.get("rung", "")),
+        force=force,
+    )
+    turn.save()
+    turn.log("WARNING", f"{outcome.message} ({request.op} {request.who})")
+    if outcome.change is None:
+        turn.effects.append(Reply(request.call, 200, outcome.to_json()))
+        return
+    flight = turn.flight(name)
+    waiter = Waiter(request.call, request.op, outcome.message)
+    turn.set_flight(name, waiters=(*flight.waiters, waiter))
+    if flight.phase is Phase.RETRYING:
+        turn.set_flight(name, phase=Phase.IDLE)
+    _apply(turn, name)
+
+
+def _warm_member(turn: _Turn, request: Request) -> None:
+    """Load one member of an ensemble before its turn (the others are unloaded first)."""
+    name, model = request.service or "", str(request.args.get("model") or "")
+    service = turn.config.services.get(name)
+    if service is None:
+        raise UsageError(f"no service {name!r} in the config")
+    members = [r.model for r in service.ensemble or []]
+    if not members:
+        raise ops.Refused(f"{name} has no `ensemble:`; warm loads one of its members")
+    if model not in members:
+        raise UsageError(f"{model!r} is not in {name}'s ensemble ({', '.join(members)})")
+    if turn.flight(name).busy:
+        raise ops.Refused(f"a change of {name} is being applied; try again in a few seconds")
+    change = turn.new_change()
+    turn.set_flight(name, phase=Phase.WARMING, change=change, new_model=False)
+    others = tuple(m for m in members if m != model)
+    turn.effects.append(WarmMember(name, change, request.call, model, others))
+
+
+def _on_member_warmed(turn: _Turn, done: MemberWarmed) -> None:
+    result = done.result
+    flight = turn.flight(result.service)
+    if flight.change == done.change and flight.phase is Phase.WARMING:
+        turn.set_flight(result.service, phase=Phase.IDLE, activity=None)
+    if done.refused is not None:
+        turn.effects.append(fail(done.call, "refused", done.refused))
+        return
+    if not result.ok:
+        turn.log("ERROR", f"{result.service}: warming {result.model} failed: {result.detail}")
+        turn.effects.append(
+            fail(done.call, "failed", f"{result.service}: {result.model}: {result.detail}")
+        )
+        return
+    _record_measured(turn, result)
+    message = f"{result.service}: {result.model} {result.detail}{_vram_note(turn, result)}"
+    turn.log("INFO", message)
+    body = {"service": result.service, "model": result.model, "message": message}
+    turn.effects.append(Reply(done.call, 200, body))
+
+
+def status_report(world: World, service: str | None, now: float) -> dict[str, Any]:
+    """`fleetctl status` from the running fleetd: the saved state plus its live view."""
+    from supervisor.core.gpus import Discovery
+
+    flights = world.flights.items()
+    live = Live(
+        # a service's health is known once a check has answered
+        health={n: f.health.to_json() for n, f in flights if f.health.last_check_at},
+        activity={n: f.activity for n, f in flights},
+        daemon={**world.daemon, "docker": world.docker_up},
+    )
+    report = status_json(world.state, world.config, now, service, live)
+    discovery = Discovery(gpus=world.gpus, problem=world.gpu_problem)
+    report["gpus"] = gpus_json(discovery, world.config, world.managed)
+    report["gpu_problem"] = world.gpu_problem
+    return report
+
+
+# --- reconfiguring: start-up and reload ---------------------------------------------------
+
+
+def _on_reconfigure(turn: _Turn, message: Reconfigure) -> None:
+    old, new = turn.config, message.config
+    added = sorted(set(new.services) - set(old.services))
+    removed = sorted(set(old.services) - set(new.services))
+    changed = sorted(
+        n for n in set(new.services) & set(old.services) if new.services[n] != old.services[n]
+    )
+    for name in changed:  # a changed ladder may have moved the current model
+        svc = turn.state.services.get(name)
+        if svc is not None and svc.rung >= len(new.services[name].ladder):
+            del turn.state.services[name]
+    turn.world = replace(turn.world, config=new, needs=dict(message.needs), watched=watched_by(new))
+    turn.changes.update(config=new, needs=dict(message.needs), watched=turn.world.watched)
+    if turn.bursts.window_s != new.policy.burst_window:  # a burst spanning a reload stays one
+        turn.bursts = BurstGrouper(new.policy.burst_window, turn.bursts)
+    _settle(turn, message.planned)
+    turn.save()
+    if message.starting:
+        return
+    turn.effects.append(Reattach(frozenset(changed) | frozenset(removed)))
+    summary = (
+        f"config reloaded: added {added or '-'}, changed {changed or '-'}, removed {removed or '-'}"
+    )
+    turn.log("INFO", summary)
+    if old.metrics != new.metrics:
+        turn.log("WARNING", "metrics: a changed `metrics:` setting applies when fleetd restarts")
+    if message.call is not None:
+        turn.effects.append(Reply(message.call, 200, {"message": summary}))
+
+
+def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
+    """Each service on its persisted rung, else the plan's, else the top; hand each off."""
+    for name, service in turn.config.services.items():
+        current = turn.state.services.get(name)
+        if current is None or current.rung >= len(service.ladder):
+            rung = planned.get(name) or 0
+            current = ServiceState(model=service.ladder[rung].model, rung=rung)
+            turn.log("INFO", f"{name}: starting at rung {rung} ({current.model})")
+        elif current.model != service.ladder[current.rung].model:
+            current = replace(current, model=service.ladder[current.rung].model)
+        turn.state.services[name] = current
+        turn.effects.append(WriteModel(name, current.model))
+    for name in sorted(set(turn.state.services) - set(turn.config.services)):
+        turn.log("INFO", f"{name}: no longer in the config; its state is kept")
+
+
+def initial_world(
+    config: FleetConfig,
+    state: FleetState,
+    needs: Mapping[str, Sequence[RungNeed]],
+    started_at: float,
+    daemon: Mapping[str, Any],
+) -> World:
+    """The world fleetd starts with: bursts recorded before a restart stay one incident."""
+    bursts = BurstGrouper(config.policy.burst_window)
+    names = {c.container_id: name for name, c in state.log_cursors.items()}
+    for svc in state.services.values():
+        for incident in svc.incidents:
+            container = names.get(incident.container_id or "")
+            if container is not None:
+                bursts.seed(container, incident.incident_class, incident.time)
+    return World(
+        config=config,
+        state=state,
+        needs=dict(needs),
+        bursts=bursts,
+        started_at=started_at,
+        daemon=dict(daemon),
+        watched=watched_by(config),
+    )
+
+
+def watched_by(config: FleetConfig) -> Mapping[str, str]:
+    """Container name -> the service that watches it."""
+    return {c: n for n, svc in config.services.items() for c in svc.watched}
+
+
+# --- helpers shared with the daemon --------------------------------------------------------
+
+
+def gpu_reading(world: World) -> str | None:
+    """NVML's last reading of every GPU, in one line, with the fleet's budget on each."""
+    if world.config.gpus != "auto":
+        return None
+    readings = []
+    for gpu in world.gpus:
+        if not gpu.valid or gpu.used_bytes is None:
+            continue
+        budget = format_size(gpu_budget_bytes(world.config, gpu, world.managed))
+        readings.append(
+            f"GPU {gpu.index} {gpu.name}: {format_size(gpu.used_bytes)} used of "
+            f"{format_size(gpu.total_bytes)}, fleet budget {budget}"
+        )
+    return "; ".join(readings) or None
+
+
+def _level(decision: Decision) -> str:
+    return {
+        Action.NONE: "INFO",
+        Action.ALERT: "WARNING",
+        Action.RESTART: "WARNING",
+        Action.STEP_DOWN: "WARNING",
+        Action.EXHAUSTED: "ERROR",
+    }[decision.action]
+
+
+_HANDLERS: dict[type, Any] = {
+    LineMatched: _on_line,
+    ContainerEvent: _on_event,
+    Tick: _on_tick,
+    GpusRead: _on_gpus,
+    DockerState: _on_docker,
+    Checkpoint: _on_checkpoint,
+    Request: _on_request,
+    StopExpected: _on_stop_expected,
+    Applied: _on_applied,
+    SettleDone: _on_settled,
+    Progress: _on_progress,
+    HealthChecked: _on_health,
+    MemberWarmed: _on_member_warmed,
+    Repriced: _on_repriced,
+    Resume: _on_resume,
+    Reconfigure: _on_reconfigure,
+}

@@ -1,0 +1,786 @@
+"""`fleetd run`: the wiring between the outside world and the supervision step.
+
+Follower threads, the Docker event watcher, the scheduler's timers, the control socket's
+threads and the workers that restart containers only put records on one queue. The main
+loop turns each record into a message for `supervisor.core.step.step`, keeps the world it gets
+back and carries out the effects it returns: saving the state, starting workers, answering
+callers, counting metrics. Every decision is the step's; nothing here blocks the loop for
+long (Docker calls that take time run in workers). Signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import docker
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+
+from supervisor import __version__
+from supervisor.analyzer import analyze, prices
+from supervisor.core import step
+from supervisor.core.address import format_address
+from supervisor.core.backoff import DOCKER_RECONNECT
+from supervisor.core.config import FleetConfig, ServiceConfig, load_config
+from supervisor.core.detector import Detector, compile_rule
+from supervisor.core.endpoints import endpoint_of
+from supervisor.core.errors import FleetdError, UsageError
+from supervisor.core.gpus import Discovery, declared_gpus, resolve_gpus
+from supervisor.core.plan import RungNeed, gpu_budget_bytes
+from supervisor.core.rules import BUILTIN_RULES
+from supervisor.core.runtimes import spec_of
+from supervisor.core.state import FleetState, LogCursor
+from supervisor.core.step import ContainerEvent
+from supervisor.daemon.handoff import change_model
+from supervisor.daemon.lifecycle import ModelChange, Settled
+from supervisor.edges import engine
+from supervisor.edges.control import Call, ControlServer
+from supervisor.edges.engine import DockerError
+from supervisor.edges.managed import container_names, managed_pids
+from supervisor.edges.metrics import FleetMetrics, build_snapshot, transition_kind
+from supervisor.edges.nvml import Nvml
+from supervisor.edges.runtime_api import RuntimeApiError, api_for
+from supervisor.edges.sdnotify import Notifier
+from supervisor.edges.store import StateStore
+from supervisor.edges.watch import (
+    EventsEnded,
+    EventWatcher,
+    FollowerEnded,
+    LogFollower,
+    LogLine,
+    parse_docker_time_ns,
+)
+
+RECONCILE_S = 5.0
+GPU_SAMPLE_S = 30.0
+GPU_FRESH_S = 1.0  # a decision uses an NVML reading at most this old
+FIRST_READ_MARGIN_NS = 2_000_000_000
+CHECKPOINT_S = 5.0
+STEP_UP_CHECK_S = 60.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        state_dir: Path,
+        docker_factory: Callable[[], docker.DockerClient] = lambda: docker.from_env(),
+        clock: Callable[[], float] = time.time,
+        nvml: Nvml | None = None,
+        socket_path: Path | None = None,
+        socket_gid: int | None = None,
+        metrics_address: tuple[str, int] | None = None,
+        serve_metrics: bool = True,
+    ) -> None:
+        """`metrics_address` overrides the config's `metrics` (and serves even when it is
+        disabled); `serve_metrics=False` serves none whatever the config says."""
+        self.config_path, self.clock = config_path, clock
+        self.queue: queue.Queue[object] = queue.Queue()
+        self.control = (
+            ControlServer(socket_path, self.queue.put, socket_gid) if socket_path else None
+        )
+        self.scheduler: BackgroundScheduler | None = None
+        self.store = StateStore(state_dir, clock=clock)
+        self.docker_factory = docker_factory
+        self.nvml = nvml or Nvml()
+        self.notifier = Notifier()
+        self.client: docker.DockerClient | None = None
+        self.followers: dict[str, LogFollower] = {}
+        self.events: EventWatcher | None = None
+        # container -> stamps of the matched lines handled lately: an old and a new follower
+        # of one container may both deliver a line (dropped once), while lines stamped out of
+        # order across stdout and stderr must all count
+        self.seen_ns: dict[str, RecentStamps] = {}
+        self.calls: dict[int, Call] = {}  # control calls not answered yet, by id
+        self.aborts: dict[int, threading.Event] = {}  # change id -> ends its settle early
+        self._next_call = 1
+        self._gpus_read_at = float("-inf")
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._docker_retry_at = 0.0
+        self._docker_failures = 0
+        config = load_config(config_path)  # invalid: fail before anything
+        self.detectors = _detectors(config)
+        info = {"pid": os.getpid(), "version": __version__, "config": str(config_path)}
+        self.world = step.initial_world(
+            config, FleetState(), _needs(config, None), clock(), {**info, "started_at": clock()}
+        )
+        self.metrics = FleetMetrics()
+        self.metrics_at = self._metrics_address(metrics_address, serve_metrics)
+
+    @property
+    def config(self) -> FleetConfig:
+        return self.world.config
+
+    @property
+    def state(self) -> FleetState:
+        return self.world.state
+
+    def _metrics_address(
+        self, override: tuple[str, int] | None, serve: bool
+    ) -> tuple[str, int] | None:
+        """Where to serve /metrics: the command line's address, else the config's."""
+        if not serve:
+            return None
+        if override is not None:
+            return override
+        metrics = self.config.metrics
+        return (metrics.host, metrics.port) if metrics.enabled else None
+
+    # --- the step and its effects -----------------------------------------------------
+
+    def feed(self, message: step.Message) -> None:
+        """One message through the step; its effects carried out in order."""
+        self.world, effects = step.step(self.world, message, self.clock())
+        for effect in effects:
+            self._carry_out(effect)
+
+    def _carry_out(self, effect: step.Effect) -> None:
+        handler = _EFFECTS.get(type(effect))
+        assert handler is not None, f"no handler for {type(effect).__name__}"
+        handler(self, effect)
+
+    def _save(self, _: object = None) -> None:
+        self._publish()  # every change of state is saved: scrapes see it at the same time
+        with self.store.lock():
+            self.store.save(self.state)
+
+    def _publish(self, _: object = None) -> None:
+        """Hand the metrics an immutable snapshot; scrapes never read the loop's dicts."""
+        world = self.world
+        config = world.config
+        gpus = world.gpus if config.gpus == "auto" else declared_gpus(config.gpus)
+        budgets = {g.index: gpu_budget_bytes(config, g, world.managed) for g in gpus if g.valid}
+        health = {n: f.health for n, f in world.flights.items() if f.health.last_check_at}
+        needs = {name: world.needs_bytes(name) for name in world.needs}
+        snapshot = build_snapshot(
+            config, world.state, gpus, needs, budgets, self.clock(), world.docker_up, health
+        )
+        self.metrics.publish(snapshot)
+
+    def _log(self, effect: step.Log) -> None:
+        logger.log(effect.level, effect.text)
+
+    def _reply(self, effect: step.Reply) -> None:
+        call = self.calls.pop(effect.call, None)
+        if call is not None:
+            call.answer(effect.status, effect.body)
+
+    def _count_incident(self, effect: step.CountIncident) -> None:
+        self.metrics.incident(effect.service, effect.incident_class)
+        self.metrics.detection_latency(effect.service, effect.latency_s)
+
+    def _count_transition(self, effect: step.CountTransition) -> None:
+        kind = transition_kind(effect.record, effect.op)
+        if kind is not None:
+            self.metrics.transition(effect.service, *kind)
+
+    def _reprice(self, _: object = None) -> None:
+        self.feed(step.Repriced(_needs(self.config, self.state)))
+
+    def _write_model(self, effect: step.WriteModel) -> None:
+        self.store.write_model_file(effect.service, effect.model)
+
+    def _abort_settle(self, effect: step.AbortSettle) -> None:
+        abort = self.aborts.get(effect.change)
+        if abort is not None:
+            abort.set()
+
+    def _restart(self, effect: step.Restart) -> None:
+        """The change procedure (handoff.change_model) in a worker: hand off, prepare (pull,
+        unload), restart, then settle (health, warm-up). A restart that keeps the model (a
+        GPU fault, failed health checks) only restarts: the health checks judge it."""
+        abort = threading.Event()
+        if effect.old_model != effect.model:
+            self.aborts[effect.change] = abort
+        threading.Thread(
+            target=self._restart_worker,
+            args=(effect, self.config, abort),
+            name=f"apply-{effect.service}",
+            daemon=True,
+        ).start()
+
+    def _restart_worker(
+        self, effect: step.Restart, config: FleetConfig, abort: threading.Event
+    ) -> None:
+        name, change = effect.service, effect.change
+
+        def restarted(settles: bool) -> None:
+            self.queue.put(step.Applied(name, change, None, settles))
+
+        try:
+            result = change_model(
+                self.client,
+                self.store,
+                config,
+                name,
+                effect.old_model,
+                effect.model,
+                report=self._reporter(name, change),
+                abort=abort,
+                restarted=restarted,
+                expect_stop=self._expect_stop,
+                handoff=effect.handoff,
+            )
+        except FleetdError as e:
+            self.queue.put(step.Applied(name, change, str(e)))
+            return
+        if result is not None:
+            self.queue.put(step.SettleDone(change, result))
+
+    def _expect_stop(self, container: str, seconds: float) -> None:
+        """From a worker, before it stops a container: queued ahead of the stop's events."""
+        self.queue.put(step.StopExpected(container, self.clock() + seconds))
+
+    def _stop_containers(self, effect: step.StopContainers) -> None:
+        """Stop (not remove) a service's containers: Docker never restarts a manual stop."""
+        client = self.client
+        if client is None:
+            return
+
+        def stop_all() -> None:
+            for name in effect.containers:
+                try:
+                    engine.stop(client, name, int(effect.timeout_s))
+                except DockerError as e:
+                    logger.error(f"{effect.service}: {e}")
+
+        threading.Thread(target=stop_all, name=f"stop-{effect.service}", daemon=True).start()
+
+    def _check_health(self, effect: step.CheckHealth) -> None:
+        """One health check, off the loop."""
+        name = effect.service
+        endpoint = endpoint_of(self.config, name) if name in self.config.services else None
+        api = api_for(self.config.services[name].runtime, endpoint) if endpoint else None
+        if api is None:
+            self.queue.put(step.HealthChecked(name, False, "no runtime endpoint to check"))
+            return
+        timeout = self.config.services[name].health.timeout
+
+        def check() -> None:
+            try:
+                api.health(timeout)
+                self.queue.put(step.HealthChecked(name, True, None))
+            except RuntimeApiError as e:
+                self.queue.put(step.HealthChecked(name, False, str(e)))
+
+        threading.Thread(target=check, name=f"health-{name}", daemon=True).start()
+
+    def _warm_member(self, effect: step.WarmMember) -> None:
+        """Load one member of an ensemble before its turn: the others are unloaded first
+        (one fits the budget, not all), then it is pulled if missing, loaded and warmed."""
+        name, model = effect.service, effect.model
+        abort = threading.Event()
+        report = self._reporter(name, effect.change)
+        change = ModelChange.for_service(self.config, name, report, abort)
+        if change is None:
+            runtime = spec_of(self.config.services[name].runtime).title
+            why = f"{name} has no `endpoint:` (or `port:`) for fleetd to reach {runtime}"
+            result = Settled(name, model, False, why)
+            self.queue.put(step.MemberWarmed(effect.call, effect.change, result, refused=why))
+            return
+
+        def warm() -> None:
+            try:
+                change.unload_others(effect.others)
+                change.prepare(None, model)
+                result = change.settle(model)
+            except RuntimeApiError as e:
+                result = Settled(name, model, False, str(e))
+            self.queue.put(step.MemberWarmed(effect.call, effect.change, result))
+
+        threading.Thread(target=warm, name=f"warm-{name}", daemon=True).start()
+
+    def _reporter(self, service: str, change: int) -> Callable[[str], None]:
+        """A change's progress callback: its worker thread reports through the queue."""
+
+        def report(text: str) -> None:
+            self.queue.put(step.Progress(service, change, text))
+
+        return report
+
+    def _reattach(self, effect: step.Reattach) -> None:
+        watched = self.world.watched
+        for container, follower in list(self.followers.items()):
+            service = watched.get(container)
+            if service is not None and service not in effect.services:
+                continue
+            self._remember_cursor(follower)
+            follower.stop()  # gone, or its service's rules changed: re-attach below
+            del self.followers[container]
+        self._attach_all()
+
+    # --- start-up -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the state, settle every service on a rung and hand off its model."""
+        with self.store.lock():
+            loaded = self.store.load()
+        for note in loaded.notes:  # a missing file is normal on the first start
+            logger.log("INFO" if note.startswith("no state yet") else "WARNING", f"state: {note}")
+        config, state = self.config, loaded.state
+        self.world = step.initial_world(
+            config, state, _needs(config, state), self.world.started_at, self.world.daemon
+        )
+        # Docker first, so the plan can tell the fleet's own GPU processes from others';
+        # followers only queue lines, which the loop handles once `run` starts.
+        self._connect_docker()
+        planned = self._plan(config)
+        self.feed(step.Reconfigure(config, self.world.needs, planned, starting=True))
+        self.feed(step.Resume())
+
+    def _plan(self, config: FleetConfig) -> dict[str, int | None]:
+        """Read the GPUs (NVML, or the config's declared ones) into the world, and return
+        the planner's rung per service on them (empty without GPUs)."""
+        discovery = self._discover(config)
+        if discovery.problem:
+            logger.info(discovery.problem)
+        pids = self._fleet_pids(config)
+        self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
+        self._gpus_read_at = time.monotonic()
+        if not discovery.gpus:
+            return {}
+        plan = analyze(config, discovery, pids)
+        return {name: p.rung for name, p in plan.services.items()}
+
+    def _discover(self, config: FleetConfig) -> Discovery:
+        try:
+            return resolve_gpus(config, (), self.nvml)
+        except FleetdError as e:
+            return Discovery(gpus=(), problem=str(e))
+
+    def _fleet_pids(self, config: FleetConfig) -> frozenset[int]:
+        client = self.client
+        return (managed_pids(client, container_names(config)) if client else None) or frozenset()
+
+    # --- the main loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        self._install_signals()
+        lock_fd = self.store.hold_daemon_lock(self.control.path if self.control else None)
+        try:
+            if self.control is not None:  # before start: a socket in use fails fast
+                self.control.start()
+            self._serve_metrics()  # also before start: a taken port fails fast
+            return self._run()
+        finally:
+            self.metrics.close()
+            if self.control is not None:
+                self.control.stop()
+            os.close(lock_fd)
+
+    def _serve_metrics(self) -> None:
+        if self.metrics_at is None:
+            logger.info("metrics: not served (disabled)")
+            return
+        host, port = self.metrics.serve(*self.metrics_at)
+        logger.info(f"metrics: serving http://{format_address(host, port)}/metrics")
+
+    def _run(self) -> int:
+        self.start()
+        scheduler = self._scheduler()
+        scheduler.start()
+        self.notifier.send("READY=1", f"STATUS={self.summary()}")
+        where = f"; control socket {self.control.path}" if self.control else ""
+        logger.info(f"fleetd running: {self.summary()}{where}")
+        next_ping = 0.0
+        try:
+            while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self._step(timeout_s=0.5)
+                if self.notifier.watchdog_s and time.monotonic() >= next_ping:
+                    self.notifier.send("WATCHDOG=1")
+                    next_ping = time.monotonic() + self.notifier.watchdog_s
+        finally:
+            self.notifier.send("STOPPING=1")
+            scheduler.shutdown(wait=False)
+            self.shutdown()
+        return 0
+
+    def _step(self, timeout_s: float) -> None:
+        try:
+            item = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        try:
+            self._handle(item)
+        except FleetdError as e:  # one bad record never stops the loop
+            logger.error(f"while handling {type(item).__name__}: {e}")
+        except Exception:  # a bug: report it with its traceback, keep supervising
+            logger.exception(f"BUG while handling {type(item).__name__}; please report it")
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, LogLine):
+            self._on_line(item)
+        elif isinstance(item, ContainerEvent):
+            self._on_event(item)
+        elif isinstance(item, FollowerEnded):
+            follower = self.followers.get(item.container)
+            if follower is not None and follower.container_id == item.container_id:
+                self._remember_cursor(follower)
+                del self.followers[item.container]
+        elif isinstance(item, EventsEnded):
+            logger.warning(f"Docker event stream ended ({item.error}); reconnecting")
+            self.events = None
+            self.client = None
+            self.feed(step.DockerState(up=False))
+        elif isinstance(item, step.Tick):
+            self._on_tick(item)
+        elif isinstance(item, Call):
+            self._on_call(item)
+        elif isinstance(item, step.SettleDone | step.MemberWarmed):
+            self.aborts.pop(item.change, None)
+            self._fresh_gpus()
+            self.feed(item)
+        else:
+            self.feed(item)  # type: ignore[arg-type]  # the workers' results are messages
+
+    def drain(self, timeout_s: float = 0.0) -> None:
+        """Handle everything queued (tests and shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._step(timeout_s=max(0.0, deadline - time.monotonic()) or 0.01)
+            if self.queue.empty() and time.monotonic() >= deadline:
+                return
+
+    def _on_line(self, line: LogLine) -> None:
+        if line.container not in self.world.watched:
+            return
+        if not self.seen_ns.setdefault(line.container, RecentStamps()).add(line.time_ns):
+            return  # already handled (a new follower re-reads a little)
+        self._fresh_gpus()
+        rule = line.match.rule
+        self.feed(
+            step.LineMatched(
+                line.container,
+                line.container_id,
+                line.time_ns,
+                line.run_ns,
+                rule.id,
+                str(rule.incident_class),
+                line.match.line,
+            )
+        )
+
+    def _on_event(self, event: ContainerEvent) -> None:
+        if event.container not in self.world.watched:
+            return
+        if event.action == "start":
+            self._follow(event.container, event.container_id, event.time_ns)
+            return
+        self._fresh_gpus()
+        self.feed(event)
+
+    def _fresh_gpus(self, with_pids: bool = False) -> None:
+        """Read NVML before a message that may decide, at most once a second; the fleet's
+        own GPU processes (a Docker call) only when a fit is to be checked."""
+        if self.config.gpus != "auto":
+            return
+        if not with_pids and time.monotonic() - self._gpus_read_at < GPU_FRESH_S:
+            return
+        discovery = self.nvml.discover()
+        pids = self._fleet_pids(self.config) if with_pids and self.client else None
+        self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
+        self._gpus_read_at = time.monotonic()
+
+    # --- the control API (calls come from the socket's threads through the queue) ---------
+
+    def _on_call(self, call: Call) -> None:
+        call_id = self._next_call
+        self._next_call += 1
+        self.calls[call_id] = call
+        if call.op == "reload":
+            self.apply_config(call_id)
+            return
+        who = f"with fleetctl by {call.peer.who}"
+        try:
+            self._fresh_gpus(with_pids=call.op in ("upgrade", "pin"))
+            self.feed(step.Request(call_id, call.op, call.service, dict(call.args), who))
+        except Exception as e:  # a bug: the caller gets an answer, the log the traceback
+            logger.exception(f"BUG while answering {call.op}; please report it")
+            self._reply(step.fail(call_id, "failed", f"internal error: {e!r}"))
+
+    # --- Docker connection, followers, periodic jobs --------------------------------------
+
+    def _connect_docker(self) -> None:
+        if self.client is not None or time.monotonic() < self._docker_retry_at:
+            return
+        try:
+            client = engine.connect(self.docker_factory)
+        except DockerError as e:
+            self._docker_failures += 1
+            wait_s = DOCKER_RECONNECT.delay_s(self._docker_failures)
+            logger.warning(f"{e}; next try in at least {wait_s:.0f} s")
+            self._docker_retry_at = time.monotonic() + wait_s
+            return
+        self.client, self._docker_failures = client, 0
+        self.feed(step.DockerState(up=True))
+        self.events = EventWatcher(client, self.clock(), self.queue)
+        self.events.start()
+        self._attach_all()
+
+    def _attach_all(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        for name in self.world.watched:
+            if name in self.followers and self.followers[name].is_alive():
+                continue
+            try:
+                found = engine.container_state(client, name)
+            except DockerError:
+                continue
+            if found is not None and found[1]:  # not created yet: its start event attaches it
+                self._follow(name, found[0], None)
+
+    def _follow(self, name: str, container_id: str, started_ns: int | None) -> None:
+        old = self.followers.get(name)
+        same_run = old is not None and (started_ns is None or old.run_ns >= started_ns)
+        if old is not None and old.is_alive() and old.container_id == container_id and same_run:
+            return
+        if self.client is None:
+            return
+        # Read from where we left off (the old follower's stream ends with its run; the
+        # main loop drops what both read); a container never seen is read from its start
+        # event, or from now when fleetd meets it already running.
+        cursor = self.state.log_cursors.get(name)
+        known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
+        # Docker stamps a fast process's first lines a few ms before its start event, so a
+        # container never read before is read from a little earlier (nothing of it can
+        # have been counted yet).
+        since = known or (started_ns - FIRST_READ_MARGIN_NS if started_ns else 0)
+        since = since or int(self.clock() * 1e9)
+        run_ns = started_ns or self._started_ns(name)
+        detector = self.detectors[self.world.watched[name]]
+        follower = LogFollower(
+            self.client, name, container_id, since, self.queue, run_ns, detector.classify
+        )
+        self.followers[name] = follower
+        follower.start()
+
+    def _started_ns(self, name: str) -> int:
+        try:
+            assert self.client is not None
+            return parse_docker_time_ns(engine.started_ns(self.client, name))
+        except (KeyError, ValueError, DockerError):
+            return 0
+
+    def _remember_cursor(self, follower: LogFollower) -> None:
+        self._checkpoint({follower.container: follower})
+
+    def _checkpoint(self, followers: Mapping[str, LogFollower]) -> None:
+        cursors = {n: LogCursor(f.container_id, f.since_ns) for n, f in followers.items()}
+        self.feed(step.Checkpoint(cursors))
+
+    def _on_tick(self, tick: step.Tick) -> None:
+        if tick.job == "reconcile":
+            self._connect_docker()
+            self._attach_all()
+        elif tick.job in ("step_up", "step_up_window"):
+            self._fresh_gpus(with_pids=True)
+        elif tick.job == "gpus":
+            self._sample_gpus()
+            self._publish()
+            return
+        elif tick.job == "checkpoint":
+            for name, follower in self.followers.items():
+                if follower.lag_s is not None:
+                    self.metrics.follow_lag(name, follower.lag_s)
+            self._checkpoint(self.followers)
+            self.notifier.send(f"STATUS={self.summary()}")
+            return
+        self.feed(tick)
+
+    def _sample_gpus(self) -> None:
+        """Read NVML; a GPU lost or found again is reported once (by the step), never a crash."""
+        if self.config.gpus != "auto":
+            return
+        discovery = self.nvml.discover()
+        pids = None
+        if self.client is not None and any(g.valid for g in discovery.gpus):
+            pids = managed_pids(self.client, container_names(self.config))
+        self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
+        self._gpus_read_at = time.monotonic()
+
+    def _scheduler(self) -> BackgroundScheduler:
+        scheduler = BackgroundScheduler(daemon=True)
+        jobs = (("reconcile", RECONCILE_S), ("checkpoint", CHECKPOINT_S), ("gpus", GPU_SAMPLE_S))
+        for job, every_s in jobs:
+            scheduler.add_job(
+                self.queue.put,
+                "interval",
+                args=[step.Tick(job)],
+                seconds=every_s,
+                id=job,
+                coalesce=True,
+                max_instances=1,
+            )
+        scheduler.add_listener(_log_job_error, EVENT_JOB_ERROR)
+        self.scheduler = scheduler
+        self._schedule_config_jobs()
+        return scheduler
+
+    def _schedule_config_jobs(self) -> None:
+        """The jobs the config defines: health checks per service, the step-up window."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        for job in scheduler.get_jobs():
+            if job.id.startswith("health:") or job.id in ("step_up", "step_up_window"):
+                job.remove()
+        # Often enough to step up within a tenth of the wait (a minute for the default day).
+        every_s = min(STEP_UP_CHECK_S, max(1.0, self.config.policy.step_up_after / 10))
+        scheduler.add_job(
+            self.queue.put, "interval", args=[step.Tick("step_up")], seconds=every_s,
+            id="step_up", coalesce=True, max_instances=1,
+        )  # fmt: skip
+        for name, svc in self.config.services.items():
+            endpoint = endpoint_of(self.config, name)
+            has_health = spec_of(svc.runtime).health_path is not None
+            if svc.health.enabled and endpoint is not None and has_health:
+                scheduler.add_job(
+                    self.queue.put, "interval", args=[step.Tick(f"health:{name}")],
+                    seconds=svc.health.interval, id=f"health:{name}", coalesce=True,
+                    max_instances=1,
+                )  # fmt: skip
+        if self.config.policy.step_up_at:
+            from apscheduler.triggers.cron import CronTrigger
+
+            trigger = CronTrigger.from_crontab(self.config.policy.step_up_at, timezone="UTC")
+            scheduler.add_job(
+                self.queue.put, trigger, args=[step.Tick("step_up_window")], id="step_up_window",
+                coalesce=True, max_instances=1,
+            )  # fmt: skip
+
+    # --- reload, stop ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: apply added/changed/removed services; keep the old config if invalid.
+
+        Tells systemd RELOADING=1 first and READY=1 once done, so the unit shows
+        "reloading" meanwhile (systemd 253+ with Type=notify-reload also waits for it)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        try:
+            self.apply_config()
+        finally:
+            self.notifier.send("READY=1", f"STATUS={self.summary()}")
+
+    def apply_config(self, call: int | None = None) -> None:
+        """Re-read the config and hand it to the step; an invalid one changes nothing."""
+        try:
+            config = load_config(self.config_path)
+            detectors = _detectors(config)
+        except FleetdError as e:
+            logger.error(f"reload refused, keeping the running config: {e}")
+            if call is not None:
+                kind = "usage" if isinstance(e, UsageError) else "failed"
+                self._reply(step.fail(call, kind, str(e)))
+            return
+        old = self.config
+        self.detectors = detectors
+        # GPUs are read again (the declared ones may have changed); a service added, or
+        # changed (its ladder may have moved), is placed by the planner
+        planned = self._plan(config)
+        moved = {n for n, svc in config.services.items() if svc != old.services.get(n)}
+        planned = {n: r for n, r in planned.items() if n in moved}
+        self.feed(step.Reconfigure(config, _needs(config, self.state), planned, call=call))
+        self._schedule_config_jobs()
+        self.notifier.send(f"STATUS={self.summary()}")
+
+    def shutdown(self) -> None:
+        for follower in list(self.followers.values()):
+            follower.stop()
+        self._checkpoint(self.followers)
+        if self.events is not None:
+            self.events.stop()
+        self.nvml.shutdown()
+        logger.info("fleetd stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def summary(self) -> str:
+        parts = []
+        for name in self.config.services:
+            svc = self.state.services.get(name)
+            if svc is not None:
+                parts.append(f"{name}={svc.model} ({svc.state})")
+        return ", ".join(parts) or "no services"
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+
+_EFFECTS: dict[type, Callable[[Daemon, Any], None]] = {
+    step.Save: Daemon._save,
+    step.Publish: Daemon._publish,
+    step.Log: Daemon._log,
+    step.Restart: Daemon._restart,
+    step.AbortSettle: Daemon._abort_settle,
+    step.StopContainers: Daemon._stop_containers,
+    step.CheckHealth: Daemon._check_health,
+    step.WarmMember: Daemon._warm_member,
+    step.Reply: Daemon._reply,
+    step.CountIncident: Daemon._count_incident,
+    step.CountTransition: Daemon._count_transition,
+    step.Reprice: Daemon._reprice,
+    step.WriteModel: Daemon._write_model,
+    step.Reattach: Daemon._reattach,
+}
+
+
+class RecentStamps:
+    """The last `size` timestamps seen; `add` says whether a stamp is new."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._order: collections.deque[int] = collections.deque(maxlen=size)
+        self._set: set[int] = set()
+
+    def add(self, stamp: int) -> bool:
+        if stamp in self._set:
+            return False
+        if len(self._order) == self._order.maxlen:
+            self._set.discard(self._order[0])
+        self._order.append(stamp)
+        self._set.add(stamp)
+        return True
+
+
+def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[RungNeed]]:
+    """Each service's rungs priced (measured figures preferred over estimates)."""
+    return prices(config, state.measured if state is not None else None)
+
+
+def _detectors(config: FleetConfig) -> dict[str, Detector]:
+    return {name: _detector(svc) for name, svc in config.services.items()}
+
+
+def _detector(service: ServiceConfig) -> Detector:
+    extra = [compile_rule(r.id, r.incident_class, r.pattern) for r in service.rules]
+    return Detector([*extra, *BUILTIN_RULES], runtime=service.runtime.value)
+
+
+def _log_job_error(event: JobExecutionEvent) -> None:
+    logger.error(f"scheduled job {event.job_id} failed: {event.exception}")

@@ -1,0 +1,99 @@
+"""Handing a service its new model: the hand-off files, then its containers restarted.
+
+The one place a change of model reaches the outside world; fleetd's main loop and an
+offline `fleetctl downgrade` both go through here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from supervisor.analyzer.compose import update_env_file
+from supervisor.core.config import FleetConfig
+from supervisor.core.errors import FleetdError
+from supervisor.edges import engine
+from supervisor.edges.engine import NoSuchContainer
+from supervisor.edges.store import StateStore
+
+if TYPE_CHECKING:
+    import docker
+
+    from supervisor.daemon.lifecycle import Settled
+
+# Extra seconds after a stop's own timeout during which a container's exit is ours.
+STOP_GRACE_S = 5
+
+
+def write_handoff(store: StateStore, config: FleetConfig, service: str, model: str) -> str | None:
+    """Write the model file (and the compose `.env` when `compose_dir` is set); returns a
+    warning for a person when the `.env` could not be kept in step."""
+    store.write_model_file(service, model)
+    if config.compose_dir is None:
+        return None
+    env_file = config.resolve(config.compose_dir) / ".env"  # so `docker compose up` agrees
+    if not update_env_file(env_file, service, model):
+        return f"{env_file} does not exist; compose_dir is not updated"
+    return None
+
+
+def restart_service(
+    client: docker.DockerClient,
+    config: FleetConfig,
+    service: str,
+    model: str,
+    expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
+) -> None:
+    """Restart (file strategy) or recreate with the new env var (env strategy) each of the
+    service's containers. `expect_stop(name, seconds)` is told first, so the exit that
+    follows is not taken for a crash. A stopped container is started."""
+    svc = config.services[service]
+    timeout = int(config.policy.stop_timeout)
+    for name in svc.restarted:
+        expect_stop(name, timeout + STOP_GRACE_S)
+        try:
+            if svc.model_env:
+                from supervisor.edges.recreate import recreate_with_env
+
+                recreate_with_env(client, name, svc.model_env, model, timeout)
+            else:
+                engine.restart(client, name, timeout)
+        except NoSuchContainer as e:
+            raise NoSuchContainer(f"container {name} does not exist (is the fleet up?)") from e
+
+
+def change_model(
+    client: docker.DockerClient | None,
+    store: StateStore,
+    config: FleetConfig,
+    service: str,
+    old: str,
+    new: str,
+    *,
+    report: Callable[[str], None],
+    abort: threading.Event,
+    restarted: Callable[[bool], None] = lambda settles: None,
+    expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
+    handoff: bool = True,
+) -> Settled | None:
+    """The change procedure, one for fleetd and for fleetctl without it: hand `new` off,
+    prepare it (pull it if missing, unload `old`), restart the containers, then settle
+    (wait for health, warm up, measure). `restarted(settles)` is called once the containers
+    run `new`. Returns the settle's result, or None when there is nothing to settle (the
+    same model, or a service fleetd cannot reach). Raises FleetdError before the restart
+    (the hand-off files may already name `new`; the change is still recorded)."""
+    from supervisor.daemon.lifecycle import ModelChange  # the runtimes' HTTP clients
+
+    if handoff:
+        warning = write_handoff(store, config, service, new)
+        if warning:
+            report(warning)
+    if client is None:
+        raise FleetdError("Docker is not reachable; the change applies when it is")
+    change = ModelChange.for_service(config, service, report, abort) if old != new else None
+    if change is not None:
+        change.prepare(old, new)
+    restart_service(client, config, service, new, expect_stop)
+    restarted(change is not None)
+    return change.settle(new) if change is not None else None

@@ -1,0 +1,161 @@
+"""One change of model, done completely: before the restart and after it.
+
+    prepare (before the containers restart), as the runtime's registry entry allows
+      can_pull:   the new model is pulled if the runtime does not have it (progress
+                  reported; Ollama: `/api/tags`, `/api/pull`)
+      can_unload: the old one is unloaded so its VRAM is free (Ollama: `keep_alive: 0`)
+    restart (supervisor.daemon.handoff: the model file, then restart or recreate)
+    settle (after)
+      wait until the runtime answers its health check (its `health_path`), preload and
+      warm up with a short generation (its `warmup_path`, when it has one), and measure:
+      load time and tokens/s from the response, VRAM where `reports_measured_vram`
+
+A pull that fails leaves the old model running (the change is retried later). While
+settling, an out-of-memory line in the service's log (fleetd's detector sets `abort`)
+ends the wait at once: the new model does not fit, and fleetd knows it in milliseconds
+rather than at the warm-up timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from supervisor.core.config import FleetConfig, ServiceConfig
+from supervisor.core.endpoints import endpoint_of
+from supervisor.core.runtimes import spec_of
+from supervisor.core.state import Measured
+from supervisor.edges.runtime_api import PullProgress, RuntimeApi, RuntimeApiError, api_for
+
+PULL_TIMEOUT_S = 6 * 3600.0  # a 70B model over a slow link
+READY_POLL_S = 0.5
+REPORT_EVERY_S = 2.0
+
+
+class LoadFailed(RuntimeApiError):
+    """The new model ran out of memory while loading (seen in the service's log)."""
+
+
+@dataclass(frozen=True)
+class Settled:
+    """How a change ended once the containers were restarted (queued to the main loop)."""
+
+    service: str
+    model: str
+    ok: bool
+    detail: str
+    measured: Measured | None = None
+    oom: bool = False
+
+
+class ModelChange:
+    """prepare() and settle() for one service's change; runs in a worker thread."""
+
+    def __init__(
+        self,
+        service: str,
+        config: ServiceConfig,
+        api: RuntimeApi,
+        report: Callable[[str], None],
+        abort: threading.Event,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service, self.config, self.api = service, config, api
+        self.spec = spec_of(config.runtime)
+        self.report, self.abort, self.clock = report, abort, clock
+
+    @classmethod
+    def for_service(
+        cls,
+        fleet: FleetConfig,
+        service: str,
+        report: Callable[[str], None],
+        abort: threading.Event,
+        clock: Callable[[], float] = time.time,
+    ) -> ModelChange | None:
+        endpoint = endpoint_of(fleet, service)
+        config = fleet.services[service]
+        api = api_for(config.runtime, endpoint) if endpoint else None
+        return cls(service, config, api, report, abort, clock) if api is not None else None
+
+    def prepare(self, old: str | None, new: str) -> None:
+        # Runtimes that cannot pull or unload load the model at start from what they hold.
+        if self.spec.can_pull and not self.api.present(new):
+            self._pull(new)
+        if self.spec.can_unload and old is not None and old != new:
+            self.report(f"unloading {old}")
+            self.api.unload(old)
+
+    def unload_others(self, others: Iterable[str]) -> None:
+        """Unload the models named that the runtime has loaded (an ensemble's other
+        members), so one member's budget holds; nothing where it cannot unload."""
+        if not self.spec.can_unload:
+            return
+        loaded = {self.api.full_name(m.name) for m in self.api.loaded()}
+        for other in others:
+            if self.api.full_name(other) in loaded:
+                self.report(f"unloading {other}")
+                self.api.unload(other)
+
+    def _pull(self, model: str) -> None:
+        last_at = [0.0]
+
+        def progress(p: PullProgress) -> None:
+            now = time.monotonic()
+            if now - last_at[0] >= REPORT_EVERY_S or p.status == "success":
+                last_at[0] = now
+                self.report(f"pulling {model}: {p.describe()}")
+
+        self.report(f"pulling {model}")
+        self.api.pull(model, progress, PULL_TIMEOUT_S, self.abort)
+
+    def settle(self, model: str) -> Settled:
+        """Wait for health, warm up, measure; never raises (the result says what failed)."""
+        started = self.clock()
+        try:
+            deadline = time.monotonic() + self.config.warmup.timeout
+            self._wait_ready(deadline)
+            warmed = None
+            if self.config.warmup.enabled and self.spec.warmup_path is not None:
+                self.report(f"warming up {model}")
+                remaining = max(1.0, deadline - time.monotonic())
+                warm = self.config.warmup
+                warmed = self.api.warm(model, warm.prompt, warm.tokens, remaining)
+            vram = self.api.size_vram(model) if self.spec.reports_measured_vram else None
+        except LoadFailed as e:
+            return Settled(self.service, model, False, str(e), oom=True)
+        except RuntimeApiError as e:
+            if self.abort.is_set():
+                return Settled(self.service, model, False, _OOM, oom=True)
+            return Settled(self.service, model, False, str(e))
+        measured = Measured(
+            vram_bytes=vram,
+            load_s=warmed.load_s if warmed else None,
+            tokens_per_s=warmed.tokens_per_s if warmed else None,
+            at=self.clock(),
+        )
+        ready_s = self.clock() - started
+        detail = f"ready in {ready_s:.1f} s" + (f"; warm-up {warmed.describe()}" if warmed else "")
+        return Settled(self.service, model, True, detail, measured)
+
+    def _wait_ready(self, deadline: float) -> None:
+        timeout = self.config.health.timeout
+        last_error = "no answer yet"
+        while True:
+            if self.abort.is_set():
+                raise LoadFailed(_OOM)
+            try:
+                self.api.health(min(timeout, max(0.5, deadline - time.monotonic())))
+                return
+            except RuntimeApiError as e:
+                last_error = str(e)
+            if time.monotonic() >= deadline:
+                raise RuntimeApiError(
+                    f"not ready after {self.config.warmup.timeout:.0f} s ({last_error})"
+                )
+            self.abort.wait(READY_POLL_S)
+
+
+_OOM = "the new model ran out of VRAM while loading (see the log line above)"

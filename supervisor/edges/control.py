@@ -1,0 +1,401 @@
+"""The control API: HTTP/JSON on a Unix socket (never TCP), versioned, for fleetctl.
+
+    GET  /version                         {"api": 1, "fleetd": "0.1.0", "pid": 123}
+    GET  /v1/status[?service=NAME]        what `fleetctl status --json` prints
+    GET  /v1/history[?service=NAME]       transitions, oldest first
+    POST /v1/services/NAME/OPERATION      reset | downgrade | upgrade | pin | unpin
+                                          body: {"force": bool, "rung": "INDEX|MODEL"}
+    POST /v1/services/NAME/warm           body: {"model": M}: load and warm up one member
+                                          of the service's ensemble (the others unloaded)
+    POST /v1/reload                       re-read the config (as SIGHUP does)
+
+Errors are {"error": "...", "kind": "usage|refused|failed"} with status 400/404 (usage),
+409 (refused) or 500 (failed). The socket is mode 0660, owned by the daemon's user and
+a chosen group: who may connect may control fleetd, nobody else can. Each request
+carries the caller's uid (SO_PEERCRED), which the change's reason records.
+
+The server threads only parse and reply: every call is handed to fleetd's main loop as
+a `Call` (the loop owns the state) and answered through `Call.reply`. A client checks
+`/version` first and refuses to talk to a daemon with another API version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import http.client
+import json
+import os
+import pwd
+import queue
+import re
+import socket
+import socketserver
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from supervisor import __version__
+from supervisor.core.errors import FleetdError, UsageError
+
+API_VERSION = 1
+SOCKET_ENV = "FLEETD_SOCKET"
+DEFAULT_SOCKET = Path("/run/fleetd/fleetd.sock")
+SOCKET_MODE = 0o660
+MAX_BODY = 64 * 1024
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
+# How long a request waits for the main loop (a change waits for its restart to finish).
+REPLY_TIMEOUT_S = 120.0
+CLIENT_TIMEOUT_S = REPLY_TIMEOUT_S + 10
+
+# What a person asks of a service (supervisor.core.ops decides each), and an ensemble's warm-up.
+OPERATIONS = ("reset", "downgrade", "upgrade", "pin", "unpin")
+_SERVICE_OP = re.compile(r"^/v1/services/([a-zA-Z0-9][a-zA-Z0-9_.-]*)/([a-z]+)$")
+
+
+class ControlError(FleetdError):
+    """The control socket cannot be served (path too long, in use, group unknown)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def who(self) -> str:
+        """`uid 1000 (alice)`: for reasons in the history and the log."""
+        try:
+            name = pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid {self.uid}"
+        return f"uid {self.uid} ({name})"
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict[str, Any] | list[Any]
+
+
+@dataclass
+class Call:
+    """One request for the main loop: an operation, its service and arguments."""
+
+    op: str
+    service: str | None
+    args: dict[str, Any]
+    peer: Peer
+    reply: queue.Queue[Response] = field(default_factory=lambda: queue.Queue(maxsize=1))
+
+    def answer(self, status: int, body: dict[str, Any] | list[Any]) -> None:
+        with contextlib.suppress(queue.Full):  # answered once; a late second answer is dropped
+            self.reply.put_nowait(Response(status, body))
+
+    def fail(self, kind: str, message: str) -> None:
+        status = {"usage": 400, "not_found": 404, "refused": 409}.get(kind, 500)
+        self.answer(status, {"error": message, "kind": kind})
+
+
+def default_socket(state_dir: Path, in_checkout: bool) -> Path:
+    """FLEETD_SOCKET, else STATE_DIR/fleetd.sock in a checkout, else /run/fleetd/fleetd.sock."""
+    if os.environ.get(SOCKET_ENV):
+        return Path(os.environ[SOCKET_ENV])
+    return state_dir / "fleetd.sock" if in_checkout else DEFAULT_SOCKET
+
+
+def resolve_group(group: str | None) -> int | None:
+    """A group name or numeric gid to a gid (None: keep the daemon's own group)."""
+    if group is None or group == "":
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UsageError(f"--socket-group {group!r}: no such group") from None
+
+
+# ---------------------------------------------------------------- server
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+    submit: Callable[[Call], None]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = f"fleetd/{__version__}"
+
+    def address_string(self) -> str:  # a Unix peer has no host
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        from loguru import logger  # the server's side only: fleetctl never imports it
+
+        logger.debug("control: " + format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            body = self._body() if method == "POST" else {}
+            response = self._route(method, url.path, query, body)
+        except UsageError as e:
+            response = Response(400, {"error": str(e), "kind": "usage"})
+        self._send(response)
+
+    def _route(
+        self, method: str, path: str, query: dict[str, str], body: dict[str, Any]
+    ) -> Response:
+        if path == "/version":
+            if method != "GET":
+                return _not_allowed(method, path)
+            return Response(200, {"api": API_VERSION, "fleetd": __version__, "pid": os.getpid()})
+        routes = {"/v1/status": "status", "/v1/history": "history", "/v1/reload": "reload"}
+        if path in routes:
+            op = routes[path]
+            wanted = "POST" if op == "reload" else "GET"
+            if method != wanted:
+                return _not_allowed(method, path)
+            return self._call(op, query.get("service"), {})
+        match = _SERVICE_OP.match(path)
+        if match and match.group(2) in (*OPERATIONS, "warm"):
+            if method != "POST":
+                return _not_allowed(method, path)
+            return self._call(match.group(2), match.group(1), body)
+        return Response(404, {"error": f"no such endpoint: {method} {path}", "kind": "not_found"})
+
+    def _call(self, op: str, service: str | None, args: dict[str, Any]) -> Response:
+        call = Call(op, service, args, _peer(self.connection))
+        self.server.submit(call)
+        try:
+            return call.reply.get(timeout=REPLY_TIMEOUT_S)
+        except queue.Empty:
+            waited = f"{REPLY_TIMEOUT_S:.0f} s"
+            return Response(202, {"message": f"accepted; fleetd is still at it after {waited}"})
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise UsageError(f"request body of {length} bytes; the limit is {MAX_BODY}")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"request body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise UsageError("request body: expected a JSON object")
+        return body
+
+    def _send(self, response: Response) -> None:
+        data = (json.dumps(response.body, indent=2) + "\n").encode()
+        self.send_response(response.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _not_allowed(method: str, path: str) -> Response:
+    return Response(405, {"error": f"{method} is not allowed on {path}", "kind": "usage"})
+
+
+def _peer(connection: socket.socket) -> Peer:
+    creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid)
+
+
+class ControlServer:
+    """Serves the control API on `path` (mode 0660, group `gid`) in background threads."""
+
+    def __init__(self, path: Path, submit: Callable[[Call], None], gid: int | None = None):
+        self.path, self.gid = path, gid
+        self._submit = submit
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind (refusing a socket another fleetd answers on) and serve; errors are clear."""
+        path = self.path
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"control socket path {path} is {len(os.fsencode(path))} bytes; "
+                f"Unix sockets allow {MAX_SOCKET_PATH} (use a shorter --socket)"
+            )
+        _remove_stale(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Bind with a umask that leaves no window where the socket is open to all.
+            old_umask = os.umask(0o177)
+            try:
+                server = _Server(str(path), _Handler, bind_and_activate=True)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, SOCKET_MODE)
+            if self.gid is not None:
+                os.chown(path, -1, self.gid)
+        except OSError as e:
+            raise ControlError(f"cannot serve the control socket {path}: {e.strerror or e}") from e
+        server.submit = self._submit
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="control", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._server = None
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket left by a fleetd that died; refuse one that still answers."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ControlError(f"cannot check {path}: {e.strerror or e}") from e
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise ControlError(f"another fleetd answers on {path}; stop it or use another --socket")
+
+
+# ---------------------------------------------------------------- client
+
+
+class DaemonUnreachable(FleetdError):
+    """No fleetd answers on the socket: `reason` says why (missing, refused, permission)."""
+
+    def __init__(self, path: Path, reason: str, permission: bool = False) -> None:
+        super().__init__(f"no answer from fleetd: {reason}")
+        self.path, self.reason, self.permission = path, reason, permission
+
+
+class DaemonError(FleetdError):
+    """fleetd answered with an error; `kind` is usage, refused, not_found or failed."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        if kind in ("usage", "not_found"):
+            self.exit_code = 2
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.unix_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ControlClient:
+    """fleetctl's side: one request per connection, JSON in and out."""
+
+    def __init__(self, path: Path, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+        self.path, self.timeout_s = path, timeout_s
+
+    def hello(self) -> dict[str, Any]:
+        """`GET /version`, refusing a daemon that speaks another API version."""
+        status, body = self._request("GET", "/version", None)
+        if status != 200 or not isinstance(body, dict) or "api" not in body:
+            raise FleetdError(f"{self.path} does not answer like fleetd (HTTP {status})")
+        if body["api"] != API_VERSION:
+            raise FleetdError(
+                f"fleetd {body.get('fleetd', '?')} on {self.path} speaks control API "
+                f"v{body['api']}; this fleetctl ({__version__}) speaks v{API_VERSION}: use the "
+                "fleetctl installed with that fleetd"
+            )
+        return body
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        status, answer = self._request(method, path, body)
+        if status >= 400:
+            error = answer.get("error", f"HTTP {status}") if isinstance(answer, dict) else status
+            kind = answer.get("kind", "failed") if isinstance(answer, dict) else "failed"
+            raise DaemonError(f"fleetd: {error}", str(kind))
+        return answer
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+        connection = _UnixConnection(self.path, self.timeout_s)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        except FileNotFoundError:
+            raise DaemonUnreachable(self.path, f"no socket at {self.path}") from None
+        except ConnectionRefusedError:
+            raise DaemonUnreachable(self.path, f"nothing listens on {self.path}") from None
+        except PermissionError:
+            raise DaemonUnreachable(
+                self.path, _permission_hint(self.path), permission=True
+            ) from None
+        except TimeoutError:
+            raise FleetdError(
+                f"fleetd on {self.path} did not answer in {self.timeout_s:.0f} s"
+            ) from None
+        except OSError as e:
+            if e.errno in (errno.ENOTSOCK, errno.ENOENT, errno.ECONNREFUSED):
+                raise DaemonUnreachable(self.path, e.strerror or str(e)) from None
+            raise FleetdError(f"talking to fleetd on {self.path}: {e.strerror or e}") from None
+        except http.client.HTTPException as e:
+            raise FleetdError(f"fleetd on {self.path} sent a bad answer: {e!r}") from None
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(data or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FleetdError(f"{self.path} does not answer like fleetd (not JSON)") from None
+
+
+def _permission_hint(path: Path) -> str:
+    """Permission denied, and which group would let this user in."""
+    try:
+        gid = os.stat(path).st_gid
+        group = grp.getgrgid(gid).gr_name
+    except (OSError, KeyError):
+        return f"permission denied on {path}"
+    return f"permission denied on {path}: it is for group {group!r} and root"

@@ -1,0 +1,140 @@
+"""The Docker engine: fleetd's edge to it, where docker-py's errors become fleetd's.
+
+Every call fleetd makes to the engine goes through a function here (or, for the env
+strategy's container swap, through `recreate.py`, which uses `translated` too), so the
+SDK's exceptions (docker-py's, requests', a broken socket's OSError) are translated once,
+into `DockerError` with what was being done, chained with `from`. Callers decide by type:
+`NoSuchContainer` for a container that does not exist, `DockerError` for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from supervisor.core.errors import FleetdError
+
+# What a failing engine raises out of docker-py (HTTP errors, a broken socket).
+SDK_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class DockerError(FleetdError):
+    """The Docker engine refused a call or did not answer."""
+
+
+class NoSuchContainer(DockerError):
+    """The container named does not exist."""
+
+
+@contextmanager
+def translated(
+    what: str,
+    error: type[DockerError] = DockerError,
+    missing: type[DockerError] = NoSuchContainer,
+) -> Iterator[None]:
+    """Docker calls inside raise `error` (`missing` for a 404) saying `what` failed."""
+    try:
+        yield
+    except docker.errors.NotFound as e:
+        raise missing(f"{what}: {_explain(e)}") from e
+    except SDK_ERRORS as e:
+        raise error(f"{what}: {_explain(e)}") from e
+
+
+def _explain(e: BaseException) -> str:
+    return str(getattr(e, "explanation", None) or e)
+
+
+def connect(factory: Callable[[], docker.DockerClient]) -> docker.DockerClient:
+    """A client whose engine answers a ping."""
+    with translated("Docker is not reachable"):
+        client = factory()
+        client.ping()
+    return client
+
+
+def from_env(timeout_s: int | None = None) -> docker.DockerClient:
+    """The engine of DOCKER_HOST (or the local socket), pinged."""
+    kwargs = {} if timeout_s is None else {"timeout": timeout_s}
+    return connect(lambda: docker.from_env(**kwargs))
+
+
+def container_state(client: docker.DockerClient, name: str) -> tuple[str, bool] | None:
+    """(id, running) of the container named `name`, or None when there is none."""
+    try:
+        with translated(f"cannot inspect container {name}"):
+            container = client.containers.get(name)
+    except NoSuchContainer:
+        return None
+    return str(container.id), container.status == "running"
+
+
+def started_ns(client: docker.DockerClient, name: str) -> str:
+    """The container's State.StartedAt as Docker writes it."""
+    with translated(f"cannot inspect container {name}"):
+        return str(client.containers.get(name).attrs["State"]["StartedAt"])
+
+
+def restart(client: docker.DockerClient, name: str, timeout_s: int) -> None:
+    with translated(f"cannot restart container {name}"):
+        client.containers.get(name).restart(timeout=timeout_s)
+
+
+def stop(client: docker.DockerClient, name: str, timeout_s: int) -> None:
+    with translated(f"cannot stop container {name}"):
+        client.containers.get(name).stop(timeout=timeout_s)
+
+
+def host_pids(client: docker.DockerClient, name: str) -> list[int]:
+    """Host PIDs of a running container's processes (none when it is not running)."""
+    with translated(f"cannot list the processes of container {name}"):
+        container = client.containers.get(name)
+        if container.status != "running":
+            return []
+        top: dict[str, Any] = container.top(ps_args="-eo pid")
+    titles = top.get("Titles") or []
+    column = titles.index("PID") if "PID" in titles else 0
+    return [int(row[column]) for row in top.get("Processes") or [] if row]
+
+
+class Stream:
+    """A streaming Docker response (a log, the events): iterate it, close it from any thread.
+
+    Errors while it is opened or read leave as DockerError."""
+
+    def __init__(self, what: str, open_stream: Callable[[], Any]) -> None:
+        self._what, self._open = what, open_stream
+        self._stream: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        with translated(self._what):
+            self._stream = self._open()
+            yield from self._stream
+
+    def close(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+
+def log_stream(client: docker.DockerClient, container_id: str, since_s: float) -> Stream:
+    """A container's log from `since_s` on, stamped, followed until the container stops."""
+    return Stream(
+        f"log of {container_id[:12]}",
+        lambda: client.api.logs(
+            container_id, stream=True, follow=True, timestamps=True, since=since_s
+        ),
+    )
+
+
+def event_stream(client: docker.DockerClient, since_s: float) -> Stream:
+    """Container events (decoded dicts) from `since_s` on."""
+    return Stream(
+        "Docker events",
+        lambda: client.events(decode=True, since=since_s, filters={"type": "container"}),
+    )
