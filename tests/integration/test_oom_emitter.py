@@ -52,28 +52,40 @@ BENIGN_MEMORY_LINE = {
 }
 # Exact text of each runtime's out-of-memory output for model "big" (4000 MiB) on a
 # 3000 MiB GPU.
+# The output of a model that does not fit, per runtime, each with the stream it is written
+# to: dockerd copies stdout and stderr separately, so lines are in order within a stream
+# only (a stdout line may be stamped between two stderr lines).
 OOM_TEXT = {
     "llamacpp": [
-        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4000.00 MiB on device 0: "
-        "cudaMalloc failed: out of memory\n"
-        "alloc_tensor_range: failed to allocate CUDA0 buffer of size 4194304000\n"
-        "llama_model_load: error loading model: unable to allocate CUDA0 buffer\n"
-        "llama_model_load_from_file_impl: failed to load model\n"
-        "common_init_from_params: failed to load model 'big'\n",
-        "main: exiting due to model loading error\n",
+        (
+            "stderr",
+            "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4000.00 MiB on device 0: "
+            "cudaMalloc failed: out of memory\n"
+            "alloc_tensor_range: failed to allocate CUDA0 buffer of size 4194304000\n"
+            "llama_model_load: error loading model: unable to allocate CUDA0 buffer\n"
+            "llama_model_load_from_file_impl: failed to load model\n"
+            "common_init_from_params: failed to load model 'big'\n",
+        ),
+        ("stderr", "main: exiting due to model loading error\n"),
     ],
     "vllm": [
-        "[core.py:396] Traceback (most recent call last):\n",
-        '/vllm/v1/worker/gpu_model_runner.py", line 1332, in load_model\n',
-        "[core.py:396] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.06 GiB. "
-        "GPU 0 has a total capacity of 2.92 GiB of which 90.00 MiB is free. ",
-        "\nRuntimeError: Engine core initialization failed. See root cause above.\n",
+        ("stdout", "[core.py:396] Traceback (most recent call last):\n"),
+        ("stdout", '/vllm/v1/worker/gpu_model_runner.py", line 1332, in load_model\n'),
+        (
+            "stdout",
+            "[core.py:396] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.06 GiB. "
+            "GPU 0 has a total capacity of 2.92 GiB of which 90.00 MiB is free. ",
+        ),
+        ("stderr", "\nRuntimeError: Engine core initialization failed. See root cause above.\n"),
     ],
     "pytorch": [
-        "Traceback (most recent call last):\n",
-        '/torch/nn/modules/module.py", line 1150, in convert\n',
-        "\ntorch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.06 GiB. "
-        "GPU 0 has a total capacity of 2.92 GiB of which 90.00 MiB is free. ",
+        ("stderr", "Traceback (most recent call last):\n"),
+        ("stderr", '/torch/nn/modules/module.py", line 1150, in convert\n'),
+        (
+            "stderr",
+            "\ntorch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.06 GiB. "
+            "GPU 0 has a total capacity of 2.92 GiB of which 90.00 MiB is free. ",
+        ),
     ],
 }
 OLLAMA_GGML_LINE = (
@@ -211,9 +223,9 @@ def test_model_too_big_prints_the_real_oom_and_the_process_dies(
     assert stdout.decode().startswith(
         f"emitter: runtime={runtime} model=big need=4000MiB capacity={CAPACITY_MIB}MiB\n"
     )
-    logs = logs_of(container)
-    for text in OOM_TEXT[runtime]:
-        assert text in logs, f"{text!r} missing from:\n{logs}"
+    streams = {"stdout": stdout.decode(), "stderr": container.logs(stdout=False).decode()}
+    for stream, text in OOM_TEXT[runtime]:
+        assert text in streams[stream], f"{text!r} missing from {stream}:\n{streams[stream]}"
 
 
 def test_ollama_survives_and_repeats_two_line_bursts(run_emitter: RunEmitter) -> None:
