@@ -256,7 +256,8 @@ def status(
     Asks the running fleetd; when none answers, reads the saved state (never changing
     it) and says so on stderr. `--json` prints the same object either way.
     """
-    from supervisor.cli.views import gpus_json, print_status, status_json
+    from supervisor.cli.views import print_status
+    from supervisor.core.status import gpus_json, status_json  # the config schema: here only
 
     link = _link(state_dir, socket_path)
     if link.client is not None:

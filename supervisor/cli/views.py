@@ -13,10 +13,7 @@ from rich.table import Table
 
 from supervisor.core.errors import FleetdError
 from supervisor.core.state import STATE_FILE, FleetState, StateError
-from supervisor.core.status import gpus_json, status_json
 from supervisor.core.units import format_size
-
-__all__ = ["gpus_json", "print_history", "print_status", "read_state", "status_json"]
 
 
 def read_state(state_dir: Path) -> FleetState:

@@ -259,7 +259,14 @@ def end_probation(svc: ServiceState, now: float) -> ServiceState:
 
 
 def _rung_text(service: ServiceConfig, needs_bytes: Sequence[int], rung: int) -> str:
-    return f"rung {rung} {service.ladder[rung].model} ({format_size(needs_bytes[rung])})"
+    return describe_rung(service, rung, needs_bytes[rung])
+
+
+def describe_rung(service: ServiceConfig, rung: int, need_bytes: int | None = None) -> str:
+    """A rung as every message and history record writes it: `rung 1 of 4 (medium, 2.4 GiB)`
+    (the VRAM need when it is known)."""
+    size = "" if need_bytes is None else f", {format_size(need_bytes)}"
+    return f"rung {rung} of {len(service.ladder)} ({service.ladder[rung].model}{size})"
 
 
 def _skipped(needs_bytes: Sequence[int], current: int, target: int) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.gpus import Discovery
+from supervisor.core.ladder import describe_rung
 from supervisor.core.plan import RungNeed, limited_titles, place
 from supervisor.core.state import FleetState, PendingChange, ServiceState, ServiceStatus
 from supervisor.core.units import format_size
@@ -136,8 +137,7 @@ def _change(config: FleetConfig, name: str, rung: int, reason: str, now: float) 
 
 
 def _rung_text(config: FleetConfig, name: str, rung: int) -> str:
-    ladder = config.services[name].ladder
-    return f"rung {rung} of {len(ladder)} ({ladder[rung].model})"
+    return describe_rung(config.services[name], rung)
 
 
 def parse_rung(config: FleetConfig, name: str, text: str) -> int:

@@ -310,7 +310,9 @@ def test_a_quiet_probation_keeps_the_step_up(fleet: Fleet) -> None:
         timeout_s=60,
     )
     [up] = state["history"]
-    assert up["reason"].startswith("step up rung 1 medium (2500 MiB) -> rung 0 big (4000 MiB)")
+    assert up["reason"].startswith(
+        "step up rung 1 of 3 (medium, 2500 MiB) -> rung 0 of 3 (big, 4000 MiB)"
+    )
     assert state["services"]["coder"]["step_up_failures"] == 0
     assert (fleet.state_dir / "services/coder/model").read_text() == "big\n"
     assert fleet.stop() == 0
