@@ -62,7 +62,8 @@ def test_never_from_the_top_pinned_pending_cooling_or_on_probation() -> None:
 def test_a_step_up_is_applied_on_probation_and_probation_ends_quietly() -> None:
     svc = step_up(at(2), SEED, SEED_NEEDS, 100.0, POLICY, "no incident for 1d")
     assert svc.pending is not None and svc.pending.to_rung == 1
-    assert "step up rung 2 of 4 (tinyllama:1.1b, 637 MiB) -> rung 1 of 4 (phi3:mini" in svc.pending.reason
+    expected = "step up rung 2 of 4 (tinyllama:1.1b, 637 MiB) -> rung 1 of 4 (phi3:mini"
+    assert expected in svc.pending.reason
     applied, record = apply_change(svc, "alpha", 200.0)
     assert (applied.rung, applied.probation_until) == (1, 2000.0)
     assert record.reason.endswith("on probation for 30m")
