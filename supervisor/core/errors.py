@@ -29,3 +29,8 @@ class EstimateError(FleetdError):
 
 class RenderError(FleetdError):
     """A compose file could not be rendered safely from the plan."""
+
+
+def http_status(kind: str) -> int:
+    """The control API's HTTP status for an error kind (usage, not_found, refused, failed)."""
+    return {"usage": 400, "not_found": 404, "refused": 409}.get(kind, 500)

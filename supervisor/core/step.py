@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.core import ops
 from supervisor.core.backoff import APPLY_RETRY, GPU_FAULT_RESTART
 from supervisor.core.config import FleetConfig
-from supervisor.core.errors import FleetdError, UsageError
+from supervisor.core.errors import FleetdError, UsageError, http_status
 from supervisor.core.gpus import Gpu
 from supervisor.core.health import Health, observe
 from supervisor.core.ladder import (
@@ -410,8 +410,7 @@ Effect = (
 
 
 def fail(call: int, kind: str, message: str) -> Reply:
-    status = {"usage": 400, "not_found": 404, "refused": 409}.get(kind, 500)
-    return Reply(call, status, {"error": message, "kind": kind})
+    return Reply(call, http_status(kind), {"error": message, "kind": kind})
 
 
 # --- the step ------------------------------------------------------------------------

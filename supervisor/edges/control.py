@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from supervisor import __version__
-from supervisor.core.errors import FleetdError, UsageError
+from supervisor.core.errors import FleetdError, UsageError, http_status
 
 API_VERSION = 1
 SOCKET_ENV = "FLEETD_SOCKET"
@@ -101,8 +101,7 @@ class Call:
             self.reply.put_nowait(Response(status, body))
 
     def fail(self, kind: str, message: str) -> None:
-        status = {"usage": 400, "not_found": 404, "refused": 409}.get(kind, 500)
-        self.answer(status, {"error": message, "kind": kind})
+        self.answer(http_status(kind), {"error": message, "kind": kind})
 
 
 def default_socket(state_dir: Path, in_checkout: bool) -> Path:
