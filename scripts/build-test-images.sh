@@ -5,6 +5,7 @@
 #   scripts/build-test-images.sh oom-emitter    # just these (and what they are built FROM)
 #   scripts/build-test-images.sh systemd        # Debian + systemd for the unit's end-to-end test
 #   scripts/build-test-images.sh runtime-api    # the Ollama/vLLM/llama.cpp HTTP API stand-in
+#   scripts/build-test-images.sh llamacpp       # the real llama.cpp server (CPU), Debian forky
 #
 # An image is reused when `docker image inspect` finds its tag and its
 # org.fleetd.test.context label matches the hash of what it was built from, so a run on
@@ -17,7 +18,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGES_DIR="$ROOT/tests/images"
-IMAGES=(busybox oom-emitter systemd runtime-api)
+IMAGES=(busybox oom-emitter systemd runtime-api llamacpp)
 
 export DOCKER_BUILDKIT=0   # no buildx on these machines; the legacy builder works offline
 # The Python that reads pyproject.toml and downloads wheels: $PYTHON, else the
@@ -212,6 +213,15 @@ build_runtime_api() {
     # Not used by the Dockerfile: it puts the base image into the context hash.
     docker image inspect --format '{{.Id}}' "$base" >"$ctx/.base-image-id"
     build_context fleetd-test/runtime-api:1 "$ctx"
+}
+
+# fleetd-test/llamacpp:<recipe hash> and :latest — the real llama-server 0.7.0 (CPU backend)
+# from Debian forky's llama.cpp-tools, imported from a debootstrap root filesystem (about
+# 70 s and root). scripts/build-llamacpp-image.sh owns the recipe and its reuse check (the
+# tag carries the hash of that script). No curl inside: probe it from the host.
+build_llamacpp() {
+    bash "$ROOT/scripts/build-llamacpp-image.sh" >/dev/null \
+        || die "scripts/build-llamacpp-image.sh failed"
 }
 
 main() {
