@@ -376,7 +376,11 @@ def test_healthchecks_are_present_per_runtime(
     checks = {name: svc["healthcheck"] for name, svc in doc["services"].items()}
     assert checks["chat"]["test"] == ["CMD-SHELL", "ollama list >/dev/null 2>&1 || exit 1"]
     assert checks["openai"]["test"] == ["CMD", "curl", "-fsS", "http://127.0.0.1:8000/health"]
-    assert checks["coder"]["test"] == ["CMD", "curl", "-fsS", "http://127.0.0.1:8080/health"]
+    # llama.cpp: curl where the image has it (upstream's), else bash's /dev/tcp (Debian's).
+    kind, script = checks["coder"]["test"]
+    assert kind == "CMD-SHELL"
+    assert script.startswith("curl -fsS http://127.0.0.1:8080/health || bash -c ")
+    assert "/dev/tcp/127.0.0.1/8080" in script and "GET /health" in script
     assert checks["summarizer"]["test"] == [
         "CMD-SHELL",
         "wget -qO- http://127.0.0.1:9000/healthz || exit 1",
@@ -495,8 +499,11 @@ def test_start_scripts_escape_dollars_for_compose(
     assert '"$(cat /run/fleetd/model)"' in unescape(chat)
     for name in ("openai", "coder"):
         script = doc["services"][name]["entrypoint"][2]
-        assert unescape(script).startswith("exec ")
+        assert "exec " in unescape(script)
         assert '"$(cat /run/fleetd/model)" "$@"' in unescape(script)
+    # llama-server from PATH (Debian's package) or /app (upstream's images).
+    coder = unescape(doc["services"]["coder"]["entrypoint"][2])
+    assert coder.startswith('bin=$(command -v llama-server || echo /app/llama-server); exec "$bin"')
 
 
 # --- volumes ---------------------------------------------------------------------------
@@ -1055,3 +1062,36 @@ def test_a_template_that_moves_the_gpu_is_caught(
     _edit(templates / "_common.yml.j2", "[{{ svc.gpu | string | q }}]", '["7"]')
     with pytest.raises(RenderError, match="gpu"):
         build_project(_example_plan(tmp_path), state_dir, templates)
+
+
+# --- CPU-only hosts (`accelerator: cpu`) ---------------------------------------------------
+
+
+def test_a_cpu_only_host_gets_no_gpu_reservation_and_llamacpp_offloads_nothing(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    services = {"c": llamacpp("c"), "v": vllm("v")}
+    cpu_plan = plan_for(load(tmp_path, services, accelerator="cpu"), "32GiB")
+    _, doc = render(cpu_plan, state_dir)
+    for name in ("c", "v"):
+        assert "deploy" not in doc["services"][name], "no NVIDIA reservation on a CPU host"
+    args = doc["services"]["c"]["command"]
+    assert args[args.index("-ngl") + 1] == "0"
+    gpu_plan = plan_for(load(tmp_path, services), "32GiB")
+    _, gpu_doc = render(gpu_plan, state_dir)
+    assert gpu_doc["services"]["c"]["deploy"]["resources"]["reservations"]["devices"]
+    gpu_args = gpu_doc["services"]["c"]["command"]
+    assert gpu_args[gpu_args.index("-ngl") + 1] == "999"
+
+
+def test_llamacpp_is_started_with_the_verbosity_that_prints_its_buffer_report(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    _, doc = render(plan_for(load(tmp_path, {"c": llamacpp("c")}), "8GiB"), state_dir)
+    args = doc["services"]["c"]["command"]
+    assert args[args.index("-lv") + 1] == "4"
+
+
+def test_vllm_gets_the_shared_memory_it_needs(tmp_path: Path, state_dir: Path) -> None:
+    _, doc = render(plan_for(load(tmp_path, {"v": vllm("v")}), "16GiB"), state_dir)
+    assert doc["services"]["v"]["shm_size"] == "8gb"  # Docker's default is 64 MiB

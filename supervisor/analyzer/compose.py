@@ -60,6 +60,8 @@ class RenderedService:
     port_mapping: str | None = None
     start_script: str | None = None
     healthcheck: Healthcheck | None = None
+    gpu_reservation: bool = True  # False on a CPU-only host (`accelerator: cpu`)
+    shm_size: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
     spec = _generated_spec(svc)
     rung = config.ladder[svc.rung]
     gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
-    options = RungOptions(rung.context, rung.parallel, svc.need_bytes or 0, gpu_total)
+    on_cpu = plan.config.accelerator == "cpu"
+    options = RungOptions(rung.context, rung.parallel, svc.need_bytes or 0, gpu_total, on_cpu)
     container_port = spec.port if spec.port is not None else host_port
     own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}
     if config.model_env:
@@ -239,6 +242,8 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
         port_mapping=f"127.0.0.1:{host_port}:{container_port}" if host_port else None,
         start_script=spec.start_script,
         healthcheck=_healthcheck(spec, config.healthcheck),
+        gpu_reservation=not on_cpu,
+        shm_size=spec.shm_size,
     )
 
 
@@ -294,13 +299,16 @@ def _verify_service(got: dict[str, Any], svc: RenderedService) -> None:
             ("container_name", got.get("container_name"), svc.container),
             ("environment", got.get("environment"), escaped),
             ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
-            (
-                "gpu",
-                got["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"],
-                [str(svc.gpu)],
-            ),
+            ("gpu", _reserved_gpus(got), [str(svc.gpu)] if svc.gpu_reservation else None),
         ]
     )
     for key, value, want in checks:
         if value != want:
             raise RenderError(f"service {svc.name!r}: rendered {key} {value!r}, expected {want!r}")
+
+
+def _reserved_gpus(got: dict[str, Any]) -> object:
+    """The device ids a rendered service reserves; None when it reserves no GPU."""
+    if "deploy" not in got:
+        return None
+    return got["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]

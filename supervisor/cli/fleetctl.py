@@ -52,9 +52,9 @@ def cli() -> None:
 def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
     from supervisor.analyzer import analyze
     from supervisor.core.gpus import resolve_gpus
-    from supervisor.edges.nvml import Nvml
+    from supervisor.edges.hostmem import device_reader
 
-    nvml = Nvml()
+    nvml = device_reader(config)
     try:
         discovery = resolve_gpus(config, gpu_specs, nvml)
     finally:

@@ -97,11 +97,11 @@ def local_who() -> str:
 def discover(config: FleetConfig | None) -> Discovery:
     """The GPUs as this process reads them (NVML, or the config's declared ones)."""
     from supervisor.core.gpus import Discovery, resolve_gpus
-    from supervisor.edges.nvml import Nvml
+    from supervisor.edges.hostmem import device_reader
 
     if config is None:
         return Discovery(gpus=())
-    nvml = Nvml()
+    nvml = device_reader(config)
     try:
         return resolve_gpus(config, (), nvml)
     except FleetdError as e:

@@ -315,6 +315,9 @@ class FleetConfig(_Strict):
     """The whole `fleet.yaml`."""
 
     budget: Annotated[Float, Field(gt=0, le=1)] = 0.85
+    # What runs the models: NVIDIA GPUs, or the CPUs (a CPU-only host: fleetd plans against
+    # host memory and generates containers without GPU reservations; docs/runtimes.md).
+    accelerator: Literal["nvidia", "cpu"] = "nvidia"
     gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
     ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
     compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current

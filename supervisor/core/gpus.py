@@ -14,7 +14,7 @@ from supervisor.core.config import FleetConfig, GpuDeclaration
 from supervisor.core.errors import UsageError
 from supervisor.core.units import parse_size
 
-GpuSource = Literal["nvml", "declared", "simulated"]
+GpuSource = Literal["nvml", "declared", "simulated", "host"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,12 @@ def simulated_gpus(specs: Iterable[str]) -> tuple[Gpu, ...]:
 
 
 class GpuReader(Protocol):
-    """What reads the host's GPUs (supervisor.edges.nvml.Nvml)."""
+    """What reads the host's GPUs (supervisor.edges.nvml.Nvml), or its memory on a
+    CPU-only host (supervisor.edges.hostmem.HostMemory)."""
 
     def discover(self) -> Discovery: ...
+
+    def shutdown(self) -> None: ...
 
 
 def resolve_gpus(config: FleetConfig, simulated: Sequence[str], nvml: GpuReader) -> Discovery:

@@ -35,7 +35,7 @@ from supervisor.core.config import FleetConfig, ServiceConfig, load_config
 from supervisor.core.detector import Detector, compile_rule
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError, UsageError
-from supervisor.core.gpus import Discovery, declared_gpus, resolve_gpus
+from supervisor.core.gpus import Discovery, GpuReader, declared_gpus, resolve_gpus
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import BUILTIN_RULES
 from supervisor.core.runtimes import spec_of
@@ -46,9 +46,9 @@ from supervisor.daemon.lifecycle import ModelChange, Settled
 from supervisor.edges import engine
 from supervisor.edges.control import Call, ControlServer
 from supervisor.edges.engine import DockerError
+from supervisor.edges.hostmem import device_reader
 from supervisor.edges.managed import container_names, managed_pids
 from supervisor.edges.metrics import FleetMetrics, build_snapshot, transition_kind
-from supervisor.edges.nvml import Nvml
 from supervisor.edges.runtime_api import RuntimeApiError, api_for
 from supervisor.edges.sdnotify import Notifier
 from supervisor.edges.store import StateStore
@@ -76,7 +76,7 @@ class Daemon:
         state_dir: Path,
         docker_factory: Callable[[], docker.DockerClient] = lambda: docker.from_env(),
         clock: Callable[[], float] = time.time,
-        nvml: Nvml | None = None,
+        nvml: GpuReader | None = None,
         socket_path: Path | None = None,
         socket_gid: int | None = None,
         metrics_address: tuple[str, int] | None = None,
@@ -92,7 +92,6 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.store = StateStore(state_dir, clock=clock)
         self.docker_factory = docker_factory
-        self.nvml = nvml or Nvml()
         self.notifier = Notifier()
         self.client: docker.DockerClient | None = None
         self.followers: dict[str, LogFollower] = {}
@@ -110,6 +109,7 @@ class Daemon:
         self._docker_retry_at = 0.0
         self._docker_failures = 0
         config = load_config(config_path)  # invalid: fail before anything
+        self.nvml = nvml or device_reader(config)
         self.detectors = _detectors(config)
         info = {"pid": os.getpid(), "version": __version__, "config": str(config_path)}
         self.world = step.initial_world(
@@ -692,6 +692,9 @@ class Daemon:
             return
         old = self.config
         self.detectors = detectors
+        if config.accelerator != old.accelerator:  # GPUs <-> host memory
+            self.nvml.shutdown()
+            self.nvml = device_reader(config)
         # GPUs are read again (the declared ones may have changed); a service added, or
         # changed (its ladder may have moved), is placed by the planner
         planned = self._plan(config)

@@ -33,6 +33,7 @@ class RungOptions:
     parallel: int | None
     need_bytes: int
     gpu_total_bytes: int
+    on_cpu: bool = False  # `accelerator: cpu`: no GPU, host memory holds everything
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class RuntimeSpec:
     start_script: str | None = None  # reads the hand-off file, then starts the server
     volumes: tuple[str, ...] = ()  # `{service}` stands for the service's name
     container_check: ContainerCheck | None = None
+    shm_size: str | None = None  # /dev/shm the container needs beyond Docker's 64 MiB
     env: Callable[[RungOptions], tuple[tuple[str, str], ...]] = no_env
     args: Callable[[RungOptions], tuple[str, ...]] = no_settings
 
@@ -83,6 +85,7 @@ class RuntimeSpec:
     can_pull: bool = False  # fetches a model it does not have through its API
     can_unload: bool = False  # frees a loaded model's VRAM through its API
     reports_measured_vram: bool = False  # says how much VRAM a loaded model really uses
+    footprint_in_log: bool = False  # prints its buffer sizes at start (core/footprint.py)
     swaps_models: bool = False  # one server loads models in turn: `ensemble:` is allowed
     instance_limited: bool = False  # counts against `ollama_instances_per_gpu`
 

@@ -24,6 +24,10 @@ SPEC = RuntimeSpec(
     port=8000,
     start_script='exec vllm serve "$(cat /run/fleetd/model)" "$@"',
     volumes=("huggingface-cache:/root/.cache/huggingface",),
+    # vLLM's processes share tensors through /dev/shm: its docs ask for `--ipc=host` or a
+    # larger `--shm-size`; with Docker's 64 MiB it fails at start ("Insufficient space in
+    # /dev/shm"). A tmpfs limit, not a reservation: only what vLLM writes there is used.
+    shm_size="8gb",
     # Big models take minutes to load.
     container_check=ContainerCheck(
         ("CMD", "curl", "-fsS", "http://127.0.0.1:8000/health"), start_period="600s"
