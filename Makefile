@@ -40,6 +40,7 @@ lint: venv
 
 test: venv
 	bash scripts/ensure-docker.sh
+	bash scripts/ensure-compose.sh
 	bash scripts/ensure-prometheus.sh
 	bash scripts/build-test-images.sh
 	$(MAKE) --no-print-directory lint

@@ -4,9 +4,11 @@
 #   scripts/ensure-docker.sh        # what `make test` needs (the engine and the test tools)
 #   scripts/ensure-docker.sh demo   # what `make demo` needs: the engine and busybox-static
 #
-# Idempotent: when `docker info` already works (and the compose CLI, busybox-static and
-# debootstrap are there) it does nothing. The machines fleetd is tested on run no systemd
-# as PID 1, so dockerd is started by hand, detached, with its log in /tmp/dockerd.log.
+# Idempotent: when `docker info` already works (and busybox-static, systemd-analyze and
+# debootstrap are there) it does nothing. The compose CLIs, v1 and v2, are installed by
+# scripts/ensure-compose.sh, which `make test` runs next. The machines fleetd is tested on
+# run no systemd as PID 1, so dockerd is started by hand, detached, with its log in
+# /tmp/dockerd.log.
 # Prints one line per action taken; exits non-zero when the engine cannot be had.
 set -euo pipefail
 
@@ -21,9 +23,8 @@ engine_answers() { docker info >/dev/null 2>&1; }
 
 # Debian packages this project needs: the engine and its client (docker.io), a static
 # busybox for the tiny test images (busybox-static); and for the tests (not the demo)
-# compose v1 (docker-compose), systemd-analyze to verify the unit file (systemd; nothing is
-# started with it) and debootstrap for the Debian image the unit's end-to-end test boots
-# systemd in.
+# systemd-analyze to verify the unit file (systemd; nothing is started with it) and
+# debootstrap for the Debian image the unit's end-to-end test boots systemd in.
 missing_packages() {  # [demo]
     local missing=()
     # dockerd and debootstrap are in /usr/sbin, which a non-root PATH may lack.
@@ -33,7 +34,6 @@ missing_packages() {  # [demo]
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
         || missing+=(busybox-static)
     if [ "${1:-}" != demo ]; then
-        command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
         command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
         command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
     fi
