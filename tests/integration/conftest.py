@@ -98,13 +98,56 @@ def busybox_image(docker_client: docker.DockerClient) -> str:
     return BUSYBOX_IMAGE
 
 
-@pytest.fixture(scope="session")
-def compose_cli() -> str:
-    """Path of the compose v1 CLI (``docker-compose``), the only compose available here."""
-    path = shutil.which("docker-compose")
+# --- the compose CLIs (tests/integration/test_compose_cli.py) -----------------------------
+
+# Every generated project is checked with both: v2 (`docker compose`, the CLI plugin most
+# users run) and v1 (`docker-compose` 1.29, what Debian bookworm ships).
+COMPOSE_ARGV = {"v1": ("docker-compose",), "v2": ("docker", "compose")}
+COMPOSE_HINT = "run scripts/ensure-compose.sh"
+
+
+@dataclass(frozen=True)
+class ComposeCli:
+    """One compose CLI: ``version`` is "v1" or "v2", ``argv`` what runs it."""
+
+    version: str
+    argv: tuple[str, ...]
+    reported: str  # what `version --short` printed, e.g. "2.26.1-4"
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.argv, *args]
+
+
+def find_compose(version: str) -> ComposeCli | str:
+    """Compose `version` ("v1" or "v2") as found on PATH, or why it is not here."""
+    name, *sub = COMPOSE_ARGV[version]
+    path = shutil.which(name)
     if path is None:
-        _unavailable("docker-compose not found on PATH; run scripts/ensure-docker.sh")
-    return path
+        return f"Compose {version}: {name} not found on PATH; {COMPOSE_HINT}"
+    argv = (path, *sub)
+    try:
+        done = subprocess.run(
+            [*argv, "version", "--short"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return f"Compose {version}: `{' '.join(argv)} version` did not answer within 60 s"
+    reported = done.stdout.strip().removeprefix("v")
+    # A `docker-compose` may be v2 (trixie's package links it to the plugin): not v1.
+    if done.returncode != 0 or not reported.startswith(f"{version[1:]}."):
+        said = reported or done.stderr.strip()
+        return (
+            f"Compose {version} not found: `{' '.join(argv)} version` says {said!r}; {COMPOSE_HINT}"
+        )
+    return ComposeCli(version, argv, reported)
+
+
+@pytest.fixture(scope="session", params=sorted(COMPOSE_ARGV), ids=lambda v: f"compose-{v}")
+def compose_cli(request: pytest.FixtureRequest) -> ComposeCli:
+    """Each compose CLI in turn (test ids carry `compose-v1` / `compose-v2`)."""
+    found = find_compose(request.param)
+    if isinstance(found, str):
+        _unavailable(found)
+    return found
 
 
 # Teardown order: containers hold networks and volumes, images may back containers.

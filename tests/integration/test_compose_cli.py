@@ -1,14 +1,18 @@
-"""Generated compose projects against the real compose CLI (`docker-compose config`).
+"""Generated compose projects against the real compose CLIs' `config` command.
 
-`fleetctl generate` writes compose.yml and .env for several GPU layouts; compose must
-accept them, interpolate `${FLEETD_STATE_DIR}` from the .env into the hand-off mount,
-and turn the templates' `$$` into a literal `$`. No engine is needed: `config` only
-parses and interpolates.
+Every test runs with both CLIs (the `compose_cli` fixture, ids `compose-v1` and
+`compose-v2`): v1 `docker-compose config` (1.29, bookworm's) and v2 `docker compose
+config` (the CLI plugin, trixie's 2.26). `fleetctl generate` writes compose.yml and .env
+for several GPU layouts; compose must accept them, interpolate `${FLEETD_STATE_DIR}` from
+the .env into the hand-off mount, and turn the templates' `$$` into a literal `$`. No
+engine is needed: `config` only parses and interpolates.
 
-Note on reading `docker-compose config` output: compose 1.29 re-escapes every literal `$`
-as `$$` when it prints the interpolated file (so the output is valid input again). A
-value printed as `$$!` therefore holds `$!`; had compose not turned the file's `$$!` into
-`$!`, it would print `$$$$!`.
+Notes on reading `config` output: both versions re-escape every literal `$` as `$$` when
+they print the interpolated file (so the output is valid input again). A value printed as
+`$$!` therefore holds `$!`; had compose not turned the file's `$$!` into `$!`, it would
+print `$$$$!`. v2 is read from its JSON output (see EXACT_OUTPUT); it prints volumes and
+ports in their long syntax, adds each service's default network and prints unset keys as
+null; `interpolated` turns that back into v1's shape, so that one assertion holds for both.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from supervisor.core.config import FleetConfig, RungConfig, load_config
 from supervisor.core.errors import RenderError
 from supervisor.core.gpus import Discovery, simulated_gpus
 from tests.entrypoints import entry_point
+from tests.integration.conftest import ComposeCli
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = {
@@ -70,11 +75,10 @@ def _clean_env() -> dict[str, str]:
 
 
 def compose_config(
-    compose_cli: str, project: Path, *extra: str
+    compose_cli: ComposeCli, project: Path, *extra: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            compose_cli,
+        compose_cli.command(
             "--project-directory",
             str(project),
             "-f",
@@ -83,7 +87,7 @@ def compose_config(
             str(project / ".env"),
             "config",
             *extra,
-        ],
+        ),
         capture_output=True,
         text=True,
         cwd=project,
@@ -93,11 +97,42 @@ def compose_config(
     )
 
 
-def interpolated(compose_cli: str, project: Path) -> dict[str, Any]:
-    done = compose_config(compose_cli, project)
+# v2's YAML printer drops a value's leading newline ("\n  evil: true" prints as a block
+# scalar holding "  evil: true"), though the container gets the value whole (checked with
+# `docker compose create` and `docker inspect`, compose 2.26.1); its JSON output is exact.
+EXACT_OUTPUT = {"v1": (), "v2": ("--format", "json")}
+
+
+def interpolated(compose_cli: ComposeCli, project: Path) -> dict[str, Any]:
+    """What `config` prints, its services in v1's shape whichever version printed them."""
+    done = compose_config(compose_cli, project, *EXACT_OUTPUT[compose_cli.version])
     assert done.returncode == 0, done.stderr
     doc: dict[str, Any] = yaml.safe_load(done.stdout)
+    for service in doc.get("services", {}).values():
+        as_v1(service)
     return doc
+
+
+def as_v1(service: dict[str, Any]) -> None:
+    """Rewrite v2's long-syntax volumes and ports, its implied network and its JSON nulls
+    (`"entrypoint": null`) as v1 prints them."""
+    for key in [key for key, value in service.items() if value is None]:
+        del service[key]
+    if service.get("networks") == {"default": None}:
+        del service["networks"]
+    for key, short in (("volumes", _short_volume), ("ports", _short_port)):
+        if key in service:
+            service[key] = [v if isinstance(v, str) else short(v) for v in service[key]]
+
+
+def _short_volume(volume: dict[str, Any]) -> str:
+    mode = "ro" if volume.get("read_only") else "rw"
+    return f"{volume['source']}:{volume['target']}:{mode}"
+
+
+def _short_port(port: dict[str, Any]) -> str:
+    host = f"{port['host_ip']}:" if port.get("host_ip") else ""
+    return f"{host}{port['published']}:{port['target']}/{port.get('protocol', 'tcp')}"
 
 
 def literal(printed: str) -> str:
@@ -150,7 +185,7 @@ CASES = [
 
 @pytest.mark.parametrize(("config", "gpus"), CASES)
 def test_generated_project_passes_compose_config(
-    compose_cli: str, tmp_path: Path, config: Path, gpus: list[str]
+    compose_cli: ComposeCli, tmp_path: Path, config: Path, gpus: list[str]
 ) -> None:
     out, state, done = generate(tmp_path, config, gpus)
     assert done.returncode in (0, 1), done.stderr
@@ -178,7 +213,7 @@ def test_generated_project_passes_compose_config(
 
 
 def test_compose_turns_the_start_scripts_double_dollars_into_one(
-    compose_cli: str, tmp_path: Path
+    compose_cli: ComposeCli, tmp_path: Path
 ) -> None:
     out, _, done = generate(tmp_path, EXAMPLES["multi"], [])
     assert done.returncode == 0, done.stderr
@@ -204,7 +239,7 @@ def test_compose_turns_the_start_scripts_double_dollars_into_one(
     )
 
 
-def test_the_env_file_is_what_compose_interpolates(compose_cli: str, tmp_path: Path) -> None:
+def test_the_env_file_is_what_compose_interpolates(compose_cli: ComposeCli, tmp_path: Path) -> None:
     out, state, done = generate(tmp_path, EXAMPLES["fleet"], ["12GiB"])
     assert done.returncode == 0, done.stderr
     moved = tmp_path / "moved-state"
@@ -239,7 +274,7 @@ def _with(config: FleetConfig, **update: Any) -> FleetConfig:
 
 
 def test_hostile_environment_values_survive_compose_exactly(
-    compose_cli: str, tmp_path: Path
+    compose_cli: ComposeCli, tmp_path: Path
 ) -> None:
     values = {f"H{i}": value for i, value in enumerate(HOSTILE)}
     config = _with(_config(tmp_path), environment=values, healthcheck=HOSTILE[3] + " || exit 1")
@@ -289,7 +324,7 @@ def test_hostile_environment_values_survive_compose_exactly(
     ],
 )
 def test_hostile_model_reaches_the_container_exactly_or_is_refused(
-    compose_cli: str, tmp_path: Path, model: str
+    compose_cli: ComposeCli, tmp_path: Path, model: str
 ) -> None:
     rung = RungConfig.model_construct(model=model, vram=1024**3, metadata=None)
     config = _with(_config(tmp_path), ladder=[rung])
@@ -309,7 +344,9 @@ def test_hostile_model_reaches_the_container_exactly_or_is_refused(
 # --- config-accepted values compose must also accept ------------------------------------
 
 
-def test_a_volume_with_a_variable_passes_compose_config(compose_cli: str, tmp_path: Path) -> None:
+def test_a_volume_with_a_variable_passes_compose_config(
+    compose_cli: ComposeCli, tmp_path: Path
+) -> None:
     config = tmp_path / "fleet.yaml"
     config.write_text(
         "services:\n"
@@ -328,7 +365,9 @@ def test_a_volume_with_a_variable_passes_compose_config(compose_cli: str, tmp_pa
     assert quiet.returncode == 0, quiet.stderr
 
 
-def test_a_state_dir_with_a_colon_is_refused_or_works(compose_cli: str, tmp_path: Path) -> None:
+def test_a_state_dir_with_a_colon_is_refused_or_works(
+    compose_cli: ComposeCli, tmp_path: Path
+) -> None:
     out, state = tmp_path / "out", tmp_path / "st:ate"
     done = subprocess.run(
         [
