@@ -36,7 +36,7 @@ _WEIGHT_SCALE = 0.02  # small random weights keep activations finite through eve
 
 @dataclass(frozen=True)
 class GgufShape:
-    """The hyperparameters of one written model; head_dim is n_embd / n_head."""
+    """The hyperparameters of one written model."""
 
     layers: int = 2
     n_embd: int = 256
@@ -47,6 +47,7 @@ class GgufShape:
     vocab: int = 300
     weight_type: str = "f32"  # f32, f16 or q8_0 for every matrix; norms stay f32
     seed: int = 0
+    head_dim: int | None = None  # None: n_embd / n_head; else written as key/value_length
 
     def __post_init__(self) -> None:
         _check_shape(self)
@@ -60,29 +61,34 @@ class GgufShape:
         return 4 * self.n_embd if self.n_ff is None else self.n_ff
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
 
     def label(self) -> str:
         """A short name for tables and file names: L2-E256-H4/4-F1024-V300-f32."""
+        head = "" if self.head_dim is None else f"x{self.head_dim}"
         return (
-            f"L{self.layers}-E{self.n_embd}-H{self.n_head}/{self.kv_heads}-F{self.ff}"
+            f"L{self.layers}-E{self.n_embd}-H{self.n_head}/{self.kv_heads}{head}-F{self.ff}"
             f"-V{self.vocab}-{self.weight_type}"
         )
 
 
 def _check_shape(shape: GgufShape) -> None:
-    if min(shape.layers, shape.n_embd, shape.n_head, shape.kv_heads, shape.ff) < 1:
+    sizes = (shape.layers, shape.n_embd, shape.n_head, shape.kv_heads, shape.ff, shape.head_size)
+    if min(sizes) < 1:
         raise ValueError(f"every size must be positive: {shape}")
-    if shape.n_embd % shape.n_head or shape.n_head % shape.kv_heads:
-        raise ValueError(f"n_embd must divide by n_head, n_head by n_head_kv: {shape}")
+    if shape.head_dim is None and shape.n_embd % shape.n_head:
+        raise ValueError(f"n_embd must divide by n_head (or give head_dim): {shape}")
+    if shape.n_head % shape.kv_heads:
+        raise ValueError(f"n_head must divide by n_head_kv: {shape}")
     if shape.vocab < MIN_VOCAB:
         raise ValueError(f"vocab must be at least {MIN_VOCAB} (3 control + 256 bytes): {shape}")
     if shape.weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}: {shape.weight_type!r}")
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if shape.weight_type == "q8_0" and (shape.n_embd % block or shape.ff % block):
-        raise ValueError(f"q8_0 needs n_embd and n_ff in multiples of {block}: {shape}")
+    rows = (shape.n_embd, shape.ff, shape.n_head * shape.head_size)  # each matrix's row length
+    if shape.weight_type == "q8_0" and any(n % block for n in rows):
+        raise ValueError(f"q8_0 needs n_embd, n_ff, n_head x head_dim in multiples of {block}")
 
 
 def write_gguf(path: Path, shape: GgufShape) -> Path:
@@ -111,7 +117,10 @@ def _add_hparams(writer: gguf.GGUFWriter, shape: GgufShape) -> None:
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim is not None:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.head_size)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(shape.vocab)
 
@@ -146,7 +155,7 @@ def _word_pieces() -> Iterator[str]:
 def _tensor_dims(shape: GgufShape) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Each tensor's name and numpy shape (rows = outputs): llama.cpp's llama layout."""
     e, ff = shape.n_embd, shape.ff
-    q, kv = shape.n_head * shape.head_dim, shape.kv_heads * shape.head_dim
+    q, kv = shape.n_head * shape.head_size, shape.kv_heads * shape.head_size
     yield "token_embd.weight", (shape.vocab, e)
     for i in range(shape.layers):
         yield f"blk.{i}.attn_norm.weight", (e,)
@@ -186,24 +195,31 @@ def _add_tensor(
 # --- command line ------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.ggufmodels", description="Write a tiny random llama GGUF model."
-    )
-    parser.add_argument("out", type=Path, help="the .gguf file to write")
+def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
     for field in fields(GgufShape):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "weight_type":
             parser.add_argument(flag, choices=WEIGHT_TYPES, default=field.default)
         else:
             parser.add_argument(flag, type=int, default=field.default, metavar="N")
-    return parser
+
+
+def shape_from_args(argv: Sequence[str]) -> GgufShape:
+    """The shape that command-line flags (`--layers 4 --n-embd 512 ...`) describe."""
+    parser = argparse.ArgumentParser(prog="GgufShape", exit_on_error=False)
+    _add_shape_flags(parser)
+    options: dict[str, Any] = vars(parser.parse_args(argv))
+    return GgufShape(**options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    out: Path = args.pop("out")
-    options: dict[str, Any] = args
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.ggufmodels", description="Write a tiny random llama GGUF model."
+    )
+    parser.add_argument("out", type=Path, help="the .gguf file to write")
+    _add_shape_flags(parser)
+    options: dict[str, Any] = vars(parser.parse_args(argv))
+    out: Path = options.pop("out")
     shape = GgufShape(**options)
     write_gguf(out, shape)
     print(f"{out}: {shape.label()}, {out.stat().st_size} bytes")
