@@ -591,5 +591,44 @@ def test_every_message_type_has_a_handler() -> None:
     import typing
 
     kinds = typing.get_args(step.Message)
-    assert len(kinds) == 16
+    assert len(kinds) == 17
     assert set(kinds) <= set(step._HANDLERS)
+
+
+# --- the runtime's own report of what a run allocated -------------------------------------
+
+
+def report(model: str, total_mib: int, tokens_per_s: float | None = None) -> Measured:
+    parts = {"model": (total_mib - 20) * MIB, "kv": 4 * MIB, "compute": 16 * MIB, "output": 0}
+    return Measured(total_mib * MIB, None, tokens_per_s, T0, parts, 4096, 1, "b11669 (Debian)")
+
+
+def test_a_buffer_report_prices_the_running_rung_and_keeps_the_estimate_beside_it(
+    fleet: World,
+) -> None:
+    run = Run(fleet)
+    effects = run(step.FootprintRead("svc", "big", report("big", 3000)), 1)
+    seen = run.world.state.measured["big"]
+    assert seen.vram_bytes == 3000 * MIB and seen.parts is not None
+    assert seen.estimate_bytes == 4000 * MIB  # what the plan priced it at before
+    assert of(effects, step.Reprice) and of(effects, step.Save)
+    assert "big allocated 3000 MiB by its own report (estimated 4000 MiB" in logs(effects)
+
+
+def test_a_report_of_a_rung_the_service_has_left_is_dropped(fleet: World) -> None:
+    run = Run(fleet)
+    effects = run(step.FootprintRead("svc", "medium", report("medium", 900)), 1)
+    assert "medium" not in run.world.state.measured and not effects
+
+
+def test_a_warm_up_after_the_report_keeps_the_report_and_adds_the_speed(fleet: World) -> None:
+    run = Run(fleet)
+    run(step.FootprintRead("svc", "big", report("big", 3000)), 1)
+    restart = step_down_to_medium(run)
+    run(step.Applied("svc", restart.change, None, settles=True), 4)
+    run(step.FootprintRead("svc", "medium", report("medium", 2000)), 5)
+    warmed = Measured(None, 0.5, 42.0, T0 + 6)  # the API says no VRAM for llama.cpp
+    run(step.SettleDone(restart.change, Settled("svc", "medium", True, "ready", warmed)), 6)
+    seen = run.world.state.measured["medium"]
+    assert (seen.vram_bytes, seen.tokens_per_s, seen.load_s) == (2000 * MIB, 42.0, 0.5)
+    assert seen.parts is not None and seen.version == "b11669 (Debian)"

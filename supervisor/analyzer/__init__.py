@@ -30,18 +30,28 @@ def rung_need(
     if rung.vram is not None:
         return RungNeed(index, rung.model, rung.vram, "declared", "declared in the config")
     seen = (measured or {}).get(rung.model)
-    if seen is not None and seen.vram_bytes:
+    if seen is not None and seen.vram_bytes and seen.holds_for(rung.context, rung.parallel):
         overhead = spec_of(runtime).overhead_mib * MIB
         when = time.strftime("%Y-%m-%d", time.gmtime(seen.at))
         detail = (
-            f"measured {format_size(seen.vram_bytes)} loaded ({when}) + {runtime.value} "
-            f"overhead {format_size(overhead)}"
+            f"measured {format_size(seen.vram_bytes)} loaded ({when}{_report(seen)}) + "
+            f"{runtime.value} overhead {format_size(overhead)}"
         )
         return RungNeed(index, rung.model, seen.vram_bytes + overhead, "measured", detail)
     assert rung.metadata is not None  # the config refuses a rung with neither
     estimate = estimate_model(config.resolve(rung.metadata), runtime, rung.context, rung.parallel)
     source: NeedSource = "gguf" if estimate.source == "gguf" else "hf"
     return RungNeed(index, rung.model, estimate.total_bytes, source, estimate.detail)
+
+
+def _report(seen: Measured) -> str:
+    """`; runtime's report b11669: weights 59.2 MiB + KV 4.0 MiB + compute 18.0 MiB`."""
+    if seen.parts is None:
+        return ""
+    names = {"model": "weights", "kv": "KV", "compute": "compute", "output": "output"}
+    parts = " + ".join(f"{names.get(k, k)} {format_size(v)}" for k, v in seen.parts.items() if v)
+    build = f" {seen.version}" if seen.version else ""
+    return f"; the runtime's own report{build}: {parts}"
 
 
 def service_needs(

@@ -70,9 +70,7 @@ def print_status(report: dict[str, Any], console: Console) -> None:
             notes.append(f"on probation until {_when(row['probation_until'])}")
         measured = row.get("measured")
         if measured and measured.get("vram_bytes"):
-            rate = measured.get("tokens_per_s")
-            speed = f", {rate:.1f} tokens/s" if rate else ""
-            notes.append(f"measured {format_size(measured['vram_bytes'])} VRAM{speed}")
+            notes.append(_measured_text(measured))
         if notes:
             console.print(f"{name}: {'; '.join(notes)}", markup=False, highlight=False)
         last = row["last_transition"]
@@ -83,6 +81,23 @@ def print_status(report: dict[str, Any], console: Console) -> None:
             console.print(
                 f"  evidence: {last['evidence']}", markup=False, highlight=False, soft_wrap=True
             )
+
+
+def _measured_text(measured: dict[str, Any]) -> str:
+    """`measured 81.1 MiB (its own report: weights 59.2 MiB + KV 4.0 MiB + compute 18.0 MiB;
+    estimated 402 MiB with overhead), 281.2 tokens/s`."""
+    text = f"measured {format_size(measured['vram_bytes'])}"
+    parts = measured.get("parts")
+    if parts:
+        names = {"model": "weights", "kv": "KV", "compute": "compute", "output": "output"}
+        listed = " + ".join(f"{names.get(k, k)} {format_size(v)}" for k, v in parts.items() if v)
+        estimate = measured.get("estimate_bytes")
+        vs = f"; estimated {format_size(estimate)} with overhead" if estimate else ""
+        text += f" (its own report: {listed}{vs})"
+    else:
+        text += " VRAM"
+    rate = measured.get("tokens_per_s")
+    return text + (f", {rate:.1f} tokens/s" if rate else "")
 
 
 def _health_text(row: dict[str, Any]) -> str:

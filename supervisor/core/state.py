@@ -11,7 +11,8 @@ crash or `kill -9` at any instant leaves either the previous or the new content:
      "history": [{"time", "service", "from_rung", "to_rung", "from_model", "to_model",
                   "reason", "evidence", "rule", "container_id", "actor", "gpu"}],
      "log_cursors": {"<container name>": {"container_id", "since_ns"}},
-     "measured": {"<model>": {"vram_bytes", "load_s", "tokens_per_s", "at"}}}
+     "measured": {"<model>": {"vram_bytes", "load_s", "tokens_per_s", "at",
+                              "parts", "context", "parallel", "version", "estimate_bytes"}}}
 
 Decoding is strict: an unknown key, a wrong type or a negative count is a schema problem
 reported with its key path, the value and what was expected (the store moves such a
@@ -114,12 +115,24 @@ class ServiceState:
 
 @dataclass
 class Measured:
-    """What a model really used once loaded (Ollama's /api/ps), and how it warmed up."""
+    """What a model really used once loaded, and how it warmed up: VRAM from the runtime's
+    API (Ollama's /api/ps), or its own buffer report in the start-up log (llama.cpp), which
+    also gives the parts and holds for the options it ran with."""
 
     vram_bytes: int | None
     load_s: float | None
     tokens_per_s: float | None
     at: float
+    parts: dict[str, int] | None = None  # model, kv, compute, output (a buffer report)
+    context: int | None = None  # the rung's options the report holds for (None: default)
+    parallel: int | None = None
+    version: str | None = None  # the runtime's build that reported it
+    estimate_bytes: int | None = None  # the rung's estimated need when it was measured
+
+    def holds_for(self, context: int | None, parallel: int | None) -> bool:
+        """Whether the figure prices a rung with these options (an API figure, with no
+        parts, is taken for any: Ollama reports what the loaded model uses)."""
+        return self.parts is None or (self.context, self.parallel) == (context, parallel)
 
 
 @dataclass
@@ -205,12 +218,21 @@ def _service_json(s: ServiceState) -> dict[str, object]:
 
 
 def measured_json(m: Measured) -> dict[str, object]:
-    return {
+    found: dict[str, object] = {
         "vram_bytes": m.vram_bytes,
         "load_s": m.load_s,
         "tokens_per_s": m.tokens_per_s,
         "at": m.at,
     }
+    if m.parts is not None:  # a buffer report: what it holds for, and its parts
+        found.update(
+            parts=dict(m.parts),
+            context=m.context,
+            parallel=m.parallel,
+            version=m.version,
+            estimate_bytes=m.estimate_bytes,
+        )
+    return found
 
 
 def _incident_json(i: Incident) -> dict[str, object]:
@@ -469,9 +491,19 @@ def _decode_measured(o: _Object) -> Measured:
         load_s=o.opt("load_s", _nullable(_seconds), None),
         tokens_per_s=o.opt("tokens_per_s", _nullable(_seconds), None),
         at=o.get("at", _seconds),
+        parts=o.opt("parts", _nullable(_counts), None),
+        context=o.opt("context", _nullable(_count), None),
+        parallel=o.opt("parallel", _nullable(_count), None),
+        version=o.opt("version", _nullable(_str), None),
+        estimate_bytes=o.opt("estimate_bytes", _nullable(_count), None),
     )
     o.done()
     return measured
+
+
+def _counts(value: object, where: str) -> dict[str, int]:
+    outer = _Object(value, where)
+    return {key: _count(item, outer.path(key)) for key, item in outer.data.items()}
 
 
 def _decode_cursor(o: _Object) -> LogCursor:

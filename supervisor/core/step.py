@@ -54,6 +54,7 @@ from supervisor.core.rules import IncidentClass, classify_event
 from supervisor.core.state import (
     FleetState,
     LogCursor,
+    Measured,
     ServiceState,
     ServiceStatus,
     transition_json,
@@ -237,6 +238,15 @@ class HealthChecked:
 
 
 @dataclass(frozen=True)
+class FootprintRead:
+    """The runtime's own report of what a run of `model` allocated (its start-up log)."""
+
+    service: str
+    model: str
+    measured: Measured
+
+
+@dataclass(frozen=True)
 class MemberWarmed:
     call: int
     change: int
@@ -283,6 +293,7 @@ Message = (
     | SettleDone
     | Progress
     | HealthChecked
+    | FootprintRead
     | MemberWarmed
     | Repriced
     | Resume
@@ -721,9 +732,42 @@ def _on_settled(turn: _Turn, done: SettleDone) -> None:
 def _record_measured(turn: _Turn, result: Settled) -> None:
     """Keep what a settled model really used; the planner prices its rung with it."""
     if result.measured is not None:
-        turn.state.measured[result.model] = result.measured
-        turn.effects.append(Reprice())
-        turn.save()
+        _keep_measured(turn, result.model, result.measured)
+
+
+def _keep_measured(turn: _Turn, model: str, new: Measured) -> None:
+    """Record a measurement, keeping what the other source knew: a buffer report (from the
+    log) and a warm-up (from the API) arrive separately for the same run."""
+    old = turn.state.measured.get(model)
+    if old is not None:
+        if new.parts is None and old.parts is not None and new.vram_bytes is None:
+            new = replace(
+                old, load_s=new.load_s, tokens_per_s=new.tokens_per_s, at=new.at
+            )  # a warm-up of the run whose report is known
+        elif new.tokens_per_s is None and old.tokens_per_s is not None:
+            new = replace(new, load_s=old.load_s, tokens_per_s=old.tokens_per_s)
+    turn.state.measured[model] = new
+    turn.effects.append(Reprice())
+    turn.save()
+
+
+def _on_footprint(turn: _Turn, read: FootprintRead) -> None:
+    """The runtime reported what its run allocated: the rung it runs is priced with it."""
+    svc = turn.state.services.get(read.service)
+    if svc is None or svc.model != read.model or read.service not in turn.config.services:
+        return  # a run of a rung the service has left
+    needs = turn.world.needs.get(read.service, ())
+    planned = needs[svc.rung] if svc.rung < len(needs) else None
+    old = turn.state.measured.get(read.model)
+    estimate = (
+        planned.need_bytes
+        if planned is not None and planned.source != "measured"
+        else (old.estimate_bytes if old is not None else None)
+    )
+    was = f" (estimated {format_size(estimate)} with overhead)" if estimate else ""
+    size = format_size(read.measured.vram_bytes or 0)
+    turn.log("INFO", f"{read.service}: {read.model} allocated {size} by its own report{was}")
+    _keep_measured(turn, read.model, replace(read.measured, estimate_bytes=estimate))
 
 
 def _vram_note(turn: _Turn, result: Settled) -> str:
@@ -1112,6 +1156,7 @@ _HANDLERS: dict[type, Any] = {
     SettleDone: _on_settled,
     Progress: _on_progress,
     HealthChecked: _on_health,
+    FootprintRead: _on_footprint,
     MemberWarmed: _on_member_warmed,
     Repriced: _on_repriced,
     Resume: _on_resume,

@@ -42,7 +42,7 @@ from supervisor.core.runtimes import spec_of
 from supervisor.core.state import FleetState, LogCursor
 from supervisor.core.step import ContainerEvent
 from supervisor.daemon.handoff import change_model
-from supervisor.daemon.lifecycle import ModelChange, Settled
+from supervisor.daemon.lifecycle import ModelChange, Settled, measured_from_report
 from supervisor.edges import engine
 from supervisor.edges.control import Call, ControlServer
 from supervisor.edges.engine import DockerError
@@ -103,6 +103,7 @@ class Daemon:
         self.calls: dict[int, Call] = {}  # control calls not answered yet, by id
         self.aborts: dict[int, threading.Event] = {}  # change id -> ends its settle early
         self._next_call = 1
+        self._reported_runs: dict[str, str] = {}  # container -> the run whose report was read
         self._gpus_read_at = float("-inf")
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -273,8 +274,34 @@ class Daemon:
                 self.queue.put(step.HealthChecked(name, True, None))
             except RuntimeApiError as e:
                 self.queue.put(step.HealthChecked(name, False, str(e)))
+                return
+            self._read_footprint(name)
 
         threading.Thread(target=check, name=f"health-{name}", daemon=True).start()
+
+    def _read_footprint(self, name: str) -> None:
+        """Once per run of a healthy service whose runtime prints its buffer report at
+        start (llama.cpp), read it and price the running rung with it. Runs in a health
+        check's thread: two Docker calls, once per container start."""
+        service = self.config.services.get(name)
+        model = self.state.services[name].model if name in self.state.services else None
+        if service is None or model is None or not spec_of(service.runtime).footprint_in_log:
+            return
+        container, client = service.containers[0], self.client
+        if client is None:
+            return
+        try:
+            run = engine.started_ns(client, container)
+            if self._reported_runs.get(container) == run:
+                return
+            lines = engine.run_log(client, container)
+        except DockerError as e:
+            logger.warning(f"{name}: cannot read the buffer report of {model}: {e}")
+            return
+        self._reported_runs[container] = run
+        measured = measured_from_report(name, service, model, lines, self.clock())
+        if measured is not None:
+            self.queue.put(step.FootprintRead(name, model, measured))
 
     def _warm_member(self, effect: step.WarmMember) -> None:
         """Load one member of an ensemble before its turn: the others are unloaded first

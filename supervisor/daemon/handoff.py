@@ -91,7 +91,14 @@ def change_model(
             report(warning)
     if client is None:
         raise FleetdError("Docker is not reachable; the change applies when it is")
-    change = ModelChange.for_service(config, service, report, abort) if old != new else None
+    container = config.services[service].containers[0]
+    change = (
+        ModelChange.for_service(
+            config, service, report, abort, read_log=lambda: engine.run_log(client, container)
+        )
+        if old != new
+        else None
+    )
     if change is not None:
         change.prepare(old, new)
     restart_service(client, config, service, new, expect_stop)

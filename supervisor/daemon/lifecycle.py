@@ -8,7 +8,8 @@
     settle (after)
       wait until the runtime answers its health check (its `health_path`), preload and
       warm up with a short generation (its `warmup_path`, when it has one), and measure:
-      load time and tokens/s from the response, VRAM where `reports_measured_vram`
+      load time and tokens/s from the response, VRAM where `reports_measured_vram`, the
+      buffer report of its start-up log where `footprint_in_log` (llama.cpp)
 
 A pull that fails leaves the old model running (the change is retried later). While
 settling, an out-of-memory line in the service's log (fleetd's detector sets `abort`)
@@ -23,10 +24,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from loguru import logger
+
 from supervisor.core.config import FleetConfig, ServiceConfig
 from supervisor.core.endpoints import endpoint_of
+from supervisor.core.errors import FleetdError
+from supervisor.core.footprint import llamacpp_footprint
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import Measured
+from supervisor.core.units import format_size
 from supervisor.edges.runtime_api import PullProgress, RuntimeApi, RuntimeApiError, api_for
 
 PULL_TIMEOUT_S = 6 * 3600.0  # a 70B model over a slow link
@@ -61,10 +67,14 @@ class ModelChange:
         report: Callable[[str], None],
         abort: threading.Event,
         clock: Callable[[], float] = time.time,
+        read_log: Callable[[], list[str]] | None = None,
     ) -> None:
+        """`read_log` gives the lines the service's container printed since it started
+        (for a runtime that reports its footprint there); None: nothing is read."""
         self.service, self.config, self.api = service, config, api
         self.spec = spec_of(config.runtime)
         self.report, self.abort, self.clock = report, abort, clock
+        self.read_log = read_log
 
     @classmethod
     def for_service(
@@ -74,11 +84,14 @@ class ModelChange:
         report: Callable[[str], None],
         abort: threading.Event,
         clock: Callable[[], float] = time.time,
+        read_log: Callable[[], list[str]] | None = None,
     ) -> ModelChange | None:
         endpoint = endpoint_of(fleet, service)
         config = fleet.services[service]
         api = api_for(config.runtime, endpoint) if endpoint else None
-        return cls(service, config, api, report, abort, clock) if api is not None else None
+        if api is None:
+            return None
+        return cls(service, config, api, report, abort, clock, read_log)
 
     def prepare(self, old: str | None, new: str) -> None:
         # Runtimes that cannot pull or unload load the model at start from what they hold.
@@ -130,15 +143,28 @@ class ModelChange:
             if self.abort.is_set():
                 return Settled(self.service, model, False, _OOM, oom=True)
             return Settled(self.service, model, False, str(e))
-        measured = Measured(
-            vram_bytes=vram,
-            load_s=warmed.load_s if warmed else None,
-            tokens_per_s=warmed.tokens_per_s if warmed else None,
-            at=self.clock(),
+        measured = self._from_report(model) or Measured(
+            vram_bytes=vram, load_s=None, tokens_per_s=None, at=self.clock()
         )
+        measured.load_s = warmed.load_s if warmed else None
+        measured.tokens_per_s = warmed.tokens_per_s if warmed else None
         ready_s = self.clock() - started
         detail = f"ready in {ready_s:.1f} s" + (f"; warm-up {warmed.describe()}" if warmed else "")
+        if measured.parts is not None and measured.vram_bytes is not None:
+            detail += f"; {format_size(measured.vram_bytes)} allocated by its own report"
         return Settled(self.service, model, True, detail, measured)
+
+    def _from_report(self, model: str) -> Measured | None:
+        """The footprint the runtime printed at start, for the rung that runs `model`;
+        None where it prints none or the log cannot be read (the estimate stays)."""
+        if not self.spec.footprint_in_log or self.read_log is None:
+            return None
+        try:
+            lines = self.read_log()
+        except FleetdError as e:
+            logger.warning(f"{self.service}: cannot read the buffer report of {model}: {e}")
+            return None
+        return measured_from_report(self.service, self.config, model, lines, self.clock())
 
     def _wait_ready(self, deadline: float) -> None:
         timeout = self.config.health.timeout
@@ -159,3 +185,25 @@ class ModelChange:
 
 
 _OOM = "the new model ran out of VRAM while loading (see the log line above)"
+
+
+def measured_from_report(
+    service: str, config: ServiceConfig, model: str, lines: list[str], now: float
+) -> Measured | None:
+    """The runtime's buffer report in a run's log, as the measured need of the rung that
+    runs `model` (with that rung's options); None, with a warning, when there is none."""
+    found = llamacpp_footprint(lines)
+    if found is None:
+        logger.warning(f"{service}: {model} printed no buffer report (started with -lv 4?)")
+        return None
+    rung = next((r for r in config.ladder if r.model == model), None)
+    return Measured(
+        vram_bytes=found.total_bytes,
+        load_s=None,
+        tokens_per_s=None,
+        at=now,
+        parts=found.parts,
+        context=rung.context if rung else None,
+        parallel=rung.parallel if rung else None,
+        version=found.version,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import docker
@@ -78,6 +79,18 @@ def started_ns(client: docker.DockerClient, name: str) -> str:
     """The container's State.StartedAt as Docker writes it."""
     with translated(f"cannot inspect container {name}"):
         return str(client.containers.get(name).attrs["State"]["StartedAt"])
+
+
+def run_log(client: docker.DockerClient, name: str, limit: int = 20_000) -> list[str]:
+    """The lines the container's current run printed (stdout and stderr), oldest first;
+    at most the first `limit` (a start-up report sits at the top)."""
+    with translated(f"cannot read the log of container {name}"):
+        container = client.containers.get(name)
+        stamp = str(container.attrs["State"]["StartedAt"])
+        base, _, frac = stamp.rstrip("Z").partition(".")
+        started = datetime.fromisoformat(base + "+00:00").timestamp() + float(f"0.{frac or 0}")
+        raw: bytes = container.logs(stdout=True, stderr=True, since=max(started, 1.0))
+    return raw.decode("utf-8", "replace").splitlines()[:limit]
 
 
 def restart(client: docker.DockerClient, name: str, timeout_s: int) -> None:
