@@ -278,6 +278,8 @@ HOST_OOM_RULES: tuple[Rule, ...] = (
         pattern=(
             r"ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer"
             r"|failed to allocate CPU buffer"
+            r"|error loading model: (?:mmap failed: Cannot allocate memory"
+            r"|unable to allocate CPU buffer)"
         ),
         runtimes=_LLAMACPP,
         description="llama.cpp could not allocate a host (CPU) buffer",
@@ -285,8 +287,13 @@ HOST_OOM_RULES: tuple[Rule, ...] = (
             "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size"
             " 137438953504",
             "ggml_gallocr_reserve_n: failed to allocate CPU buffer of size 84940800",
+            "llama_model_load: error loading model: mmap failed: Cannot allocate memory",
+            "llama_model_load: error loading model: unable to allocate CPU buffer",
         ),
-        source=f"{_GH}/ggml-org/llama.cpp/issues/8101; {_GH}/mozilla-ai/llamafile/issues/501",
+        source=(
+            f"{_GH}/ggml-org/llama.cpp/issues/8101; {_GH}/mozilla-ai/llamafile/issues/501; "
+            "llama-server 0.7.0 (Debian) under `ulimit -v`: tests/data/llamacpp/fail-*.log"
+        ),
     ),
     Rule(
         id="ollama.system_memory",
