@@ -31,7 +31,7 @@ WORD_START = "\u2581"  # SentencePiece's "▁": a piece that begins a word
 WEIGHT_TYPES = ("f32", "f16", "q8_0")
 # general.file_type (llama_ftype): what llama.cpp prints as the model's "file type".
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}
-_WEIGHT_SCALE = 0.02  # small random weights keep activations finite through every layer
+_WEIGHT_SCALE = 0.02  # weights in +-0.02 keep activations finite through every layer
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,11 @@ def _add_tensor(
     if len(dims) == 1:  # norm scales: ones, as a freshly initialised RMSNorm has
         writer.add_tensor(name, np.ones(dims, np.float32))
         return
-    data = rng.standard_normal(dims, dtype=np.float32)
-    data *= _WEIGHT_SCALE
+    # Uniform, not normal: numpy draws uniform floats several times faster, and the tiny
+    # models only need weights that are random and small.
+    data = rng.random(dims, dtype=np.float32)
+    data -= 0.5
+    data *= 2 * _WEIGHT_SCALE
     if weight_type == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     elif weight_type == "q8_0":

@@ -131,7 +131,7 @@ record() {  # ENTRY
         printf '# llama-server start-up log, recorded by tests/data/llamacpp/record.sh; verbatim below these lines\n'
         printf '# command: %s\n' "$cmd"
         printf '# gguf: python -m tests.ggufmodels MODELS/%s.gguf %s\n' "$name" "$flags"
-        printf '# shape: %s\n' "${shape#*: }"
+        printf '# shape: %s, sha256 %s\n' "${shape#*: }" "$(sha256sum "$model" | cut -c1-64)"
         printf '# llama.cpp: %s (%s)\n' "$VERSION" "$IMAGE"
         printf '# date: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
         printf '# exit status: %s%s\n' "$STATUS" "${NOTE:+ ($NOTE)}"
