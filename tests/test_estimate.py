@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
+from bench.estimate_accuracy import ServerReport, parse_report
 from supervisor.analyzer.estimate import (
     Estimate,
     ModelShape,
@@ -23,6 +27,8 @@ from supervisor.analyzer.estimate import (
 )
 from supervisor.core.errors import EstimateError
 from supervisor.core.runtimes import Runtime
+from tests import ggufmodels
+from tests.ggufmodels import GgufShape
 
 MIB = 1024 * 1024
 
@@ -212,7 +218,7 @@ def test_default_context_is_capped_at_model_max(tmp_path: Path) -> None:
 def test_explicit_context_above_model_max_is_capped(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", {"context_length": 2048})
 
-    estimate = estimate_model(path, Runtime.LLAMACPP, context=8192)
+    estimate = estimate_model(path, Runtime.OLLAMA, context=8192)
 
     assert estimate.parts["kv_cache"] == kv_bytes(28, 2048, 1, 16, 128, 128)
     assert "8192 ctx capped at model max 2048" in estimate.detail
@@ -336,6 +342,260 @@ def test_estimate_from_shape_needs_no_files() -> None:
     assert estimate.parts["kv_cache"] == kv_bytes(2, 100, 3, 2, 16, 16, elem=4)
     assert estimate.source == "declared"
     assert_consistent(estimate)
+
+
+# --- llama.cpp server: sized as llama-server 0.7.0 sizes itself ------------------------
+
+
+def test_llamacpp_allocates_a_context_above_model_max(tmp_path: Path) -> None:
+    # llama-server takes -c as given and only warns: tests/data/llamacpp shows -c 8192 on a
+    # model trained for 4096 allocating 8192 cells.
+    path = write_gguf(tmp_path / "m.gguf", {"context_length": 2048})
+
+    estimate = estimate_model(path, Runtime.LLAMACPP, context=8192)
+
+    assert estimate.parts["kv_cache"] == kv_bytes(28, 8192, 1, 16, 128, 128)
+    assert "8192 ctx above model max 2048, all allocated" in estimate.detail
+    assert "capped" not in estimate.detail
+
+
+def test_llamacpp_slots_share_the_context_each_share_padded_to_256(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    three = estimate_model(path, Runtime.LLAMACPP, context=4096, parallel=3)
+    four = estimate_model(path, Runtime.LLAMACPP, context=4096, parallel=4)
+    one = estimate_model(path, Runtime.LLAMACPP, context=4096, parallel=1)
+
+    # ceil(4096 / 3) = 1366 cells, padded to 1536, in each of 3 slots.
+    assert three.parts["kv_cache"] == kv_bytes(28, 1536, 3, 16, 128, 128)
+    assert "28 layers x 3 slots x 1536 cells x 16 KV heads" in three.detail
+    assert "4096 ctx shared by 3 slots, each share padded to 256 cells" in three.detail
+    assert four.parts["kv_cache"] == one.parts["kv_cache"] == kv_bytes(28, 4096, 1, 16, 128, 128)
+    assert "4096 ctx shared by 4 slots)" in four.detail
+
+
+def test_llamacpp_pads_a_context_to_256_cells(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    estimate = estimate_model(path, Runtime.LLAMACPP, context=1000)
+
+    assert estimate.parts["kv_cache"] == kv_bytes(28, 1024, 1, 16, 128, 128)
+
+
+def test_ollama_slots_still_multiply_the_whole_context(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    estimate = estimate_model(path, Runtime.OLLAMA, context=1000, parallel=3)
+
+    assert estimate.parts["kv_cache"] == kv_bytes(28, 1000, 3, 16, 128, 128)
+
+
+def test_llamacpp_compute_is_the_widest_step_of_a_micro_batch_and_its_mask(
+    tmp_path: Path,
+) -> None:
+    path = write_gguf(tmp_path / "m.gguf", {"feed_forward_length": 5632})
+
+    estimate = estimate_model(path, Runtime.LLAMACPP, context=4096, parallel=2)
+
+    ffn_step = 512 * (3 * 5632 + 5 * 2048) * 4  # gate, up, their product; n_embd-wide rest
+    mask = 512 * 2048 * 2  # one slot's 2048 cells x 512 tokens, f16
+    assert estimate.parts["compute"] == ffn_step + mask
+
+
+def test_llamacpp_compute_takes_attention_when_it_is_wider_than_the_ffn(tmp_path: Path) -> None:
+    keys: dict[str, int | float | list[int] | None] = {
+        "feed_forward_length": 1024,
+        "attention.head_count": 32,
+        "attention.key_length": 256,
+    }
+    path = write_gguf(tmp_path / "m.gguf", keys)
+
+    estimate = estimate_model(path, Runtime.LLAMACPP, context=512)
+
+    assert estimate.parts["compute"] == 512 * (2 * 32 * 256 + 5 * 2048) * 4 + 512 * 512 * 2
+
+
+def test_llamacpp_compute_without_ffn_width_assumes_four_times_n_embd(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    estimate = estimate_model(path, Runtime.LLAMACPP, context=256)
+
+    # A context below 512 tokens shrinks the micro-batch to it.
+    assert estimate.parts["compute"] == 256 * (3 * 4 * 2048 + 5 * 2048) * 4 + 256 * 256 * 2
+
+
+def test_other_runtimes_keep_the_batch_of_activations_and_logits(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", {"feed_forward_length": 5632})
+
+    estimate = estimate_model(path, Runtime.OLLAMA, context=4096, parallel=2)
+
+    assert estimate.parts["compute"] == compute_bytes(2048, len(TOKENS))
+
+
+def test_read_gguf_shape_reads_the_ffn_width(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", {"feed_forward_length": [5632, 0, 8192]})
+
+    assert read_gguf_shape(path).n_ff == 8192
+
+
+@pytest.mark.parametrize(
+    ("kv_cache", "bytes_per_32"), [(None, 64), ("f16", 64), ("q8_0", 34), ("q4_0", 18)]
+)
+def test_kv_cache_type_sets_bytes_per_element(
+    tmp_path: Path, kv_cache: str | None, bytes_per_32: int
+) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    for runtime in (Runtime.LLAMACPP, Runtime.OLLAMA):
+        estimate = estimate_model(path, runtime, context=4096, kv_cache=kv_cache)
+
+        elements = 28 * 4096 * 16 * (128 + 128)
+        assert estimate.parts["kv_cache"] == elements // 32 * bytes_per_32
+        assert estimate.detail.count(f"x {kv_cache or 'f16'})") == 1
+
+
+def test_kv_cache_default_is_what_callers_got_before(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    assert estimate_model(path, Runtime.OLLAMA, 2048, 2) == estimate_model(
+        path, Runtime.OLLAMA, 2048, 2, kv_cache="f16"
+    )
+
+
+def test_unknown_kv_cache_type_is_refused(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+
+    with pytest.raises(EstimateError, match=r"kv_cache must be one of f16, q8_0, q4_0, got 'q5_1'"):
+        estimate_model(path, Runtime.LLAMACPP, kv_cache="q5_1")
+
+
+def test_kv_cache_type_is_refused_for_a_hugging_face_model(tmp_path: Path) -> None:
+    folder = write_hf(tmp_path / "llama", LLAMA_CONFIG, SHARDS)
+
+    with pytest.raises(EstimateError, match="applies to GGUF models"):
+        estimate_model(folder, Runtime.VLLM, kv_cache="q8_0")
+
+
+# --- the estimate against real llama-server reports (tests/data/llamacpp) ------------------
+
+LLAMACPP_DATA = Path(__file__).parent / "data" / "llamacpp"
+STARTED = [
+    "tiny-c512-np1",
+    "tiny-c2048-auto-np",
+    "gqa-c4096-np4",
+    "gqa-c4096-np3-q8_0",
+    "f16-c8192-np2",
+    "q8_0-v32k-c2000-q4_0",
+]
+PRINTED_MIB = 0.01 * MIB  # the report prints MiB with two decimals
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """One recorded llama-server start: the model written again from its flags, its args."""
+
+    shape: GgufShape
+    context: int
+    parallel: int | None
+    kv_cache: str | None
+    log: str
+
+
+def recorded_run(name: str) -> RecordedRun:
+    log = (LLAMACPP_DATA / f"{name}.log").read_text(encoding="utf-8")
+    flags = _header(log, "gguf").split()[4:]  # after "python -m tests.ggufmodels PATH"
+    # The server's arguments between the model and -lv, also inside a `sh -c '...'` command.
+    found = re.search(r"-m /models/\S+\.gguf (?P<args>.*?) -lv 4", _header(log, "command"))
+    assert found is not None, f"{name}: no llama-server arguments in its command line"
+    args = shlex.split(found["args"])
+    option = dict(zip(args[::2], args[1::2], strict=True))
+    return RecordedRun(
+        shape=ggufmodels.shape_from_args(flags),
+        context=int(option["-c"]),
+        parallel=int(option["-np"]) if "-np" in option else None,
+        kv_cache=option.get("-ctk"),
+        log=log,
+    )
+
+
+def _header(log: str, key: str) -> str:
+    found = re.search(rf"^# {key}: (.*)$", log, re.MULTILINE)
+    assert found is not None, f"no '# {key}:' line"
+    return found[1]
+
+
+@pytest.fixture(scope="module")
+def recorded_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[GgufShape], Path]:
+    """The GGUF file of a recorded shape, written once per module (the same bytes again)."""
+    folder = tmp_path_factory.mktemp("recorded-models")
+    written: dict[GgufShape, Path] = {}
+
+    def model(shape: GgufShape) -> Path:
+        if shape not in written:
+            written[shape] = ggufmodels.write_gguf(folder / f"{len(written)}.gguf", shape)
+        return written[shape]
+
+    return model
+
+
+def estimate_recorded(run: RecordedRun, model: Callable[[GgufShape], Path]) -> Estimate:
+    path = model(run.shape)
+    return estimate_model(path, Runtime.LLAMACPP, run.context, run.parallel, run.kv_cache)
+
+
+@pytest.mark.parametrize("name", STARTED)
+def test_estimate_matches_the_real_buffer_report(
+    name: str, recorded_model: Callable[[GgufShape], Path]
+) -> None:
+    run = recorded_run(name)
+    real: ServerReport = parse_report(run.log)
+
+    parts = estimate_recorded(run, recorded_model).parts
+
+    assert abs(parts["weights"] - real.model_bytes) <= PRINTED_MIB
+    assert abs(parts["kv_cache"] - real.kv_bytes) <= PRINTED_MIB
+    # The reserve adds a few small tensors (about 20 KiB; 0.1 MiB with a quantized cache).
+    assert abs(parts["compute"] - real.compute_bytes) <= max(0.01 * real.compute_bytes, MIB // 4)
+    estimated_total = parts["weights"] + parts["kv_cache"] + parts["compute"]
+    assert abs(estimated_total - real.total_bytes) <= 0.01 * real.total_bytes
+
+
+def test_estimate_names_the_kv_buffer_llama_server_failed_to_allocate(
+    recorded_model: Callable[[GgufShape], Path],
+) -> None:
+    run = recorded_run("fail-kv-ulimit")
+
+    estimate = estimate_recorded(run, recorded_model)
+
+    failed = re.search(r"failed to allocate buffer for kv cache", run.log)
+    size = re.search(r"failed to allocate CPU buffer of size (\d+)", run.log)
+    assert failed is not None and size is not None
+    assert estimate.parts["kv_cache"] == int(size[1]) == 512 * MIB
+
+
+def test_estimate_names_the_compute_buffer_llama_server_failed_to_allocate(
+    recorded_model: Callable[[GgufShape], Path],
+) -> None:
+    run = recorded_run("fail-compute-ulimit")
+
+    estimate = estimate_recorded(run, recorded_model)
+
+    size = re.search(
+        r"ggml_gallocr_reserve_n_impl: failed to allocate CPU buffer of size (\d+)", run.log
+    )
+    assert size is not None
+    assert 0 <= int(size[1]) - estimate.parts["compute"] <= 64 * 1024
+
+
+def test_recorded_failures_say_their_exit_status() -> None:
+    statuses = {
+        name: _header((LLAMACPP_DATA / f"{name}.log").read_text(encoding="utf-8"), "exit status")
+        for name in ("fail-model-mmap-ulimit", "fail-kv-ulimit", "fail-compute-ulimit")
+    }
+    killed = _header((LLAMACPP_DATA / "killed-memory-64m.log").read_text(), "exit status")
+
+    assert set(statuses.values()) == {"1"}
+    assert killed == "137 (OOMKilled=true)"
 
 
 # --- Hugging Face --------------------------------------------------------------------------

@@ -10,14 +10,25 @@ Formula, all in bytes:
                       else *.bin)
     context           the requested context, else the runtime default (4096; vLLM, TGI,
                       SGLang, TensorRT-LLM: the model's max, as their max length defaults
-                      to it), always capped at the model's trained max context when known
+                      to it), capped at the model's trained max context when known; not
+                      capped for llama.cpp, whose server allocates every cell of `-c`
     slots             the requested parallel slots, else 1; always 1 for the runtimes whose
                       KV pool is a share of the GPU (vLLM, TGI, SGLang, TensorRT-LLM: one
                       full-length sequence is the minimum they must hold at start)
-    kv_cache          n_layers x context x slots x n_head_kv x (head_dim_k + head_dim_v)
-                      x kv_bytes_per_element (GGUF runtimes: f16 cache = 2;
-                      HF: torch_dtype size, bf16/f16 = 2, f32 = 4, missing = 2)
-    compute           512 x (n_embd + n_vocab) x 4  (one 512-token batch of f32
+    slot_cells        llama.cpp: ceil(context / slots) rounded up to a multiple of 256
+                      (llama-server splits `-c` over its `-np` slots and pads each share);
+                      others: context
+    kv_cache          n_layers x slots x slot_cells x n_head_kv x (head_dim_k + head_dim_v)
+                      x bytes per element of the KV cache type: f16 = 2, q8_0 = 34/32,
+                      q4_0 = 18/32 (llama.cpp's -ctk/-ctv and Ollama's KV cache types, for
+                      GGUF models; f16 when none is given); HF: torch_dtype size, bf16/f16
+                      = 2, f32 = 4, missing = 2
+    compute           llama.cpp: ubatch x 4 x (max(3 x n_ff, 2 x n_head x head_dim_k)
+                      + 5 x n_embd) + ubatch x slot_cells x 2, ubatch = min(512, context):
+                      the widest step of one micro-batch in f32 plus its f16 attention mask,
+                      as llama-server 0.7.0 reserves it (measured on its CPU backend; n_ff
+                      missing = 4 x n_embd);
+                      others: 512 x (n_embd + n_vocab) x 4 (one 512-token batch of f32
                       activations and logits)
     runtime_overhead  CUDA context and the runtime's own buffers, from its registry entry:
                       ollama 500 MiB, llamacpp 300 MiB, vllm 1024 MiB, generic 500 MiB;
@@ -48,6 +59,16 @@ RUNTIME_OVERHEAD_MIB: dict[Runtime, int] = {r: s.overhead_mib for r, s in REGIST
 COMPUTE_BATCH_TOKENS = 512
 COMPUTE_BYTES_PER_ELEMENT = 4  # activations and logits are f32 in every runtime
 GGUF_KV_BYTES_PER_ELEMENT = 2  # llama.cpp and ollama default to an f16 KV cache
+# KV cache types of GGUF runtimes (llama.cpp -ctk/-ctv, Ollama OLLAMA_KV_CACHE_TYPE):
+# (bytes, elements) per block, ggml's sizes; llama-server 0.7.0 reports exactly these.
+GGUF_KV_CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f16": (2, 1),
+    "q8_0": (34, 32),
+    "q4_0": (18, 32),
+}
+LLAMA_SERVER_CELL_PADDING = 256  # each slot's share of -c is rounded up to this
+LLAMA_SERVER_UBATCH = 512  # -ub default; a context below it shrinks the micro-batch
+MASK_BYTES_PER_ELEMENT = 2  # the attention mask is f16 (flash attention, llama.cpp's default)
 
 _GGUF_MAGIC = b"GGUF"
 # What gguf.GGUFReader raises on a truncated or corrupt header; it has no error type of its own.
@@ -104,18 +125,26 @@ class ModelShape:
     n_vocab: int
     context_length: int | None
     kv_bytes_per_element: int
+    n_ff: int | None = None  # the feed-forward width; None where the metadata has none
 
 
 def estimate_model(
-    path: Path, runtime: Runtime, context: int | None = None, parallel: int | None = None
+    path: Path,
+    runtime: Runtime,
+    context: int | None = None,
+    parallel: int | None = None,
+    kv_cache: str | None = None,
 ) -> Estimate:
-    """Estimate from a .gguf file or a Hugging Face folder holding config.json."""
+    """Estimate from a .gguf file or a Hugging Face folder holding config.json.
+
+    kv_cache is the KV cache type of a GGUF runtime (f16, q8_0, q4_0); None: f16 for GGUF,
+    the torch_dtype for HF."""
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EstimateError(
                 f"{path}: no config.json in this folder (expected a Hugging Face model folder)"
             )
-        return estimate_from_shape(read_hf_shape(path), runtime, context, parallel, "hf")
+        return estimate_from_shape(read_hf_shape(path), runtime, context, parallel, "hf", kv_cache)
     if not path.exists():
         raise EstimateError(
             f"{path}: no such file (expected a .gguf file or a folder with config.json)"
@@ -125,10 +154,27 @@ def estimate_model(
             f"{path}: not a model fleetd can read (expected a .gguf file or a folder with "
             "config.json)"
         )
-    return estimate_from_shape(read_gguf_shape(path), runtime, context, parallel, "gguf")
+    shape = read_gguf_shape(path)
+    return estimate_from_shape(shape, runtime, context, parallel, "gguf", kv_cache)
 
 
 # --- the formula -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KvLayout:
+    """How a runtime lays its KV cache out: cells per slot, and the element size."""
+
+    ctx: int
+    slots: int
+    slot_cells: int
+    kv_type: str
+    block_bytes: int
+    block_elements: int
+
+    @property
+    def cells(self) -> int:
+        return self.slots * self.slot_cells
 
 
 def estimate_from_shape(
@@ -137,27 +183,87 @@ def estimate_from_shape(
     context: int | None,
     parallel: int | None,
     source: str,
+    kv_cache: str | None = None,
 ) -> Estimate:
     """Apply the module's formula to a model shape for one runtime."""
     ctx, capped = _resolve_context(shape, runtime, context)
-    slots = _resolve_slots(runtime, parallel)
-    head_dims = shape.head_dim_k + shape.head_dim_v
+    layout = _kv_layout(shape, runtime, ctx, _resolve_slots(runtime, parallel), source, kv_cache)
     parts = {
         "weights": shape.weights_bytes,
-        "kv_cache": shape.n_layers
-        * ctx
-        * slots
-        * shape.n_head_kv
-        * head_dims
-        * shape.kv_bytes_per_element,
-        "compute": COMPUTE_BATCH_TOKENS
-        * (shape.n_embd + shape.n_vocab)
-        * COMPUTE_BYTES_PER_ELEMENT,
+        "kv_cache": _kv_bytes(shape, layout),
+        "compute": _compute_bytes(shape, runtime, layout),
         "runtime_overhead": RUNTIME_OVERHEAD_MIB[runtime] * MIB,
     }
     total = sum(parts.values())
-    detail = _describe(shape, runtime, source, parts, ctx, capped, slots, context, parallel)
+    detail = _describe(shape, runtime, source, parts, layout, capped, context, parallel)
     return Estimate(total_bytes=total, source=source, parts=parts, detail=detail)
+
+
+def _kv_layout(
+    shape: ModelShape, runtime: Runtime, ctx: int, slots: int, source: str, kv_cache: str | None
+) -> _KvLayout:
+    kv_type, (block_bytes, block_elements) = _kv_type(shape, source, kv_cache)
+    slot_cells = ctx
+    if _sized_as_llama_server(runtime):
+        # llama-server 0.7.0 gives each of its -np slots an equal share of -c, padded.
+        slot_cells = _round_up(_ceil_div(ctx, slots), LLAMA_SERVER_CELL_PADDING)
+    return _KvLayout(ctx, slots, slot_cells, kv_type, block_bytes, block_elements)
+
+
+def _kv_type(shape: ModelShape, source: str, kv_cache: str | None) -> tuple[str, tuple[int, int]]:
+    """The KV cache type's name and its (bytes, elements) per block."""
+    if kv_cache is None:
+        n_bytes = shape.kv_bytes_per_element
+        return _dtype_text(n_bytes), (n_bytes, 1)
+    if source == "hf":
+        raise EstimateError(
+            f"kv_cache {kv_cache!r} applies to GGUF models (llama.cpp, Ollama); a Hugging Face "
+            "model's KV cache follows its torch_dtype"
+        )
+    if kv_cache not in GGUF_KV_CACHE_TYPES:
+        expected = ", ".join(GGUF_KV_CACHE_TYPES)
+        raise EstimateError(f"kv_cache must be one of {expected}, got {kv_cache!r}")
+    return kv_cache, GGUF_KV_CACHE_TYPES[kv_cache]
+
+
+def _kv_bytes(shape: ModelShape, layout: _KvLayout) -> int:
+    def row_bytes(elements: int) -> int:  # one cell of one layer, K or V: whole blocks
+        return _ceil_div(elements, layout.block_elements) * layout.block_bytes
+
+    per_cell = row_bytes(shape.n_head_kv * shape.head_dim_k) + row_bytes(
+        shape.n_head_kv * shape.head_dim_v
+    )
+    return shape.n_layers * layout.cells * per_cell
+
+
+def _compute_bytes(shape: ModelShape, runtime: Runtime, layout: _KvLayout) -> int:
+    if not _sized_as_llama_server(runtime):
+        return COMPUTE_BATCH_TOKENS * (shape.n_embd + shape.n_vocab) * COMPUTE_BYTES_PER_ELEMENT
+    # llama-server reserves its graph for one micro-batch; with flash attention, the peak is
+    # the feed-forward step (gate, up and their product live at once) or, for models with
+    # wide attention and a narrow FFN, the attention step, plus a few n_embd-wide tensors.
+    # Logits count only one row per slot, in a host-side output buffer: no vocab term.
+    ubatch = min(LLAMA_SERVER_UBATCH, layout.ctx)
+    n_ff = shape.n_ff or 4 * shape.n_embd
+    widest = max(3 * n_ff, 2 * shape.n_head * shape.head_dim_k) + 5 * shape.n_embd
+    mask = ubatch * layout.slot_cells * MASK_BYTES_PER_ELEMENT
+    return ubatch * widest * COMPUTE_BYTES_PER_ELEMENT + mask
+
+
+def _sized_as_llama_server(runtime: Runtime) -> bool:
+    """Whether the runtime sizes its KV cache and compute buffer as llama-server 0.7.0 does
+    (measured: tests/data/llamacpp, bench/estimate_accuracy.py)."""
+    # The registry has no flag of its own for this yet; the runtime that prints
+    # llama-server's buffer report (footprint_in_log) is llama-server.
+    return spec_of(runtime).footprint_in_log
+
+
+def _ceil_div(value: int, divisor: int) -> int:
+    return -(-value // divisor)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return _ceil_div(value, multiple) * multiple
 
 
 def _resolve_context(
@@ -171,6 +277,9 @@ def _resolve_context(
         ctx = shape.context_length
     else:
         ctx = DEFAULT_CONTEXT[runtime]
+    # llama-server allocates the -c it is given, above the trained context too (it warns).
+    if _sized_as_llama_server(runtime):
+        return ctx, False
     if shape.context_length is not None and ctx > shape.context_length:
         return shape.context_length, True
     return ctx, False
@@ -196,29 +305,18 @@ def _describe(
     runtime: Runtime,
     source: str,
     parts: dict[str, int],
-    ctx: int,
+    layout: _KvLayout,
     capped: bool,
-    slots: int,
     requested_ctx: int | None,
     requested_slots: int | None,
 ) -> str:
     """One human line showing how the total was obtained."""
-    kv_terms = (
-        f"{shape.n_layers} layers x {ctx} ctx x {slots} slot{'s' if slots != 1 else ''}"
-        f" x {shape.n_head_kv} KV heads x {_head_dims_text(shape)}"
-        f" x {_dtype_text(shape.kv_bytes_per_element)}"
+    kv_text = "; ".join(
+        [
+            _kv_terms(shape, layout),
+            *_kv_notes(shape, runtime, layout, capped, requested_ctx, requested_slots),
+        ]
     )
-    notes = []
-    if capped:
-        default = f"default {DEFAULT_CONTEXT[runtime]}"
-        asked = requested_ctx if requested_ctx is not None else default
-        notes.append(f"{asked} ctx capped at model max {shape.context_length}")
-    spec = spec_of(runtime)
-    if spec.one_sequence_at_start and requested_slots not in (None, 1):
-        notes.append(
-            f"{spec.title} needs 1 sequence at start, parallel {requested_slots} not counted"
-        )
-    kv_text = "; ".join([kv_terms, *notes])
     return (
         f"{_SOURCE_LABEL.get(source, source)} {shape.architecture}: "
         f"weights {_size_text(parts['weights'])}"
@@ -227,6 +325,46 @@ def _describe(
         f" + {runtime.value} overhead {_size_text(parts['runtime_overhead'])}"
         f" = {_size_text(sum(parts.values()))}"
     )
+
+
+def _kv_terms(shape: ModelShape, layout: _KvLayout) -> str:
+    slots = f"{layout.slots} slot{'s' if layout.slots != 1 else ''}"
+    cells = f"{layout.ctx} ctx x {slots}"
+    if layout.slot_cells != layout.ctx:
+        cells = f"{slots} x {layout.slot_cells} cells"
+    return (
+        f"{shape.n_layers} layers x {cells} x {shape.n_head_kv} KV heads"
+        f" x {_head_dims_text(shape)} x {layout.kv_type}"
+    )
+
+
+def _kv_notes(
+    shape: ModelShape,
+    runtime: Runtime,
+    layout: _KvLayout,
+    capped: bool,
+    requested_ctx: int | None,
+    requested_slots: int | None,
+) -> list[str]:
+    notes = []
+    if layout.slot_cells != layout.ctx:
+        padded = layout.cells != layout.ctx
+        notes.append(
+            f"{layout.ctx} ctx shared by {layout.slots} slots"
+            + (f", each share padded to {LLAMA_SERVER_CELL_PADDING} cells" if padded else "")
+        )
+    if capped:
+        default = f"default {DEFAULT_CONTEXT[runtime]}"
+        asked = requested_ctx if requested_ctx is not None else default
+        notes.append(f"{asked} ctx capped at model max {shape.context_length}")
+    elif shape.context_length is not None and layout.ctx > shape.context_length:
+        notes.append(f"{layout.ctx} ctx above model max {shape.context_length}, all allocated")
+    spec = spec_of(runtime)
+    if spec.one_sequence_at_start and requested_slots not in (None, 1):
+        notes.append(
+            f"{spec.title} needs 1 sequence at start, parallel {requested_slots} not counted"
+        )
+    return notes
 
 
 def _head_dims_text(shape: ModelShape) -> str:
@@ -269,6 +407,7 @@ def read_gguf_shape(path: Path) -> ModelShape:
         n_vocab=_gguf_vocab(reader, path, arch),
         context_length=_gguf_optional_int(reader, path, f"{arch}.context_length"),
         kv_bytes_per_element=GGUF_KV_BYTES_PER_ELEMENT,
+        n_ff=_gguf_optional_int(reader, path, f"{arch}.feed_forward_length"),
     )
 
 
@@ -402,6 +541,7 @@ def read_hf_shape(folder: Path) -> ModelShape:
         n_vocab=cfg.required_int("vocab_size"),
         context_length=cfg.optional_int("max_position_embeddings"),
         kv_bytes_per_element=_hf_dtype_bytes(config_path, config, section, prefix),
+        n_ff=cfg.optional_int("intermediate_size"),
     )
 
 
