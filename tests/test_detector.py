@@ -135,13 +135,17 @@ def test_named_gpu_faults(line: str) -> None:
         assert match is not None and match.incident_class is IncidentClass.GPU_FAULT, runtime
 
 
-def test_class_priority_beats_rule_order() -> None:
+def test_gpu_faults_beat_a_services_rule_which_beats_the_other_built_in_rules() -> None:
     greedy = compile_rule("my.greedy", "vram_oom", r"memory")
     detector = Detector(rules=(greedy, *BUILTIN_RULES))
     fault = detector.classify("RuntimeError: CUDA error: an illegal memory access was encountered")
     kill = detector.classify("Memory cgroup out of memory: Killed process 15617 (python3)")
-    assert fault is not None and fault.rule.id == "cuda.illegal_address"
-    assert kill is not None and kill.rule.id == "kernel.oom_kill"
+    assert fault is not None and fault.rule.id == "cuda.illegal_address"  # never a step down
+    # A person's rule says what a line means for the service (a CPU-only host's RAM is its
+    # capacity): it wins over the built-in host_oom reading.
+    assert kill is not None and kill.rule.id == "my.greedy"
+    plain = Detector().classify("Memory cgroup out of memory: Killed process 15617 (python3)")
+    assert plain is not None and plain.rule.id == "kernel.oom_kill"
     assert CLASS_PRIORITY[0] is IncidentClass.GPU_FAULT
     assert CLASS_PRIORITY[-1] is IncidentClass.VRAM_OOM
 

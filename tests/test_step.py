@@ -247,6 +247,13 @@ def test_docker_oom_event_and_exit_137_are_host_oom_never_a_step_down(fleet: Wor
     assert of(run.effects, step.Restart) == []
 
 
+def test_one_kill_is_one_incident_though_docker_reports_oom_then_exit_137(fleet: World) -> None:
+    run = Run(fleet)
+    for at, action, code in ((1.0, "oom", None), (1.07, "die", 137)):
+        run(step.ContainerEvent("svc-1", "c1", action, int((T0 + at) * 1e9), code), at)
+    assert [i.rule for i in run.svc.incidents] == ["docker.oom_event"]
+
+
 def test_an_exit_137_of_fleetds_own_stop_is_not_an_incident(fleet: World) -> None:
     run = Run(fleet)
     run(step.StopExpected("svc-1", T0 + 10), 1)

@@ -28,7 +28,7 @@ from supervisor.cli.link import Link, connect, discover, fleet_pids, operate_off
 from supervisor.cli.views import read_state
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.runtimes import Runtime
-from supervisor.core.state import transition_json
+from supervisor.core.state import FleetState, Measured, transition_json
 from supervisor.edges.control import SOCKET_ENV
 from supervisor.edges.fsutil import atomic_write
 
@@ -49,7 +49,12 @@ def cli() -> None:
     """
 
 
-def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) -> FleetPlan:
+def _plan(
+    config: FleetConfig,
+    gpu_specs: tuple[str, ...],
+    quiet: bool = False,
+    state_dir: Path | None = None,
+) -> FleetPlan:
     from supervisor.analyzer import analyze
     from supervisor.core.gpus import resolve_gpus
     from supervisor.edges.hostmem import device_reader
@@ -61,23 +66,48 @@ def _plan(config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool = False) 
         nvml.shutdown()
     if discovery.problem and not quiet:  # the text plan prints it among its notes
         click.echo(f"fleetctl: {discovery.problem}", err=True)
-    return analyze(config, discovery, fleet_pids(config, discovery))
+    measured = _measured(state_dir, quiet) if state_dir is not None else None
+    return analyze(config, discovery, fleet_pids(config, discovery), measured)
+
+
+def _measured(state_dir: Path, quiet: bool) -> dict[str, Measured] | None:
+    """What fleetd measured (state.json), read without changing anything: a state file
+    that cannot be read leaves the estimates, with a note."""
+    path = state_dir / "state.json"
+    try:
+        return FleetState.from_json(path.read_text()).measured
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, FleetdError) as e:
+        if not quiet:
+            click.echo(f"fleetctl: {path}: not read ({e}); pricing by estimates", err=True)
+        return None
 
 
 @cli.command()
 @config_option
 @gpu_option
 @json_option
-def plan(config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool) -> int:
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Price rungs with what fleetd measured there (state.json, read only); "
+    "default: estimates only.",
+)
+def plan(
+    config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool, state_dir: Path | None
+) -> int:
     """Show which rung of each ladder runs on which GPU, and why.
 
     Per GPU: budget, planned VRAM and headroom; per service: the chosen rung, how each
-    VRAM need was obtained, and why each more-preferred rung did not fit.
+    VRAM need was obtained (declared, estimated from the model's file, or measured by
+    fleetd with --state-dir), and why each more-preferred rung did not fit.
     Exits 0 when every service is placed, 1 when one is not.
     """
     from supervisor.cli.report import plan_json, print_plan
 
-    result = _plan(read_config(config_path), gpu_specs, quiet=not as_json)
+    result = _plan(read_config(config_path), gpu_specs, quiet=not as_json, state_dir=state_dir)
     if as_json:
         click.echo(json.dumps(plan_json(result), indent=2))
     else:

@@ -93,15 +93,17 @@ class Detector:
 
 
 def _rule_order(rule: Rule, runtime: str | None) -> tuple[int, int]:
-    """Class first (CLASS_PRIORITY); inside it the service's own rules (from fleet.yaml), then
-    the runtime's, then those of any runtime, then the other runtimes'."""
+    """Built-in GPU-fault rules first: no rule of a person's makes a GPU fault a reason to
+    step down. Then the service's own rules (from fleet.yaml), before the other built-in
+    ones: a person wrote them to say what a line means for this service (on a CPU-only
+    host, that a host-memory failure is the capacity incident its ladder acts on). Then
+    the built-in host and VRAM rules by class (CLASS_PRIORITY); inside a class the
+    runtime's, then those of any runtime, then the other runtimes'."""
     if rule not in _BUILTIN:
-        owner = 0
-    elif rule.runtimes is None:
-        owner = 2
-    else:
-        owner = 1 if runtime in rule.runtimes else 3
-    return CLASS_PRIORITY.index(rule.incident_class), owner
+        return 1, 0
+    owner = 2 if rule.runtimes is None else (1 if runtime in rule.runtimes else 3)
+    rank = CLASS_PRIORITY.index(rule.incident_class)
+    return (0 if rank == 0 else rank + 1), owner
 
 
 def compile_rule(id: str, incident_class: str, pattern: str) -> Rule:

@@ -524,6 +524,8 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
         return
     if turn.expected_stops.get(event.container, 0.0) > turn.now:
         return  # our own stop timing out, not a RAM kill
+    if not turn.bursts.opens_incident(event.container, rule.incident_class, event.time_ns / 1e9):
+        return  # one kill: Docker's `oom` event, then its `die` with exit 137
     text = f"container {event.container} {event.action} (exit {event.exit_code})"
     seen = Observed(
         event.time_ns / 1e9,
@@ -732,12 +734,13 @@ def _on_settled(turn: _Turn, done: SettleDone) -> None:
 def _record_measured(turn: _Turn, result: Settled) -> None:
     """Keep what a settled model really used; the planner prices its rung with it."""
     if result.measured is not None:
-        _keep_measured(turn, result.model, result.measured)
+        _keep_measured(turn, result.service, result.model, result.measured)
 
 
-def _keep_measured(turn: _Turn, model: str, new: Measured) -> None:
+def _keep_measured(turn: _Turn, service: str, model: str, new: Measured) -> None:
     """Record a measurement, keeping what the other source knew: a buffer report (from the
-    log) and a warm-up (from the API) arrive separately for the same run."""
+    log) and a warm-up (from the API) arrive separately for the same run. A report keeps
+    the estimate it replaces beside it, for `status`."""
     old = turn.state.measured.get(model)
     if old is not None:
         if new.parts is None and old.parts is not None and new.vram_bytes is None:
@@ -746,9 +749,20 @@ def _keep_measured(turn: _Turn, model: str, new: Measured) -> None:
             )  # a warm-up of the run whose report is known
         elif new.tokens_per_s is None and old.tokens_per_s is not None:
             new = replace(new, load_s=old.load_s, tokens_per_s=old.tokens_per_s)
+    if new.parts is not None and new.estimate_bytes is None:
+        new = replace(new, estimate_bytes=_estimate_of(turn, service, model, old))
     turn.state.measured[model] = new
     turn.effects.append(Reprice())
     turn.save()
+
+
+def _estimate_of(turn: _Turn, service: str, model: str, old: Measured | None) -> int | None:
+    """What the plan priced `model`'s rung at before any measurement of it."""
+    needs = turn.world.needs.get(service, ())
+    need = next((n for n in needs if n.model == model), None)
+    if need is not None and need.source != "measured":
+        return need.need_bytes
+    return old.estimate_bytes if old is not None else None
 
 
 def _on_footprint(turn: _Turn, read: FootprintRead) -> None:
@@ -756,18 +770,11 @@ def _on_footprint(turn: _Turn, read: FootprintRead) -> None:
     svc = turn.state.services.get(read.service)
     if svc is None or svc.model != read.model or read.service not in turn.config.services:
         return  # a run of a rung the service has left
-    needs = turn.world.needs.get(read.service, ())
-    planned = needs[svc.rung] if svc.rung < len(needs) else None
-    old = turn.state.measured.get(read.model)
-    estimate = (
-        planned.need_bytes
-        if planned is not None and planned.source != "measured"
-        else (old.estimate_bytes if old is not None else None)
-    )
+    estimate = _estimate_of(turn, read.service, read.model, turn.state.measured.get(read.model))
     was = f" (estimated {format_size(estimate)} with overhead)" if estimate else ""
     size = format_size(read.measured.vram_bytes or 0)
     turn.log("INFO", f"{read.service}: {read.model} allocated {size} by its own report{was}")
-    _keep_measured(turn, read.model, replace(read.measured, estimate_bytes=estimate))
+    _keep_measured(turn, read.service, read.model, replace(read.measured, estimate_bytes=estimate))
 
 
 def _vram_note(turn: _Turn, result: Settled) -> str:
