@@ -315,6 +315,30 @@ def test_an_oom_while_the_new_model_loads_aborts_its_wait_and_steps_down_again(
     assert "ran out of VRAM while loading" in logs(effects)
 
 
+def test_lines_of_the_rung_left_never_count_against_the_new_one(fleet: World) -> None:
+    """A real vLLM prints its error twice (engine, then API server) and Docker may restart
+    the failed container before fleetd does: the new rung must not pay for any of it."""
+    run = Run(fleet)
+    old_run = int((T0 + 0.5) * 1e9)
+    for at in (1, 2, 3):
+        run(oom(at, run_ns=old_run + int(at * 1e9)), at + 0.1)
+    restart = of(run.effects, step.Restart)[0]
+    # Still applying: the old instance repeats its error; Docker restarts it once more.
+    effects = run(oom(3.2, run_ns=old_run + int(3 * 1e9)), 3.25)
+    effects += run(oom(3.4, run_ns=int((T0 + 3.3) * 1e9)), 3.45)
+    assert not of(effects, step.AbortSettle) and not of(effects, step.Restart)
+    assert run.svc.pending is not None and run.svc.pending.to_model == "medium"
+    new_run = int((T0 + 3.6) * 1e9)
+    run(step.Applied("svc", restart.change, None, True, (("svc-1", new_run),)), 3.7)
+    # Settling: a late line of an older run is not the new model failing to load...
+    effects = run(oom(3.5, run_ns=int((T0 + 3.3) * 1e9)), 3.8)
+    assert not of(effects, step.AbortSettle) and run.svc.rung == 1
+    assert "not counted, printed by the run before the change" in logs(effects, "DEBUG")
+    # ...but a line of the new run is.
+    effects = run(oom(4.0, run_ns=new_run), 4.1)
+    assert step.AbortSettle("svc", restart.change) in effects
+
+
 def test_a_settle_result_of_an_older_change_is_ignored(fleet: World) -> None:
     run = Run(fleet)
     restart = step_down_to_medium(run)

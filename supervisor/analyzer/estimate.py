@@ -253,9 +253,7 @@ def _compute_bytes(shape: ModelShape, runtime: Runtime, layout: _KvLayout) -> in
 def _sized_as_llama_server(runtime: Runtime) -> bool:
     """Whether the runtime sizes its KV cache and compute buffer as llama-server 0.7.0 does
     (measured: tests/data/llamacpp, bench/estimate_accuracy.py)."""
-    # The registry has no flag of its own for this yet; the runtime that prints
-    # llama-server's buffer report (footprint_in_log) is llama-server.
-    return spec_of(runtime).footprint_in_log
+    return spec_of(runtime).sized_as_llama_server
 
 
 def _ceil_div(value: int, divisor: int) -> int:

@@ -97,6 +97,9 @@ class Flight:
     health: Health = field(default_factory=Health)
     checking: bool = False  # a health check is in flight
     step_up_note: str | None = None  # why a due step up was not made (said once)
+    # container -> when the run of the latest change started (epoch ns): a line of an
+    # earlier run never counts against the rung the change brought
+    runs: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def busy(self) -> bool:
@@ -215,6 +218,9 @@ class Applied:
     change: int
     error: str | None
     settles: bool = False  # a new model: `SettleDone` follows (health, warm-up)
+    # When each restarted container's new run started (epoch ns, Docker's StartedAt):
+    # lines of earlier runs were printed by the rung the service has left.
+    runs: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -498,6 +504,12 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
     service = turn.world.watched.get(line.container)
     if service is None:
         return
+    if _printed_by_the_rung_left(turn, service, line):
+        turn.log(
+            "DEBUG",
+            f"{service}: not counted, printed by the run before the change: {line.text.strip()}",
+        )
+        return
     at = line.time_ns / 1e9
     if not turn.bursts.opens_incident(line.container, line.incident_class, at, line.run_ns or None):
         return  # a later line of a burst already counted
@@ -513,6 +525,22 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
         line.text,
     )
     _incident(turn, service, seen)
+
+
+def _printed_by_the_rung_left(turn: _Turn, service: str, line: LineMatched) -> bool:
+    """Whether the line comes from a run of a container that a change in flight is about
+    to restart (it runs the rung being left), or from a run older than the one the latest
+    change started. A runtime may print its error twice (vLLM: the engine, then the API
+    server) and Docker may restart a failed container before fleetd does: none of that
+    is about the new rung."""
+    flight = turn.flight(service)
+    restarted = turn.config.services[service].restarted
+    if flight.phase is Phase.APPLYING and flight.new_model and line.container in restarted:
+        return True
+    started = flight.runs.get(line.container)
+    if started is None:
+        return False
+    return (line.run_ns or line.time_ns) < started
 
 
 def _on_event(turn: _Turn, event: ContainerEvent) -> None:
@@ -618,6 +646,7 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
         phase=Phase.SETTLING if settles else Phase.IDLE,
         new_model=settles,
         activity=flight.activity if settles else None,
+        runs={**flight.runs, **dict(done.runs)},
     )
     if svc is None or svc.pending is None:
         if done.error is not None:

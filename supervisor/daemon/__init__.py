@@ -217,7 +217,8 @@ class Daemon:
         name, change = effect.service, effect.change
 
         def restarted(settles: bool) -> None:
-            self.queue.put(step.Applied(name, change, None, settles))
+            runs = self._runs_of(config.services[name].restarted)
+            self.queue.put(step.Applied(name, change, None, settles, runs))
 
         try:
             result = change_model(
@@ -238,6 +239,16 @@ class Daemon:
             return
         if result is not None:
             self.queue.put(step.SettleDone(change, result))
+
+    def _runs_of(self, containers: list[str]) -> tuple[tuple[str, int], ...]:
+        """When each container's current run started (a worker calls it after a restart);
+        one that cannot be inspected is left out (its old lines may then count)."""
+        runs = []
+        for name in containers:
+            started = self._started_ns(name)
+            if started:
+                runs.append((name, started))
+        return tuple(runs)
 
     def _expect_stop(self, container: str, seconds: float) -> None:
         """From a worker, before it stops a container: queued ahead of the stop's events."""

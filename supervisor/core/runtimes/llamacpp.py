@@ -63,4 +63,5 @@ SPEC = RuntimeSpec(
     warmup_path="/v1/completions",
     overhead_mib=300,
     footprint_in_log=True,
+    sized_as_llama_server=True,
 )

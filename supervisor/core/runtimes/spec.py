@@ -94,6 +94,9 @@ class RuntimeSpec:
     default_context: int = 4096
     context_is_model_max: bool = False  # with no `context:`, it allocates the model's max
     one_sequence_at_start: bool = False  # its KV pool is a share of the GPU: parallel not counted
+    # llama-server's sizing: -c split over the -np slots (each share padded to 256 cells),
+    # one micro-batch of compute, no vocabulary term (measured: bench/estimate_accuracy.py)
+    sized_as_llama_server: bool = False
 
     @property
     def generated(self) -> bool:
