@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor.core.config import FleetConfig, load_config
 from supervisor.core.gpus import Gpu, GpuProcess
 from supervisor.core.ladder import apply_change
+from supervisor.core.rules import IncidentClass
 from supervisor.core.state import (
     Actor,
     FleetState,
@@ -219,7 +220,13 @@ def test_recent_incidents_count_only_inside_the_policy_window(
 
     recent = samples(metrics, "fleetd_service_recent_incidents")
     coder_counts = {dict(k)["class"]: v for k, v in recent.items() if ("service", "coder") in k}
-    assert coder_counts == {"vram_oom": 2, "gpu_fault": 1, "host_oom": 0}
+    assert coder_counts == {
+        "vram_oom": 2,
+        "gpu_fault": 1,
+        "host_oom": 0,
+        "start_failure": 0,
+        "crash": 0,
+    }
     assert value(metrics, "fleetd_policy_incidents_to_step_down") == 3
 
 
@@ -233,7 +240,7 @@ def test_counters_of_every_known_service_start_at_zero(
 
     incidents = samples(metrics, "fleetd_incidents_total")
     transitions = samples(metrics, "fleetd_transitions_total")
-    assert len(incidents) == 2 * 3 and set(incidents.values()) == {0}
+    assert len(incidents) == 2 * len(IncidentClass) and set(incidents.values()) == {0}
     assert len(transitions) == 2 * 5 and set(transitions.values()) == {0}
     assert value(metrics, "fleetd_detection_latency_seconds_count", service="chat") == 0
 

@@ -86,6 +86,27 @@ def test_status_table_shows_the_last_change_and_its_evidence(state_dir: Path) ->
     assert "gone" not in r.stdout
 
 
+def test_status_shows_why_a_service_cannot_start(tmp_path: Path) -> None:
+    shm = (
+        "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: 160 MiB"
+        " required, 64 MiB free. Increase /dev/shm (e.g. --shm-size or --ipc=host)"
+    )
+    failed = Incident(1.8e9, "start_failure", "vllm.shm_insufficient", "c1", shm)
+    state = FleetState(services={"alpha": ServiceState("llama3.2:3b", 0, incidents=[failed])})
+    StateStore(tmp_path).save(state)
+    r = fleetctl("status", "--json", "--state-dir", tmp_path, "--config", CONFIG)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout)["services"]["alpha"]["last_incident"]
+    assert (last["class"], last["rule"], last["evidence"]) == (
+        "start_failure",
+        "vllm.shm_insufficient",
+        shm,
+    )
+    r = fleetctl("status", "alpha", "--state-dir", tmp_path, "--config", CONFIG)
+    assert "last incident start_failure (vllm.shm_insufficient)" in r.stdout
+    assert "Insufficient space in /dev/shm" in r.stdout
+
+
 def test_status_of_an_unknown_service_is_a_usage_error(state_dir: Path) -> None:
     r = fleetctl("status", "nope", "--state-dir", state_dir, "--config", CONFIG)
     assert r.returncode == 2 and "no service 'nope'" in r.stderr

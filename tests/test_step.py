@@ -254,6 +254,46 @@ def test_one_kill_is_one_incident_though_docker_reports_oom_then_exit_137(fleet:
     assert [i.rule for i in run.svc.incidents] == ["docker.oom_event"]
 
 
+def test_an_exit_after_a_persons_docker_stop_or_kill_is_not_an_incident(fleet: World) -> None:
+    run = Run(fleet)
+    for at, action, code in ((1.0, "kill", None), (1.2, "die", 137), (40.0, "die", 137)):
+        run(step.ContainerEvent("svc-1", "c1", action, int((T0 + at) * 1e9), code), at)
+    # `docker kill` then its exit: nothing; a kill by the kernel much later: one host_oom.
+    assert [(i.rule, i.time) for i in run.svc.incidents] == [("docker.exit_137", T0 + 40.0)]
+    run(step.ContainerEvent("svc-1", "c1", "kill", int((T0 + 50) * 1e9)), 50)
+    run(step.ContainerEvent("svc-1", "c1", "die", int((T0 + 51) * 1e9), 0), 51)
+    assert len(run.svc.incidents) == 1  # `docker stop`: a clean exit, asked for
+
+
+def test_a_server_that_exits_0_by_itself_is_a_crash_and_is_restarted(fleet: World) -> None:
+    run = Run(fleet)
+    effects = run(step.ContainerEvent("svc-1", "c1", "die", int((T0 + 1) * 1e9), 0), 1)
+    assert [(i.incident_class, i.rule) for i in run.svc.incidents] == [("crash", "docker.exit_0")]
+    [restart] = of(effects, step.Restart)
+    assert (restart.model, restart.old_model, run.svc.rung) == ("big", "big", 0)
+    assert "crash (docker.exit_0): it stopped by itself: restart, never step down" in logs(effects)
+
+
+def test_an_app_without_an_api_may_exit_0(tmp_path: Path) -> None:
+    text = FLEET.replace("runtime: llamacpp", "runtime: generic\n    image: example/app:1")
+    run = Run(make_world(tmp_path, text.replace("    port: 8080\n", "")))
+    effects = run(step.ContainerEvent("svc-1", "c1", "die", int((T0 + 1) * 1e9), 0), 1)
+    assert run.svc.incidents == [] and not of(effects, step.Restart)
+
+
+def test_a_start_failure_is_reported_with_its_cause_never_acted_on(fleet: World) -> None:
+    run = Run(fleet)
+    line = step.LineMatched(
+        "svc-1", "c1", int((T0 + 1) * 1e9), 0, "llamacpp.bad_argument", "start_failure",
+        "error: invalid argument: --no-mmap",
+    )  # fmt: skip
+    effects = run(line, 1.1)
+    assert [i.incident_class for i in run.svc.incidents] == ["start_failure"]
+    assert not of(effects, step.Restart) and run.svc.rung == 0
+    assert "a restart or a smaller rung does not fix that" in logs(effects)
+    assert "error: invalid argument: --no-mmap" in logs(effects)
+
+
 def test_an_exit_137_of_fleetds_own_stop_is_not_an_incident(fleet: World) -> None:
     run = Run(fleet)
     run(step.StopExpected("svc-1", T0 + 10), 1)

@@ -73,7 +73,16 @@ def print_status(report: dict[str, Any], console: Console) -> None:
             notes.append(_measured_text(measured))
         if notes:
             console.print(f"{name}: {'; '.join(notes)}", markup=False, highlight=False)
+        incident = row.get("last_incident")
         last = row["last_transition"]
+        if incident and (last is None or incident["time"] > last["time"]):
+            console.print(
+                f"{name}: last incident {incident['class']} ({incident['rule']}) at "
+                f"{_when(incident['time'])}: {incident['evidence']}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         if last is not None and last["evidence"]:
             console.print(
                 f"{name}: {last['reason']}", markup=False, highlight=False, soft_wrap=True

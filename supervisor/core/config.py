@@ -114,7 +114,9 @@ class RuleConfig(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     id: str
-    incident_class: Literal["vram_oom", "gpu_fault", "host_oom"] = Field(alias="class")
+    incident_class: Literal["vram_oom", "gpu_fault", "host_oom", "start_failure", "crash"] = Field(
+        alias="class"
+    )
     pattern: str
 
     @model_validator(mode="after")

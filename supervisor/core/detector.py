@@ -17,7 +17,13 @@ from supervisor.core.rules import BUILTIN_RULES, HANDLED_LINES, KNOWN_RUNTIMES, 
 # A line can fit rules of two classes ("illegal memory access" names memory). The class
 # whose action is the least harmful wins: a GPU fault or a host OOM never steps a service
 # down, and a wrong step-down is the costly mistake.
-CLASS_PRIORITY = (IncidentClass.GPU_FAULT, IncidentClass.HOST_OOM, IncidentClass.VRAM_OOM)
+CLASS_PRIORITY = (
+    IncidentClass.GPU_FAULT,
+    IncidentClass.CRASH,
+    IncidentClass.START_FAILURE,
+    IncidentClass.HOST_OOM,
+    IncidentClass.VRAM_OOM,
+)
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _DOCKER_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d) ")

@@ -114,6 +114,16 @@ def transition(
     svc = replace(svc, incidents=[*recent, incident])
     if seen.incident_class == GPU_FAULT:
         return svc, Decision(Action.RESTART, f"GPU fault ({seen.rule}): restart, never step down")
+    if seen.incident_class == IncidentClass.CRASH:
+        return svc, Decision(
+            Action.RESTART, f"crash ({seen.rule}): it stopped by itself: restart, never step down"
+        )
+    if seen.incident_class == IncidentClass.START_FAILURE:
+        return svc, Decision(
+            Action.ALERT,
+            f"start_failure ({seen.rule}): it cannot start, for the cause in the evidence; "
+            "a restart or a smaller rung does not fix that",
+        )
     if seen.incident_class != VRAM_OOM:
         return svc, Decision(
             Action.ALERT,

@@ -17,6 +17,12 @@ class IncidentClass(StrEnum):
     VRAM_OOM = "vram_oom"  # the GPU ran out of memory: step down after repeated incidents
     GPU_FAULT = "gpu_fault"  # the GPU or its driver failed: restart or cordon, never step down
     HOST_OOM = "host_oom"  # host RAM ran out (cgroup/kernel OOM): not a VRAM problem
+    # The runtime refused to start for a cause it names (too little shared memory, a bad
+    # flag): reported with that cause, never a step down; a restart cannot fix it.
+    START_FAILURE = "start_failure"
+    # A server stopped by itself (exit 0, nobody asked): restarted with the decaying
+    # backoff, never a step down.
+    CRASH = "crash"
 
 
 KNOWN_RUNTIMES = frozenset(r.value for r in Runtime)  # the registry's (supervisor.core.runtimes)
@@ -610,7 +616,51 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
     ),
 )
 
-BUILTIN_RULES: tuple[Rule, ...] = GPU_FAULT_RULES + HOST_OOM_RULES + VRAM_OOM_RULES
+START_FAILURE_RULES: tuple[Rule, ...] = (
+    Rule(
+        id="vllm.shm_insufficient",
+        incident_class=IncidentClass.START_FAILURE,
+        pattern=r"Insufficient space in /dev/shm",
+        runtimes=_VLLM,
+        description=(
+            "vLLM: the container's /dev/shm is too small (Docker gives 64 MiB): give it "
+            "`shm_size` (generated vLLM services have 8gb) or `ipc: host`"
+        ),
+        examples=(
+            "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: 160 MiB"
+            " required, 64 MiB free. Increase /dev/shm (e.g. --shm-size or --ipc=host)",
+        ),
+        source="vLLM 0.32.0 (CPU) in a container without --shm-size, measured here (issue 12)",
+    ),
+    Rule(
+        id="llamacpp.bad_argument",
+        incident_class=IncidentClass.START_FAILURE,
+        pattern=r"^error: invalid argument: \S",
+        runtimes=_LLAMACPP,
+        description="llama-server refused an argument it does not know (a flag of another version)",
+        examples=("error: invalid argument: --no-mmap",),
+        source="llama-server 0.7.0 (Debian), which dropped --no-mmap: measured here (issue 12)",
+    ),
+    Rule(
+        id="argparse.unrecognized_arguments",
+        incident_class=IncidentClass.START_FAILURE,
+        pattern=r": error: (?:unrecognized arguments|argument --?[\w-]+): ",
+        runtimes=None,
+        description=(
+            "a Python server (vLLM, SGLang, TGI's launcher is Rust) refused its arguments: "
+            "argparse's wording"
+        ),
+        examples=(
+            "api_server.py: error: unrecognized arguments: --no-such-flag",
+            "vllm serve: error: argument --max-model-len: invalid human_readable_int value: 'x'",
+        ),
+        source="Python's argparse (Lib/argparse.py: error(), 'unrecognized arguments: %s')",
+    ),
+)
+
+BUILTIN_RULES: tuple[Rule, ...] = (
+    GPU_FAULT_RULES + START_FAILURE_RULES + HOST_OOM_RULES + VRAM_OOM_RULES
+)
 
 
 @dataclass(frozen=True)
@@ -772,6 +822,17 @@ DOCKER_EVENT_RULES: tuple[EventRule, ...] = (
             " OOM killer, most often; a stop fleetd makes itself is not counted"
         ),
         source="Docker Engine API, /events; docker run reference (exit status 137 = 128 + 9)",
+    ),
+    EventRule(
+        id="docker.exit_0",
+        incident_class=IncidentClass.CRASH,
+        action="die",
+        exit_code=0,
+        description=(
+            "a server's container exited 0 though nobody stopped it (a vLLM whose engine died"
+            " exits 0): a server never stops by itself; counted for runtimes with an API only"
+        ),
+        source="Docker Engine API, /events; vLLM's EngineDeadError exit (issue 12)",
     ),
 )
 

@@ -16,6 +16,7 @@ from supervisor.core.errors import UsageError
 from supervisor.core.plan import gpu_budget_bytes
 from supervisor.core.state import (
     FleetState,
+    Incident,
     ServiceState,
     Transition,
     measured_json,
@@ -72,6 +73,8 @@ def status_json(
             "pinned": svc.pinned,
             "pending": None if svc.pending is None else svc.pending.to_model,
             "last_transition": None if last is None else transition_json(last),
+            # the newest incident, with its evidence: why it failed, whatever the class
+            "last_incident": _incident(svc.incidents[-1]) if svc.incidents else None,
             "probation_until": svc.probation_until,
             "step_up_not_before": svc.step_up_not_before,
             "measured": _measured(state, svc.model),
@@ -109,6 +112,15 @@ def gpus_json(
         }
         for g in discovery.gpus
     ]
+
+
+def _incident(incident: Incident) -> dict[str, Any]:
+    return {
+        "time": incident.time,
+        "class": str(incident.incident_class),
+        "rule": incident.rule,
+        "evidence": incident.evidence,
+    }
 
 
 def _members(config: FleetConfig | None, name: str) -> list[str] | None:

@@ -51,6 +51,7 @@ from supervisor.core.ladder import (
 )
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import IncidentClass, classify_event
+from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
     FleetState,
     LogCursor,
@@ -527,6 +528,11 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
     _incident(turn, service, seen)
 
 
+# After Docker reports a `kill` (a stop by fleetd or a person sends one), the container's
+# exit within this long is that stop's.
+PERSON_STOP_S = 30.0
+
+
 def _printed_by_the_rung_left(turn: _Turn, service: str, line: LineMatched) -> bool:
     """Whether the line comes from a run of a container that a change in flight is about
     to restart (it runs the rung being left), or from a run older than the one the latest
@@ -547,11 +553,20 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
     service = turn.world.watched.get(event.container)
     if service is None:
         return
+    if event.action == "kill":  # someone stops it (`docker stop`, `docker kill`): its exit
+        until = turn.now + PERSON_STOP_S  # that follows is neither a RAM kill nor a crash
+        turn.expected_stops[event.container] = max(
+            until, turn.expected_stops.get(event.container, 0.0)
+        )
+        return
     rule = classify_event(event.action, event.exit_code)
     if rule is None:
         return
     if turn.expected_stops.get(event.container, 0.0) > turn.now:
-        return  # our own stop timing out, not a RAM kill
+        return  # a stop fleetd or a person made, not a RAM kill or a crash
+    runtime = spec_of(turn.config.services[service].runtime)
+    if rule.incident_class == IncidentClass.CRASH and runtime.api is None:
+        return  # an app may finish its work and exit 0; only a server never does
     if not turn.bursts.opens_incident(event.container, rule.incident_class, event.time_ns / 1e9):
         return  # one kill: Docker's `oom` event, then its `die` with exit 137
     text = f"container {event.container} {event.action} (exit {event.exit_code})"
