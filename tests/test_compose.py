@@ -1095,3 +1095,17 @@ def test_llamacpp_is_started_with_the_verbosity_that_prints_its_buffer_report(
 def test_vllm_gets_the_shared_memory_it_needs(tmp_path: Path, state_dir: Path) -> None:
     _, doc = render(plan_for(load(tmp_path, {"v": vllm("v")}), "16GiB"), state_dir)
     assert doc["services"]["v"]["shm_size"] == "8gb"  # Docker's default is 64 MiB
+
+
+def test_vllm_on_a_cpu_host_takes_no_gpu_share_and_extra_args_come_after_fleetds(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    services = {"v": vllm("v", environment=env, args=["--enforce-eager", "--seed", "$x"])}
+    _, doc = render(plan_for(load(tmp_path, services, accelerator="cpu"), "32GiB"), state_dir)
+    command = doc["services"]["v"]["command"]
+    assert "--gpu-memory-utilization" not in command
+    assert command[-3:] == ["--enforce-eager", "--seed", "$$x"]  # quoted, $ escaped
+    assert doc["services"]["v"]["environment"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    _, gpu_doc = render(plan_for(load(tmp_path, services), "32GiB"), state_dir)
+    assert "--gpu-memory-utilization" in gpu_doc["services"]["v"]["command"]

@@ -235,7 +235,7 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
         gpu=svc.gpu,
         model=svc.model,
         handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
-        args=list(spec.args(options)),
+        args=[*spec.args(options), *config.args],
         environment=env,
         volumes=[quote(v.format(service=svc.name)) for v in spec.volumes]
         + [quote_raw(v) for v in config.volumes],  # written by ops: ${VAR} is theirs

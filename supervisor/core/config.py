@@ -162,6 +162,9 @@ class ServiceConfig(_Strict):
     port: Annotated[Int, Field(ge=1, le=65535)] | None = None
     model_env: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
+    # Extra arguments for a generated container's server, after fleetd's own (e.g. vLLM's
+    # --enforce-eager or --trust-remote-code).
+    args: list[str] = Field(default_factory=list)
     volumes: list[str] = Field(default_factory=list)
     healthcheck: str | None = None
     rules: list[RuleConfig] = Field(default_factory=list)

@@ -6,9 +6,13 @@ from supervisor.core.runtimes.spec import ContainerCheck, RungOptions, Runtime, 
 
 
 def _args(options: RungOptions) -> tuple[str, ...]:
-    # vLLM takes this share of the whole GPU for weights, activations and KV cache.
-    share = min(0.99, -(-options.need_bytes * 100 // options.gpu_total_bytes) / 100)  # rounded up
-    args = ("--host", "0.0.0.0", "--port", "8000", "--gpu-memory-utilization", f"{share:.2f}")
+    args: tuple[str, ...] = ("--host", "0.0.0.0", "--port", "8000")
+    if not options.on_cpu:
+        # vLLM takes this share of the whole GPU for weights, activations and KV cache. Its
+        # CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) instead: the
+        # service's `environment:` sets it (docs/runtimes.md).
+        share = min(0.99, -(-options.need_bytes * 100 // options.gpu_total_bytes) / 100)
+        args += ("--gpu-memory-utilization", f"{share:.2f}")
     return args + (("--max-model-len", str(options.context)) if options.context else ())
 
 
@@ -17,7 +21,10 @@ SPEC = RuntimeSpec(
     title="vLLM",
     summary="OpenAI-compatible server; one model, loaded at start",
     model_handoff="the hand-off file, read at start (`vllm serve MODEL`); a change restarts it",
-    options_handoff="arguments: --max-model-len, --gpu-memory-utilization (the planned share)",
+    options_handoff=(
+        "arguments: --max-model-len, --gpu-memory-utilization (the planned share; on a "
+        "CPU-only host, VLLM_CPU_KVCACHE_SPACE from the service's environment instead)"
+    ),
     not_done="no pull or unload through the API: the model loads when the container starts",
     template="vllm.yml.j2",
     image="vllm/vllm-openai:latest",
