@@ -633,6 +633,22 @@ START_FAILURE_RULES: tuple[Rule, ...] = (
         source="vLLM 0.32.0 (CPU) in a container without --shm-size, measured here (issue 12)",
     ),
     Rule(
+        id="vllm.max_model_len_over_model",
+        incident_class=IncidentClass.START_FAILURE,
+        pattern=r"User-specified max_model_len \(\d+\) is greater than the derived max_model_len",
+        runtimes=_VLLM,
+        description=(
+            "vLLM: the rung's context (--max-model-len) is longer than the model was trained for"
+        ),
+        examples=(
+            "  Value error, User-specified max_model_len (4096) is greater than the derived"
+            " max_model_len (max_position_embeddings=2048.0 or model_max_length=None in model's"
+            " config.json). To allow overriding this maximum, set the env var"
+            " VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.",
+        ),
+        source="vLLM 0.32.0 (CPU): tests/data/vllm/max-model-len-over-derived.log",
+    ),
+    Rule(
         id="llamacpp.bad_argument",
         incident_class=IncidentClass.START_FAILURE,
         pattern=r"^error: invalid argument: \S",
