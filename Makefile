@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXAMPLE_GPU := 12GiB:"RTX 4070 SUPER"
 
-.PHONY: venv example demo lint test bench clean
+.PHONY: venv example demo demo-standin lint test bench clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,14 @@ example: venv
 	$(BIN)/fleetctl generate --config examples/fleet.yaml --gpu $(EXAMPLE_GPU) \
 		--out compose/example --state-dir state
 
-# The supervision loop end to end on stand-in containers, no GPU needed (seconds).
+# The supervision loop end to end against a real llama.cpp server on the CPU, no GPU
+# needed (15-25 s once its image is built; the script builds it when missing).
 demo: venv
+	bash scripts/ensure-docker.sh demo
+	bash scripts/demo-llamacpp.sh
+
+# The faster variant: the same loop on stand-in containers (seconds).
+demo-standin: venv
 	bash scripts/ensure-docker.sh demo
 	bash scripts/build-test-images.sh oom-emitter
 	bash scripts/demo.sh

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# fleetd's whole loop against a real llama.cpp server, on this machine's CPU (`make demo`).
+#
+#   1. two real GGUF models (tests/ggufmodels.py): big (f16, 32k context, a 512 MiB KV
+#      cache) and small (2k context), and a fleet.yaml with one llama.cpp service whose
+#      ladder is big -> small (`accelerator: cpu`: host memory is the budget)
+#   2. `fleetctl plan` and `fleetctl generate` for it
+#   3. a compose override that limits the server's address space (`ulimit -v 600000`, as
+#      ops limit a container): big's KV cache cannot be allocated under it
+#   4. `fleetd run` in the background, 5. `docker compose up -d` the generated project
+#   6. fleetd's log live: llama-server fails to allocate, exits 1, Docker restarts it;
+#      three incidents, fleetd steps the service down to small, which answers /health,
+#      is warmed up and measured from llama-server's own buffer report
+#   7. llama-server's own lines, 8. `fleetctl status`, 9. a completion from small,
+#      10. `fleetctl history`
+#   11. on exit (Ctrl-C and failures too): fleetd stopped with SIGTERM, the project brought
+#      down, the temporary folder removed
+#
+# Needs a Docker engine (scripts/ensure-docker.sh; `make demo` sees to it) and the checkout's
+# venv (`make venv`); builds the llama.cpp image (scripts/build-test-images.sh llamacpp,
+# about 70 s and root the first time) and installs Compose v2 (scripts/ensure-compose.sh)
+# when they are missing. About 15-25 s once they are there.
+# Environment: DEMO_TIMEOUT_S (default 120) bounds the wait for the step-down and the
+# warm-up; KEEP_DEMO=1 keeps the temporary folder (fleet.yaml, state, fleetd's log);
+# NO_COLOR=1 turns off colour (it is off anyway when stdout is not a terminal).
+# The stand-in variant, without llama.cpp, in seconds: `make demo-standin` (scripts/demo.sh).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+IMAGE=fleetd-test/llamacpp:latest
+TIMEOUT_S=${DEMO_TIMEOUT_S:-120}
+ADDRESS_SPACE_KIB=600000 # big's 512 MiB KV cache does not fit under it; small runs well inside
+
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then
+    BOLD=$'\e[1m' HIGHLIGHT=$'\e[1;33m' DIM=$'\e[2m' RESET=$'\e[0m'
+else
+    BOLD="" HIGHLIGHT="" DIM="" RESET=""
+fi
+
+say() { printf '%s\n' "$*"; }
+step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$RESET"; }
+die() {
+    printf 'demo: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- what the demo needs ------------------------------------------------------------------
+
+# This checkout's fleetctl, fleetd and python, from its venv only: whatever else is on PATH
+# may be another version than the code this demo shows.
+FLEETCTL=$ROOT/.venv/bin/fleetctl FLEETD=$ROOT/.venv/bin/fleetd PY=$ROOT/.venv/bin/python
+for cmd in "$FLEETCTL" "$FLEETD" "$PY"; do
+    [ -x "$cmd" ] || die "$cmd is missing: run \`make venv\` (or \`make demo\`, which does)"
+done
+command -v setsid >/dev/null 2>&1 || die "setsid not found (Debian's util-linux package)"
+DOCKER_HINT="run \`make demo\` (it installs and starts Docker when it is missing), or \`bash scripts/ensure-docker.sh demo\` as root"
+command -v docker >/dev/null 2>&1 || die "Docker is not installed: $DOCKER_HINT"
+docker info >/dev/null 2>&1 || die "the Docker engine does not answer: $DOCKER_HINT"
+bash scripts/build-test-images.sh llamacpp # instant when the image is current
+bash scripts/ensure-compose.sh
+docker compose version >/dev/null 2>&1 || die "\`docker compose\` (Compose v2) does not work"
+
+# --- cleanup, also on Ctrl-C ----------------------------------------------------------------
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/fleetd-demo.XXXXXX")
+PROJECT=$(basename "$WORK" | tr 'A-Z.' 'a-z-')
+CONTAINER=$PROJECT-llm
+FLEETD_PID=""
+
+stop_fleetd() { # SIGTERM, then SIGKILL after 10 s
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    say "demo: fleetd (pid $pid) ignored SIGTERM for 10 s; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? fleetd_rc
+    trap - EXIT INT TERM
+    if [ -n "$FLEETD_PID" ]; then
+        stop_fleetd "$FLEETD_PID"
+        wait "$FLEETD_PID" 2>/dev/null && fleetd_rc=0 || fleetd_rc=$?
+        say "stopped fleetd with SIGTERM (exit status $fleetd_rc)"
+    fi
+    # By project name, from a folder without a compose file: whatever `up` got to create.
+    if (cd "$WORK" && docker compose -p "$PROJECT" down -v --remove-orphans -t 1 >/dev/null 2>&1); then
+        say "brought the compose project $PROJECT down"
+    else
+        say "demo: could not bring the compose project $PROJECT down" >&2
+    fi
+    if [ -n "${KEEP_DEMO:-}" ]; then
+        say "kept $WORK (KEEP_DEMO is set)"
+    else
+        rm -rf "$WORK"
+        say "removed $WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'say; say "demo: interrupted"; exit 130' INT
+trap 'exit 143' TERM
+
+MODELS=$WORK/models COMPOSE_DIR=$WORK/compose STATE=$WORK/state
+CONFIG=$WORK/fleet.yaml LOG=$WORK/fleetd.log
+mkdir -p "$MODELS"
+
+# --- helpers ------------------------------------------------------------------------------------
+
+# Python reading the script on stdin. Its stderr is shown only when it fails by itself: a
+# Ctrl-C while it starts would print a KeyboardInterrupt traceback, and the trap exits first.
+py() {
+    "$PY" - "$@" 2>"$WORK/py.err" || {
+        cat "$WORK/py.err" >&2
+        return 1
+    }
+}
+
+# "yes" once the service is on rung 1 and its model is warmed up and measured.
+settled() {
+    py "$STATE/state.json" <<'EOF'
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: die quietly, the script cleans up
+try:
+    with open(sys.argv[1]) as f:
+        state = json.load(f)
+except (FileNotFoundError, ValueError):
+    state = {"services": {}}
+rung = state["services"].get("llm", {}).get("rung")
+measured = state.get("measured", {}).get("/models/small.gguf") or {}
+print("yes" if rung == 1 and measured.get("tokens_per_s") and measured.get("parts") else "no")
+EOF
+}
+
+# fleetd's new log lines, the interesting ones; once the project is up, each with the
+# seconds since `compose up` when this loop saw it (it looks every 0.2 s). Writing to a
+# file, fleetd prefixes journald's <priority> rather than a time; drop it.
+SHOWN=0 UP_AT=""
+show_new_log() {
+    local total line seen="      "
+    total=$(wc -l <"$LOG")
+    ((total > SHOWN)) || return 0
+    [ -z "$UP_AT" ] || seen=$(awk -v now="$(date +%s.%N)" -v start="$UP_AT" \
+        'BEGIN { printf "%5.1fs", now - start }')
+    while IFS= read -r line; do
+        line=${line#<[0-9]>}
+        case $line in
+            *"metrics: serving"* | *"state: no state yet"* | "DEBUG:"*) ;;
+            *": step down "* | *": now rung "*) printf '%s%s %s%s\n' "$HIGHLIGHT" "$seen" "$line" "$RESET" ;;
+            *) printf '%s %s\n' "$seen" "$line" ;;
+        esac
+    done < <(sed -n "$((SHOWN + 1)),${total}p" "$LOG")
+    SHOWN=$total
+}
+
+# The lines of llama-server's runs that tell the story (its log holds every run of the
+# container): the first run whole, the runs between counted, the last run whole.
+server_story() {
+    docker logs "$CONTAINER" 2>&1 | grep -E \
+        "loading model '|insufficient memory|failed to allocate|exiting due to|buffer size =|model loaded" \
+        | grep -v "output buffer size" | awk -v dim="$DIM" -v reset="$RESET" '
+            /loading model \047/ { runs++ }
+            { line[NR] = $0; run[NR] = runs }
+            END {
+                for (i = 1; i <= NR; i++) {
+                    if (run[i] == 1 || run[i] == runs) { print line[i]; continue }
+                    if (run[i] != said) {
+                        said = run[i]
+                        print dim "... (run " run[i] " of " runs ": the same lines)" reset
+                    }
+                }
+            }'
+}
+
+fleetd_alive() {
+    kill -0 "$FLEETD_PID" 2>/dev/null && return 0
+    show_new_log
+    die "fleetd exited (its log: $LOG; KEEP_DEMO=1 keeps it)"
+}
+
+# --- 1, 2: the models, the fleet and its plan ---------------------------------------------------
+
+step "1. Two real GGUF models (tests/ggufmodels.py) and a one-service fleet in $WORK/"
+"$PY" -m tests.ggufmodels "$MODELS/big.gguf" --layers 4 --n-embd 1024 --n-head 16 \
+    --n-ff 4096 --context-length 32768 --weight-type f16
+"$PY" -m tests.ggufmodels "$MODELS/small.gguf" --layers 2 --n-embd 256 --n-head 4 \
+    --context-length 2048
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$CONFIG" <<EOF
+accelerator: cpu # no GPU here: the budget is host memory, no GPU reservation
+compose_dir: $COMPOSE_DIR
+metrics: {address: "127.0.0.1:0"}
+policy: {incidents_to_step_down: 3, cooldown: 1s, burst_window: 1s, stop_timeout: 2s}
+services:
+  llm:
+    runtime: llamacpp
+    image: $IMAGE
+    containers: [$CONTAINER]
+    port: $PORT
+    volumes: ["$MODELS:/models:ro"]
+    rules: # on a CPU host, a buffer llama.cpp cannot allocate is the capacity incident
+      - id: cpu-memory-is-capacity
+        class: vram_oom
+        pattern: 'failed to allocate (?:CPU )?buffer|mmap failed: Cannot allocate memory'
+    health: {interval: 2s}
+    warmup: {tokens: 8, timeout: 60s}
+    ladder:
+      - {model: /models/big.gguf, metadata: $MODELS/big.gguf, context: 32768}
+      - {model: /models/small.gguf, metadata: $MODELS/small.gguf, context: 2048}
+EOF
+sed -n '/^services:/,$p' "$CONFIG"
+
+step "2. fleetctl plan, fleetctl generate"
+"$FLEETCTL" plan --config "$CONFIG"
+"$FLEETCTL" generate --config "$CONFIG" --out "$COMPOSE_DIR" --state-dir "$STATE"
+
+# --- 3: the address-space limit ---------------------------------------------------------------
+
+step "3. limits.yml: the generated entrypoint's script under \`ulimit -v $ADDRESS_SPACE_KIB\`"
+# The shell's limit, not Docker's `ulimits: {as: }`: that one applies to runc's set-up too,
+# which then cannot start the container at all.
+py "$COMPOSE_DIR/compose.yml" "$COMPOSE_DIR/limits.yml" "$ADDRESS_SPACE_KIB" <<'EOF'
+import sys, yaml
+with open(sys.argv[1]) as f:
+    shell, flag, script, *rest = yaml.safe_load(f)["services"]["llm"]["entrypoint"]
+limited = [shell, flag, f"ulimit -v {sys.argv[3]}; {script}", *rest]
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump({"services": {"llm": {"entrypoint": limited}}}, f, width=1000)
+EOF
+cat "$COMPOSE_DIR/limits.yml"
+
+# --- 4, 5: fleetd, then the project ------------------------------------------------------------
+
+step "4. fleetd run --config fleet.yaml (log: $LOG)"
+# In its own session, so a Ctrl-C reaches only this script, whose cleanup sends SIGTERM.
+NOTIFY_SOCKET="" FLEETD_SOCKET="" setsid "$FLEETD" run --config "$CONFIG" --state-dir "$STATE" \
+    >"$LOG" 2>&1 &
+FLEETD_PID=$!
+say "fleetd pid $FLEETD_PID"
+for ((i = 0; i < 150; i++)); do # it says so once it follows the containers' logs
+    grep -q "fleetd running" "$LOG" && break
+    fleetd_alive
+    sleep 0.1
+done
+grep -q "fleetd running" "$LOG" || die "fleetd did not start within 15 s (see $LOG)"
+show_new_log
+
+step "5. docker compose -p $PROJECT -f compose.yml -f limits.yml up -d"
+UP_AT=$(date +%s.%N)
+(cd "$COMPOSE_DIR" && docker compose -p "$PROJECT" -f compose.yml -f limits.yml up -d 2>&1)
+
+# --- 6: the loop, live ------------------------------------------------------------------------
+
+step "6. fleetd's log, live (seconds since compose up), until small is healthy and measured"
+until [ "$(settled)" = yes ] && grep -q "llm: healthy" "$LOG"; do
+    fleetd_alive
+    show_new_log
+    awk -v now="$(date +%s.%N)" -v start="$UP_AT" -v limit="$TIMEOUT_S" \
+        'BEGIN { exit !(now - start < limit) }' \
+        || die "no step-down and warm-up within ${TIMEOUT_S}s (KEEP_DEMO=1 keeps $LOG)"
+    sleep 0.2
+done
+show_new_log
+
+# --- 7-10: the outcome ------------------------------------------------------------------------------
+
+step "7. llama-server's own lines (docker logs $CONTAINER, abridged)"
+server_story
+
+step "8. fleetctl status"
+"$FLEETCTL" status --config "$CONFIG" --state-dir "$STATE"
+
+step "9. A completion from the smaller rung: POST http://127.0.0.1:$PORT/v1/completions"
+py "http://127.0.0.1:$PORT/v1/completions" <<'EOF'
+import json, sys, urllib.request
+body = json.dumps({"prompt": "Hello", "max_tokens": 8}).encode()
+request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=60) as reply:
+    answer = json.load(reply)
+print(f"model: {answer['model']}")
+print(f"text: {answer['choices'][0]['text']!r}")
+print(f"usage: {answer['usage']}")
+EOF
+
+step "10. fleetctl history"
+"$FLEETCTL" history --state-dir "$STATE"
+
+step "11. Cleaning up"
