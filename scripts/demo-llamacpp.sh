@@ -189,7 +189,7 @@ step "1. Two real GGUF models (tests/ggufmodels.py) and a one-service fleet in $
 "$PY" -m tests.ggufmodels "$MODELS/big.gguf" --layers 4 --n-embd 1024 --n-head 16 \
     --n-ff 4096 --context-length 32768 --weight-type f16
 "$PY" -m tests.ggufmodels "$MODELS/small.gguf" --layers 2 --n-embd 256 --n-head 4 \
-    --context-length 2048
+    --context-length 32768
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$CONFIG" <<EOF
 accelerator: cpu # no GPU here: the budget is host memory, no GPU reservation
@@ -203,6 +203,7 @@ services:
     containers: [$CONTAINER]
     port: $PORT
     volumes: ["$MODELS:/models:ro"]
+    environment: {MALLOC_ARENA_MAX: "1"} # one malloc arena under the address-space limit
     rules: # on a CPU host, a buffer llama.cpp cannot allocate is the capacity incident
       - id: cpu-memory-is-capacity
         class: vram_oom
@@ -211,7 +212,7 @@ services:
     warmup: {tokens: 8, timeout: 60s}
     ladder:
       - {model: /models/big.gguf, metadata: $MODELS/big.gguf, context: 32768}
-      - {model: /models/small.gguf, metadata: $MODELS/small.gguf, context: 2048}
+      - {model: /models/small.gguf, metadata: $MODELS/small.gguf, context: 32768}
 EOF
 sed -n '/^services:/,$p' "$CONFIG"
 

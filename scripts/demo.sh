@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fleetd's whole loop on this machine, without a GPU, in well under a minute (`make demo`).
+# fleetd's whole loop on this machine, without a GPU, in well under a minute (`make demo-standin`; `make demo` runs a real llama-server).
 #
 #   1. the demo fleet: examples/demo/fleet.yaml; state and fleetd's log in state/demo/
 #   2. `fleetctl plan` for it, and `fleetctl generate` for the model hand-off files
@@ -11,7 +11,7 @@
 #   7. the state after, the history entry and coder's log with medium loaded,
 #   8. on exit (Ctrl-C too): fleetd stopped with SIGTERM, the demo containers removed.
 #
-# Needs a Docker engine (scripts/ensure-docker.sh) and the test image; `make demo` sees to
+# Needs a Docker engine (scripts/ensure-docker.sh) and the test image; `make demo-standin` sees to
 # both. Every run starts afresh: state/demo/ and the demo's containers are recreated.
 # Environment: DEMO_TIMEOUT_S (default 90) bounds the wait for the step-down;
 # NO_COLOR=1 turns off colour (it is off anyway when stdout is not a terminal).

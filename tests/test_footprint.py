@@ -115,3 +115,34 @@ def test_a_report_survives_the_state_file_and_an_api_figure_stays_as_it_was() ->
     back = FleetState.from_json(state.to_json())
     assert back.measured == {"a": report, "b": api}
     assert set(measured_json(api)) == {"vram_bytes", "load_s", "tokens_per_s", "at"}
+
+
+DATA = Path(__file__).resolve().parent / "data" / "llamacpp"
+
+
+def recorded(name: str) -> list[str]:
+    return [line for line in (DATA / name).read_text().splitlines() if not line.startswith("#")]
+
+
+def test_the_report_says_which_context_and_slots_the_run_had() -> None:
+    found = llamacpp_footprint(recorded("q8_0-v32k-c2000-q4_0.log"))  # -c 2000 -np 1
+    assert found is not None and (found.context, found.slots) == (2048, 1)
+    assert found.ran_with(2000, 1)  # padded to whole blocks of 256 cells
+    assert not found.ran_with(4096, 1) and not found.ran_with(2000, 2)
+
+
+def test_a_run_with_another_rungs_options_does_not_price_this_rung(tmp_path: Path) -> None:
+    from supervisor.daemon.lifecycle import measured_from_report
+
+    config = load_config(config_with(tmp_path, 4096, 1))
+    service = config.services["s"]
+    rung = service.ladder[0]
+    lines = recorded("q8_0-v32k-c2000-q4_0.log")  # ran with -c 2000 (2048 cells)
+    seen = measured_from_report("s", service, rung.model, lines, 1.0e9)
+    assert seen is not None and (seen.context, seen.parallel) == (2048, 1)
+    assert rung_need(config, Runtime.LLAMACPP, 0, rung, {rung.model: seen}).source == "gguf"
+    matching = load_config(config_with(tmp_path, 2000, 1))
+    fits = measured_from_report("s", matching.services["s"], rung.model, lines, 1.0e9)
+    assert fits is not None and (fits.context, fits.parallel) == (2000, 1)
+    same = matching.services["s"].ladder[0]
+    assert rung_need(matching, Runtime.LLAMACPP, 0, same, {same.model: fits}).source == "measured"

@@ -356,8 +356,9 @@ def test_an_oom_while_the_new_model_loads_aborts_its_wait_and_steps_down_again(
 
 
 def test_lines_of_the_rung_left_never_count_against_the_new_one(fleet: World) -> None:
-    """A real vLLM prints its error twice (engine, then API server) and Docker may restart
-    the failed container before fleetd does: the new rung must not pay for any of it."""
+    """A real vLLM prints its error twice (its logger, then the engine's traceback) and
+    Docker may restart the failed container before fleetd does: the new rung must not pay
+    for any of it."""
     run = Run(fleet)
     old_run = int((T0 + 0.5) * 1e9)
     for at in (1, 2, 3):
@@ -377,6 +378,19 @@ def test_lines_of_the_rung_left_never_count_against_the_new_one(fleet: World) ->
     # ...but a line of the new run is.
     effects = run(oom(4.0, run_ns=new_run), 4.1)
     assert step.AbortSettle("svc", restart.change) in effects
+
+
+def test_a_server_still_loading_is_not_restarted_for_failed_checks(fleet: World) -> None:
+    """llama.cpp's start period is 300 s: a large model may take minutes to load."""
+    run = Run(fleet)
+    started = T0 + 100
+    for at in (110, 140, 170, 200):
+        effects = run(step.HealthChecked("svc", False, "connection refused", started), at)
+        assert not of(effects, step.Restart)
+    assert "not answering yet, 100 s into its 300 s start period" in logs(run.effects, "DEBUG")
+    for at in (410, 440, 470):  # past the start period: a hung server
+        effects = run(step.HealthChecked("svc", False, "connection refused", started), at)
+    assert of(effects, step.Restart)
 
 
 def test_a_settle_result_of_an_older_change_is_ignored(fleet: World) -> None:

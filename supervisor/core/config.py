@@ -137,6 +137,9 @@ class HealthConfig(_Strict):
     healthy_after: Annotated[Int, Field(ge=1)] = 2  # successes in a row
     breaker_after: Annotated[Int, Field(ge=1)] = 5  # restarts that did not bring health back
     breaker_reset: Seconds = 60.0  # open -> half-open: one more restart is tried
+    # After a run starts, failed checks are not counted for this long (None: the runtime's
+    # own, e.g. vLLM 600 s): a server loading a large model is not hung.
+    start_period: Seconds | None = None
 
 
 class WarmupConfig(_Strict):

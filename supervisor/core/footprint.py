@@ -30,6 +30,9 @@ _BUFFER = re.compile(
     r"(?P<mib>\d+(?:\.\d+)?) MiB"
 )
 _BUILD = re.compile(r"\bbuild[: ]+(?P<build>\d+) \((?P<what>[^)]*)\)")
+_CONTEXT = re.compile(r"llama_context: n_ctx\s+= (?P<n>\d+)$")
+_SLOTS = re.compile(r"llama_context: n_seq_max\s+= (?P<n>\d+)$")
+CELL_PADDING = 256  # llama-server rounds each slot's share of -c up to a multiple of this
 _HOST_BUFFER = re.compile(r"^CPU(?:_\w+)?$|_Host$")
 
 
@@ -40,6 +43,17 @@ class Footprint:
     parts: dict[str, int]  # model, kv, compute, output: on the device (or host, CPU-only)
     on_device: bool  # False: a CPU-only run, the figures are host memory
     version: str | None  # the runtime's build, e.g. "b11669 (Debian)"
+    context: int | None = None  # the context the run allocated (n_ctx), as it printed it
+    slots: int | None = None  # its parallel sequences (n_seq_max)
+
+    def ran_with(self, context: int, slots: int) -> bool:
+        """Whether the run had this context and these slots (-c, -np); llama-server pads
+        each slot's share of the context to whole blocks of cells."""
+        if self.context is None or self.slots is None:
+            return True  # the report does not say: take it as asked
+        share = -(-context // slots)
+        padded = -(-share // CELL_PADDING) * CELL_PADDING
+        return self.slots == slots and self.context in (context, padded * slots)
 
     @property
     def total_bytes(self) -> int:
@@ -52,9 +66,14 @@ def llamacpp_footprint(lines: Iterable[str]) -> Footprint | None:
     device: dict[str, int] = {}
     host: dict[str, int] = {}
     version = None
-    for line in lines:
+    shape: dict[str, int] = {}
+    for raw in lines:
+        line = raw.rstrip()
         if version is None and (build := _BUILD.search(line)):
             version = f"b{build['build']} ({build['what']})"
+        for key, pattern in (("context", _CONTEXT), ("slots", _SLOTS)):
+            if key not in shape and (number := pattern.search(line)):
+                shape[key] = int(number["n"])
         found = _BUFFER.search(line)
         if found is None:
             continue
@@ -64,4 +83,10 @@ def llamacpp_footprint(lines: Iterable[str]) -> Footprint | None:
     if "model" not in device and "model" not in host:
         return None  # the report starts with the weights; without them it is no report
     parts = device if device else host
-    return Footprint({p: parts.get(p, 0) for p in PARTS}, bool(device), version)
+    return Footprint(
+        {p: parts.get(p, 0) for p in PARTS},
+        bool(device),
+        version,
+        shape.get("context"),
+        shape.get("slots"),
+    )

@@ -8,6 +8,9 @@ restarts in a row the breaker opens and no more restarts are made (a broken serv
 not restart-storm the host). After `breaker_reset` it half-opens: one more restart is
 tried; health coming back closes it, another failure opens it again. Any run of
 `healthy_after` successes closes it and clears the count.
+
+A check that fails within `start_period` of the run's start is not counted: a server
+still loading its model (minutes, for a large one) must not be restarted for it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from supervisor.core.config import HealthConfig
+from supervisor.core.config import HealthConfig, ServiceConfig
+from supervisor.core.runtimes import spec_of
 
 
 class HealthStatus(StrEnum):
@@ -112,3 +116,13 @@ def _success(health: Health, now: float, config: HealthConfig) -> tuple[Health, 
     if was is HealthStatus.UNHEALTHY or health.breaker is not Breaker.CLOSED:
         return h, Verdict(False, f"healthy again after {config.healthy_after} passed checks")
     return h, Verdict(False, "healthy" if was is HealthStatus.UNKNOWN else None)
+
+
+def start_period_s(service: ServiceConfig) -> float:
+    """How long after a run starts its failed checks are not counted: the service's
+    `health.start_period`, else its runtime's container check's (llama.cpp 300 s, vLLM 600
+    s), else none."""
+    if service.health.start_period is not None:
+        return service.health.start_period
+    check = spec_of(service.runtime).container_check
+    return float(check.start_period.removesuffix("s")) if check is not None else 0.0

@@ -33,7 +33,7 @@ from supervisor.core.backoff import APPLY_RETRY, GPU_FAULT_RESTART
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError, UsageError, http_status
 from supervisor.core.gpus import Gpu
-from supervisor.core.health import Health, observe
+from supervisor.core.health import Health, observe, start_period_s
 from supervisor.core.ladder import (
     VRAM_OOM,
     Action,
@@ -242,6 +242,7 @@ class HealthChecked:
     service: str
     ok: bool
     error: str | None
+    started_at: float | None = None  # a failed check: when the checked run started (epoch s)
 
 
 @dataclass(frozen=True)
@@ -536,9 +537,9 @@ PERSON_STOP_S = 30.0
 def _printed_by_the_rung_left(turn: _Turn, service: str, line: LineMatched) -> bool:
     """Whether the line comes from a run of a container that a change in flight is about
     to restart (it runs the rung being left), or from a run older than the one the latest
-    change started. A runtime may print its error twice (vLLM: the engine, then the API
-    server) and Docker may restart a failed container before fleetd does: none of that
-    is about the new rung."""
+    change started. A runtime may print its error twice (vLLM: its logger, then the
+    engine process's traceback) and Docker may restart a failed container before fleetd
+    does: none of that is about the new rung."""
     flight = turn.flight(service)
     restarted = turn.config.services[service].restarted
     if flight.phase is Phase.APPLYING and flight.new_model and line.container in restarted:
@@ -848,7 +849,17 @@ def _on_health(turn: _Turn, result: HealthChecked) -> None:
     flight = turn.set_flight(result.service, checking=False)
     if result.service not in turn.config.services or flight.busy:
         return
-    config = turn.config.services[result.service].health
+    service = turn.config.services[result.service]
+    config = service.health
+    if not result.ok and result.started_at is not None:
+        grace_s = start_period_s(service)
+        if turn.now - result.started_at < grace_s:  # still loading: not a failure yet
+            turn.log(
+                "DEBUG",
+                f"{result.service}: not answering yet, {turn.now - result.started_at:.0f} s "
+                f"into its {grace_s:.0f} s start period ({result.error})",
+            )
+            return
     health, verdict = observe(flight.health, result.ok, result.error, turn.now, config)
     turn.set_flight(result.service, health=health)
     turn.effects.append(Publish())

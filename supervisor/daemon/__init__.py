@@ -279,12 +279,16 @@ class Daemon:
             return
         timeout = self.config.services[name].health.timeout
 
+        container = self.config.services[name].containers[0]
+
         def check() -> None:
             try:
                 api.health(timeout)
                 self.queue.put(step.HealthChecked(name, True, None))
             except RuntimeApiError as e:
-                self.queue.put(step.HealthChecked(name, False, str(e)))
+                started_ns = self._started_ns(container)  # still loading, or hung?
+                started = started_ns / 1e9 if started_ns else None
+                self.queue.put(step.HealthChecked(name, False, str(e), started))
                 return
             self._read_footprint(name)
 

@@ -197,13 +197,24 @@ def measured_from_report(
         logger.warning(f"{service}: {model} printed no buffer report (started with -lv 4?)")
         return None
     rung = next((r for r in config.ladder if r.model == model), None)
+    context, parallel = (rung.context, rung.parallel) if rung else (None, None)
+    default = spec_of(config.runtime).default_context
+    if not found.ran_with(context or default, parallel or 1):
+        # The run had other options than the rung's (a container started with an older
+        # rung's arguments): the figure holds for what ran, and does not price this rung.
+        logger.warning(
+            f"{service}: {model} ran with context {found.context} and {found.slots} slots, "
+            f"not its rung's {context or default} and {parallel or 1}: its report is kept "
+            "for those, the rung keeps its estimate"
+        )
+        context, parallel = found.context, found.slots
     return Measured(
         vram_bytes=found.total_bytes,
         load_s=None,
         tokens_per_s=None,
         at=now,
         parts=found.parts,
-        context=rung.context if rung else None,
-        parallel=rung.parallel if rung else None,
+        context=context,
+        parallel=parallel,
         version=found.version,
     )

@@ -119,7 +119,7 @@ def test_ollama_step_down_pulls_unloads_warms_up_and_measures(fleet: Fleet) -> N
         "containers": [name],
         "restart": [],  # Ollama serves any model it has: nothing to restart, only to load
         "endpoint": endpoint,
-        "health": {"interval": "1s"},
+        "health": {"interval": "1s", "start_period": "0s"},
         "ladder": LADDER,
     }
     fleet.write_config({"chat": chat})
@@ -226,7 +226,7 @@ def test_failing_health_restarts_then_opens_the_breaker_and_flapping_does_not(
         FAULT_HEALTH="ok,fail",
     )  # fmt: skip
     health = {"interval": "0.3s", "timeout": "1s", "unhealthy_after": 2, "healthy_after": 2,
-              "breaker_after": 2, "breaker_reset": "1h"}  # fmt: skip
+              "breaker_after": 2, "breaker_reset": "1h", "start_period": "0s"}  # fmt: skip
     services = {
         "sick": {"runtime": "vllm", "containers": [sick], "endpoint": sick_at, "health": health,
                  "ladder": LADDER[2:]},
