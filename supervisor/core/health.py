@@ -120,9 +120,7 @@ def _success(health: Health, now: float, config: HealthConfig) -> tuple[Health, 
 
 def start_period_s(service: ServiceConfig) -> float:
     """How long after a run starts its failed checks are not counted: the service's
-    `health.start_period`, else its runtime's container check's (llama.cpp 300 s, vLLM 600
-    s), else none."""
+    `health.start_period`, else its runtime's (llama.cpp 300 s, vLLM 600 s, ...)."""
     if service.health.start_period is not None:
         return service.health.start_period
-    check = spec_of(service.runtime).container_check
-    return float(check.start_period.removesuffix("s")) if check is not None else 0.0
+    return spec_of(service.runtime).start_period_s

@@ -60,6 +60,7 @@ SPEC = RuntimeSpec(
     args=_args,
     api="LlamaCppApi",
     health_path="/health",
+    start_period_s=300.0,
     warmup_path="/v1/completions",
     overhead_mib=300,
     footprint_in_log=True,

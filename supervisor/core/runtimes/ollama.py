@@ -45,6 +45,7 @@ SPEC = RuntimeSpec(
     env=_env,
     api="OllamaApi",
     health_path="/api/version",
+    start_period_s=60.0,
     warmup_path="/api/generate",
     can_pull=True,
     can_unload=True,

@@ -20,6 +20,7 @@ SPEC = RuntimeSpec(
     ),
     api="SglangApi",
     health_path="/health",
+    start_period_s=600.0,
     warmup_path="/v1/completions",
     # SGLang reserves a static share of the GPU for its KV pool, like vLLM.
     overhead_mib=1024,

@@ -79,6 +79,9 @@ class RuntimeSpec:
     # The runtime's HTTP API (supervisor.edges.runtime_api); None: fleetd makes no API calls.
     api: str | None = None  # the client's class name
     health_path: str | None = None  # GET, 2xx when ready
+    # After a start, failed health checks are not counted for this long: loading a large
+    # model takes minutes, and a restart would only start the load again.
+    start_period_s: float = 0.0
     warmup_path: str | None = None  # POST, a short generation; None: no warm-up
 
     # Capabilities, read instead of checking a client's type.

@@ -21,6 +21,7 @@ SPEC = RuntimeSpec(
     ),
     api="TensorRtLlmApi",
     health_path="/health",
+    start_period_s=600.0,
     warmup_path="/v1/completions",
     # Its KV cache takes a fraction of the free GPU memory, like vLLM's pool.
     overhead_mib=1024,

@@ -16,6 +16,7 @@ SPEC = RuntimeSpec(
     ),
     api="TgiApi",
     health_path="/health",
+    start_period_s=600.0,
     warmup_path="/generate",
     # TGI sizes its KV pool to the memory it is given, like vLLM.
     overhead_mib=1024,

@@ -21,5 +21,6 @@ SPEC = RuntimeSpec(
     ),
     api="TritonApi",
     health_path="/v2/health/ready",
+    start_period_s=600.0,
     overhead_mib=1024,
 )

@@ -42,6 +42,7 @@ SPEC = RuntimeSpec(
     args=_args,
     api="VllmApi",
     health_path="/health",
+    start_period_s=600.0,
     warmup_path="/v1/completions",
     overhead_mib=1024,
     context_is_model_max=True,
