@@ -139,7 +139,7 @@ def _print_gpus(report: dict[str, Any], console: Console) -> None:
             "-" if used is None else format_size(used),
             format_size(g["total_bytes"]),
             "-" if budget is None else format_size(budget),
-            share if g["source"] == "nvml" else f"{share} ({g['source']}, no reading)",
+            share if g["source"] in ("nvml", "host") else f"{share} ({g['source']}, no reading)",
         )
     console.print()
     console.print(table)
