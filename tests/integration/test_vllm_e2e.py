@@ -242,7 +242,7 @@ def test_a_real_vllm_whose_kv_cache_cannot_hold_the_context_is_stepped_down(
         "import os\n"
         "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
         "    try:\n"
-        "        if b'EngineCore' in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+        "        if open(f'/proc/{pid}/cmdline', 'rb').read().startswith(b'VLLM::EngineCore'):\n"
         "            os.kill(int(pid), 9)\n"
         "    except OSError:\n"
         "        pass\n"
