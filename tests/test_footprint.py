@@ -146,3 +146,33 @@ def test_a_run_with_another_rungs_options_does_not_price_this_rung(tmp_path: Pat
     assert fits is not None and (fits.context, fits.parallel) == (2000, 1)
     same = matching.services["s"].ladder[0]
     assert rung_need(matching, Runtime.LLAMACPP, 0, same, {same.model: fits}).source == "measured"
+
+
+VLLM = Path(__file__).resolve().parent / "data" / "vllm"
+
+
+def test_vllm_reports_its_kv_cache_and_weights_on_cpu() -> None:
+    from supervisor.core.footprint import GIB, vllm_footprint
+
+    lines = (VLLM / "startup-healthy.log").read_text().splitlines()  # VLLM_CPU_KVCACHE_SPACE=1
+    found = vllm_footprint(lines)
+    assert found is not None and not found.on_device
+    assert found.parts["kv"] == GIB and found.version == "vLLM 0.32.0" and found.context == 2048
+    auto = vllm_footprint((VLLM / "startup-vllm-serve-default-kv.log").read_text().splitlines())
+    assert auto is not None  # sized by itself: 1.1 GiB of KV, 0.53 GiB for the rest
+    assert auto.parts["kv"] == round(1.1 * GIB) and auto.parts["compute"] == round(0.53 * GIB)
+
+
+def test_vllm_on_a_gpu_reports_weights_and_kv_on_the_device() -> None:
+    from supervisor.core.footprint import GIB, vllm_footprint
+
+    lines = [  # vLLM's GPU worker, as its source prints it (gpu_model_runner, gpu_worker)
+        "(EngineCore_DP0 pid=1) INFO 10-01 18:43:27 [gpu_model_runner.py:2653] Model loading"
+        " took 14.9921 GiB and 5.24 seconds",
+        "(EngineCore_DP0 pid=1) INFO 10-01 18:43:40 [gpu_worker.py:298] Available KV cache"
+        " memory: 17.54 GiB",
+    ]
+    found = vllm_footprint(lines)
+    assert found is not None and found.on_device
+    assert (found.parts["model"], found.parts["kv"]) == (round(14.9921 * GIB), round(17.54 * GIB))
+    assert vllm_footprint(lines[:1]) is None  # no KV cache yet: no report

@@ -202,12 +202,14 @@ def test_an_ensemble_needs_a_runtime_that_swaps_models(tmp_path: Path) -> None:
 
 def own_files(runtime: Runtime) -> set[str]:
     """Where a runtime's name may be spelled: its module, the enum, its template, its API
-    client and the detector rules in its wording (rules.py)."""
+    client, the detector rules in its wording (rules.py) and the parser of the report of
+    what it allocated (footprint.py)."""
     spec = spec_of(runtime)
     files = {f"supervisor/core/runtimes/{runtime.value}.py", "supervisor/core/runtimes/spec.py"}
     files |= {f"templates/{spec.template}"} if spec.template else set()
     files |= {"supervisor/edges/runtime_api.py"} if spec.api else set()
     files |= {"supervisor/core/rules.py"} if own_rule_ids(runtime) else set()
+    files |= {"supervisor/core/footprint.py"} if spec.footprint_in_log else set()
     return files
 
 

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from supervisor.core.units import MIB
+from supervisor.core.units import GIB, MIB
 
 PARTS = ("model", "kv", "compute", "output")
 _BUFFER = re.compile(
@@ -46,11 +46,13 @@ class Footprint:
     context: int | None = None  # the context the run allocated (n_ctx), as it printed it
     slots: int | None = None  # its parallel sequences (n_seq_max)
 
-    def ran_with(self, context: int, slots: int) -> bool:
+    def ran_with(self, context: int | None, slots: int) -> bool:
         """Whether the run had this context and these slots (-c, -np); llama-server pads
         each slot's share of the context to whole blocks of cells."""
-        if self.context is None or self.slots is None:
-            return True  # the report does not say: take it as asked
+        if self.context is None or context is None:
+            return True  # the report (or the rung) does not say: take it as asked
+        if self.slots is None:  # vLLM: no slots, the context as asked
+            return self.context == context
         share = -(-context // slots)
         padded = -(-share // CELL_PADDING) * CELL_PADDING
         return self.slots == slots and self.context in (context, padded * slots)
@@ -90,3 +92,50 @@ def llamacpp_footprint(lines: Iterable[str]) -> Footprint | None:
         shape.get("context"),
         shape.get("slots"),
     )
+
+
+# vLLM reports what it took at INFO level, whatever the device:
+#   Model loading took 14.9921 GiB and 5.24 seconds        (GPU: weights on the device)
+#   Available KV cache memory: 17.54 GiB                    (GPU: the KV cache it allocates)
+#   Checkpoint size: 0.00 GiB.                              (CPU: the weights)
+#   Explicitly set (1.0/16.34) GiB for KV cache on node 0.  (CPU: VLLM_CPU_KVCACHE_SPACE)
+#   Auto set (1.1/16.34) GiB for KV cache on node 0, ... 0.53 GiB memory was consumed by
+#   non-kv usages.                                          (CPU: sized by itself)
+_VLLM_GIB = (
+    ("model", True, re.compile(r"Model loading took (?P<gib>\d+(?:\.\d+)?) GiB")),
+    ("kv", True, re.compile(r"Available KV cache memory: (?P<gib>\d+(?:\.\d+)?) GiB")),
+    ("model", False, re.compile(r"Checkpoint size: (?P<gib>\d+(?:\.\d+)?) GiB")),
+    ("kv", False, re.compile(r"set \((?P<gib>\d+(?:\.\d+)?)/[\d.]+\) GiB for KV cache")),
+    ("non_kv", False, re.compile(r"(?P<gib>\d+(?:\.\d+)?) GiB memory was consumed by non-kv")),
+)
+_VLLM_VERSION = re.compile(r"Initializing a V1 LLM engine \(v(?P<v>[^)]+)\)")
+_VLLM_CONTEXT = re.compile(r"Using max model len (?P<n>\d+)")
+
+
+def vllm_footprint(lines: Iterable[str]) -> Footprint | None:
+    """vLLM's report of its weights and KV cache (and, on CPU when it sized the cache
+    itself, the rest); None when it reported no KV cache. Read once the server is healthy:
+    a start that failed after sizing its cache reports one too."""
+    found: dict[str, int] = {}
+    on_device = False
+    version = context = None
+    for line in lines:
+        for part, device, pattern in _VLLM_GIB:
+            if part not in found and (number := pattern.search(line)):
+                found[part] = round(float(number["gib"]) * GIB)
+                on_device = on_device or device
+        if version is None and (named := _VLLM_VERSION.search(line)):
+            version = f"vLLM {named['v']}"
+        if context is None and (length := _VLLM_CONTEXT.search(line)):
+            context = int(length["n"])
+    if "kv" not in found:
+        return None
+    model = found.get("model", 0)
+    compute = max(0, found["non_kv"] - model) if "non_kv" in found else 0
+    parts = {"model": model, "kv": found["kv"], "compute": compute, "output": 0}
+    return Footprint(parts, on_device, version, context, None)
+
+
+def runtime_footprint(parser: str, lines: Iterable[str]) -> Footprint | None:
+    """The report of the runtime whose registry entry names `parser`."""
+    return {"llamacpp": llamacpp_footprint, "vllm": vllm_footprint}[parser](lines)

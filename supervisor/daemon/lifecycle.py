@@ -9,7 +9,8 @@
       wait until the runtime answers its health check (its `health_path`), preload and
       warm up with a short generation (its `warmup_path`, when it has one), and measure:
       load time and tokens/s from the response, VRAM where `reports_measured_vram`, the
-      buffer report of its start-up log where `footprint_in_log` (llama.cpp)
+      report of what it allocated in its start-up log where `footprint_in_log`
+      (llama.cpp's buffer report, vLLM's weights and KV cache)
 
 A pull that fails leaves the old model running (the change is retried later). While
 settling, an out-of-memory line in the service's log (fleetd's detector sets `abort`)
@@ -29,7 +30,7 @@ from loguru import logger
 from supervisor.core.config import FleetConfig, ServiceConfig
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError
-from supervisor.core.footprint import llamacpp_footprint
+from supervisor.core.footprint import runtime_footprint
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import Measured
 from supervisor.core.units import format_size
@@ -192,19 +193,21 @@ def measured_from_report(
 ) -> Measured | None:
     """The runtime's buffer report in a run's log, as the measured need of the rung that
     runs `model` (with that rung's options); None, with a warning, when there is none."""
-    found = llamacpp_footprint(lines)
+    spec = spec_of(config.runtime)
+    assert spec.footprint_in_log is not None
+    found = runtime_footprint(spec.footprint_in_log, lines)
     if found is None:
-        logger.warning(f"{service}: {model} printed no buffer report (started with -lv 4?)")
+        logger.warning(f"{service}: {model} printed no report of what it allocated")
         return None
     rung = next((r for r in config.ladder if r.model == model), None)
     context, parallel = (rung.context, rung.parallel) if rung else (None, None)
-    default = spec_of(config.runtime).default_context
-    if not found.ran_with(context or default, parallel or 1):
+    asked = context or (None if spec.context_is_model_max else spec.default_context)
+    if not found.ran_with(asked, parallel or 1):
         # The run had other options than the rung's (a container started with an older
         # rung's arguments): the figure holds for what ran, and does not price this rung.
         logger.warning(
             f"{service}: {model} ran with context {found.context} and {found.slots} slots, "
-            f"not its rung's {context or default} and {parallel or 1}: its report is kept "
+            f"not its rung's {asked} and {parallel or 1}: its report is kept "
             "for those, the rung keeps its estimate"
         )
         context, parallel = found.context, found.slots

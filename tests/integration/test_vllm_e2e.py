@@ -217,10 +217,16 @@ def test_a_real_vllm_whose_kv_cache_cannot_hold_the_context_is_stepped_down(
     assert "the estimated maximum model length is" in change["evidence"]
     wait_healthy(port, START_S, fleet.log)
     state = fleet.wait_for(
-        "the warm-up",
-        lambda s: (s.get("measured", {}).get("/models/short") or {}).get("tokens_per_s"),
+        "the warm-up and vLLM's own report",
+        lambda s: (
+            (s.get("measured", {}).get("/models/short") or {}).get("tokens_per_s")
+            and (s.get("measured", {}).get("/models/short") or {}).get("parts")
+        ),
         120,
     )
+    seen = state["measured"]["/models/short"]
+    assert seen["parts"]["kv"] == 1024**3  # VLLM_CPU_KVCACHE_SPACE=1: its KV cache, reported
+    assert seen["version"] == "vLLM 0.32.0" and seen["vram_bytes"] == sum(seen["parts"].values())
     # vLLM printed each error twice per run and Docker raced fleetd's restart: the new rung
     # was never charged for the old one's lines.
     llm = state["services"]["llm"]

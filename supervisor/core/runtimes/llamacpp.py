@@ -63,6 +63,6 @@ SPEC = RuntimeSpec(
     start_period_s=300.0,
     warmup_path="/v1/completions",
     overhead_mib=300,
-    footprint_in_log=True,
+    footprint_in_log="llamacpp",
     sized_as_llama_server=True,
 )

@@ -88,7 +88,8 @@ class RuntimeSpec:
     can_pull: bool = False  # fetches a model it does not have through its API
     can_unload: bool = False  # frees a loaded model's VRAM through its API
     reports_measured_vram: bool = False  # says how much VRAM a loaded model really uses
-    footprint_in_log: bool = False  # prints its buffer sizes at start (core/footprint.py)
+    # It prints what it allocated at start; the parser's name (core/footprint.py).
+    footprint_in_log: str | None = None
     swaps_models: bool = False  # one server loads models in turn: `ensemble:` is allowed
     instance_limited: bool = False  # counts against `ollama_instances_per_gpu`
 

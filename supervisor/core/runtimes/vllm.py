@@ -45,6 +45,7 @@ SPEC = RuntimeSpec(
     start_period_s=600.0,
     warmup_path="/v1/completions",
     overhead_mib=1024,
+    footprint_in_log="vllm",
     context_is_model_max=True,
     one_sequence_at_start=True,
 )
