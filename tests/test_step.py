@@ -339,6 +339,17 @@ def test_a_change_applied_goes_into_the_history_then_settles(fleet: World) -> No
     assert "2400 MiB VRAM measured (planned 2500 MiB)" in logs(effects)
 
 
+def test_on_a_cpu_host_the_measured_need_is_host_memory(tmp_path: Path) -> None:
+    run = Run(make_world(tmp_path, "accelerator: cpu\n" + FLEET))
+    restart = step_down_to_medium(run)
+    run(step.Applied("svc", restart.change, None, settles=True), 4)
+    measured = Measured(2400 * MIB, 1.5, 40.0, T0 + 6)
+    effects = run(
+        step.SettleDone(restart.change, Settled("svc", "medium", True, "ready", measured)), 6
+    )
+    assert "2400 MiB host memory measured (planned 2500 MiB)" in logs(effects)
+
+
 def test_an_oom_while_the_new_model_loads_aborts_its_wait_and_steps_down_again(
     fleet: World,
 ) -> None:

@@ -830,7 +830,8 @@ def _vram_note(turn: _Turn, result: Settled) -> str:
     rung = next((i for i, r in enumerate(service.ladder) if r.model == result.model), None)
     needs = turn.world.needs_bytes(result.service)
     planned = f" (planned {format_size(needs[rung])})" if rung is not None else ""
-    return f"; {format_size(vram)} VRAM measured{planned}"
+    memory = "host memory" if turn.config.accelerator == "cpu" else "VRAM"
+    return f"; {format_size(vram)} {memory} measured{planned}"
 
 
 def _check_health(turn: _Turn, service: str) -> None:

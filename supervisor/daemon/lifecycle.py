@@ -37,7 +37,7 @@ from supervisor.core.units import format_size
 from supervisor.edges.runtime_api import PullProgress, RuntimeApi, RuntimeApiError, api_for
 
 PULL_TIMEOUT_S = 6 * 3600.0  # a 70B model over a slow link
-READY_POLL_S = 0.5
+READY_POLL_S = 0.1  # a health GET every 0.1 s while a new model loads: cheap, and no wait
 REPORT_EVERY_S = 2.0
 
 
