@@ -247,6 +247,9 @@ def test_only_the_socket_group_may_change_anything_and_status_never_needs_it(
     assert (socket_stat.st_mode & 0o777, socket_stat.st_gid) == (0o660, SOCKET_GROUP)
 
     # Outside the group: status still works from the state file, changes are refused.
+    # The socket listens before fleetd's first save (a socket in use fails fast): wait for
+    # the file this user reads.
+    fleet.wait_for("the first save", lambda s: "web" in s["services"], 30)
     status = as_user(fleet, NOBODY, [], "status", "--json")
     assert status.returncode == 0, status
     assert json.loads(status.stdout)["services"]["web"]["rung"] == 0
