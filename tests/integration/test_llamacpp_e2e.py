@@ -298,8 +298,8 @@ def test_a_silent_cgroup_kill_is_a_host_oom_from_dockers_state_and_no_step_down(
 
     state = fleet.wait_for("a host_oom incident", host_oom_seen, 60)
     incidents = state["services"]["llm"]["incidents"]
-    first = incidents[0]
-    assert (first["class"], first["rule"]) == ("host_oom", "docker.oom_event")
+    # Docker sends the kill as an `oom` event and a `die` with exit 137, in either order.
+    assert {i["rule"] for i in incidents} <= {"docker.oom_event", "docker.exit_137"}, incidents
     assert all(i["class"] == "host_oom" for i in incidents)
     # Docker reports each kill twice (`oom`, then `die` with exit 137): one incident.
     for before, after in itertools.pairwise(incidents):
