@@ -150,6 +150,15 @@ def compose_cli(request: pytest.FixtureRequest) -> ComposeCli:
     return found
 
 
+@pytest.fixture(scope="module")
+def compose_v2() -> ComposeCli:
+    """Compose v2, what the end-to-end tests run projects with (most users run it)."""
+    found = find_compose("v2")
+    if isinstance(found, str):
+        _unavailable(found)
+    return found
+
+
 # Teardown order: containers hold networks and volumes, images may back containers.
 _REMOVAL_ORDER = (Container, Network, Volume, Image)
 

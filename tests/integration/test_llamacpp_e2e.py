@@ -15,11 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +26,10 @@ import docker
 import pytest
 import yaml
 
-from tests.entrypoints import entry_point
 from tests.ggufmodels import GgufShape, write_gguf
-from tests.integration.conftest import ComposeCli, _unavailable, build_test_image, find_compose
+from tests.integration.conftest import ComposeCli, build_test_image
 from tests.integration.fleet_harness import Fleet
+from tests.integration.servers import fleetctl, free_port, get, post_json
 
 pytestmark = pytest.mark.integration
 
@@ -57,45 +54,6 @@ CAPACITY_RULE = {
 @pytest.fixture(scope="module")
 def llamacpp_image(docker_client: docker.DockerClient) -> str:
     return build_test_image(docker_client, "llamacpp", IMAGE)
-
-
-@pytest.fixture(scope="module")
-def compose_v2() -> ComposeCli:
-    found = find_compose("v2")
-    if isinstance(found, str):
-        _unavailable(found)
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:  # refused or reset while the container (re)starts
-        return 0, str(e)
-
-
-def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        found: dict[str, Any] = json.loads(reply.read())
-    return found
-
-
-def fleetctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [entry_point("fleetctl"), *args], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 class Project:

@@ -16,12 +16,8 @@ the image's own writer makes (tests/images/vllm/write_model.py), so nothing is d
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +32,9 @@ from testcontainers.core.wait_strategies import HttpWaitStrategy
 from supervisor.core.detector import Detector
 from supervisor.core.runtimes import Runtime
 from supervisor.edges.runtime_api import api_for
-from tests.entrypoints import entry_point
-from tests.integration.conftest import ComposeCli, _unavailable, build_test_image, find_compose
+from tests.integration.conftest import ComposeCli, build_test_image
 from tests.integration.fleet_harness import Fleet
+from tests.integration.servers import fleetctl, free_port, get, post_json
 
 pytestmark = pytest.mark.integration
 
@@ -76,41 +72,11 @@ def models(
     return folder
 
 
-@pytest.fixture(scope="module")
-def compose_v2() -> ComposeCli:
-    found = find_compose("v2")
-    if isinstance(found, str):
-        _unavailable(found)
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:  # refused or reset while the container (re)starts
-        return 0, str(e)
-
-
 def wait_healthy(port: int, timeout_s: float, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while get(f"http://127.0.0.1:{port}/health")[0] != 200:
         assert time.monotonic() < deadline, log.read_text()[-5000:]
         time.sleep(0.5)
-
-
-def fleetctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [entry_point("fleetctl"), *args], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 # --- the real API ------------------------------------------------------------------------
@@ -233,13 +199,10 @@ def test_a_real_vllm_whose_kv_cache_cannot_hold_the_context_is_stepped_down(
     assert llm["rung"] == 1 and llm["state"] != "exhausted", llm
     log = fleet.log.read_text()
     assert "no rung below needs less VRAM" not in log and "EXHAUSTED" not in log
-    request = urllib.request.Request(
+    answer = post_json(
         f"http://127.0.0.1:{port}/v1/completions",
-        json.dumps({"model": "/models/short", "prompt": "hello", "max_tokens": 4}).encode(),
-        {"Content-Type": "application/json"},
+        {"model": "/models/short", "prompt": "hello", "max_tokens": 4},
     )
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        answer = json.loads(reply.read())
     assert answer["choices"][0]["text"] is not None and answer["usage"]["completion_tokens"] >= 1
 
     # Its engine dies: the API server exits 0, which Docker's restart policy may not
