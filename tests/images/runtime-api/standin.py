@@ -49,12 +49,37 @@ Test-only paths, on every runtime, never in the real programs:
 
 Endpoints:
   ollama    GET|HEAD /, GET /api/version, GET /api/tags, GET /api/ps, POST /api/pull,
-            POST /api/generate, POST /api/chat
+            POST /api/generate, POST /api/chat, POST /api/create, POST /api/copy,
+            DELETE /api/delete, POST /api/show
   vllm      GET /health, GET /version, GET /v1/models, POST /v1/completions
   llamacpp  GET /health (/v1/health), GET /v1/models (/models), POST /completion,
             POST /v1/completions
-  Streaming: /api/pull, /api/generate and /api/chat stream NDJSON unless "stream": false;
-  vllm and llamacpp answer non-streamed only.
+  Streaming: /api/pull, /api/create, /api/generate and /api/chat stream NDJSON unless
+  "stream": false; vllm and llamacpp answer non-streamed only. An error line ends a stream;
+  an error before any line is the whole answer, {"error"} with its status.
+
+Ollama's models: each one present is a manifest of layers (weights, template, parameters,
+and what /api/create adds: system, license, messages), every pulled model a Llama-3-shaped
+GGUF with the Llama 3 template and its stop parameters.
+  /api/create   {"model", "from", "parameters", "system", "template", "license",
+                "messages", "stream"}: a new model on the weights of `from` (its VRAM size
+                too), its parameters merged over those of `from`. A `from` not present is
+                pulled first, as Ollama does, its pull lines and "success" included; one the
+                registry (MODEL_SIZES) does not know ends in the pull's error. "files" and
+                "adapters" need blobs the stand-in does not keep: 400; "quantize" fails as
+                on any Q4_K_M model
+  /api/copy     {"source", "destination"}: 200 with no body; 404 {"error": 'model "x" not
+                found'}
+  /api/delete   {"model"}: 200 with no body, the model unloaded first if loaded (what
+                `ollama rm` does before it calls DELETE); 404 {"error": "model 'x' not found"}
+  /api/show     {"model", "system"}: modelfile, parameters ("%-30s %#v" lines, keys sorted
+                where Go's map order is random), template, system, details (parent_model:
+                the `from` a model was created from), messages, model_info, tensors,
+                capabilities, modified_at; "verbose" is answered as without it
+  A model's num_ctx (default 4096, OLLAMA_CONTEXT_LENGTH's) is the context it loads with:
+  /api/ps reports it as context_length (a field of Ollama 0.10.0 and later) and the runner
+  start line as --ctx-size, 4 parallel slots of it. A created model loads under its own name
+  and digest; re-creating a loaded one reloads it on its next request.
 
 Outcomes:
   a model that does not fit (more than CAPACITY_MIB less what stays loaded)
@@ -76,10 +101,22 @@ Where the API facts come from:
           errors mid-stream, /api/version); ollama/ollama server/routes.go
           (GenerateHandler: 404 "model 'x' not found", done_reason "load"; ChatHandler and
           handleScheduleError: 404 `model "x" not found, try pulling it first`, other
-          scheduling errors 500; PsHandler sorting; waitForStream: 500 for a non-streamed
-          failure); server/download.go (progress "pulling <12 hex>" every 60 ms with digest,
-          total, completed); server/images.go (verifying sha256 digest, writing manifest,
-          success); llm/status.go (the runner's "cudaMalloc failed" line becomes the error);
+          scheduling errors 500; PsHandler sorting; ListHandler: newest first; waitForStream:
+          500 for a non-streamed failure; streamResponse: an error ends the stream;
+          CopyHandler, DeleteHandler, ShowHandler and GetModelInfo: fields, 400 'source "x" is
+          invalid', "model is required", 404 wording, the parameters text and modelfile
+          header); server/create.go (CreateHandler, createModel, setParameters merging over
+          the base's: "using existing layer" / "creating new layer sha256:<hex>", "writing
+          manifest", "success"; "neither 'from' or 'files' was specified"); server/model.go
+          (parseFromModel pulls a missing base); server/images.go (Model.String: the
+          modelfile, Capabilities); parser/parser.go (modelfile quoting); api/types.go
+          (CreateRequest, CopyRequest, DeleteRequest, ShowRequest, ShowResponse,
+          ProcessModelResponse.context_length, added in v0.10.0 by #11331 as num_ctx per
+          parallel slot); envconfig/config.go (OLLAMA_CONTEXT_LENGTH 4096); cmd/cmd.go
+          (DeleteHandler unloads before deleting); server/download.go (progress "pulling
+          <12 hex>" every 60 ms with digest, total, completed); server/images.go (verifying
+          sha256 digest, writing manifest, success); llm/status.go (the runner's
+          "cudaMalloc failed" line becomes the error);
           github.com/ollama/ollama/issues/9782 ("Error: llama runner process has terminated:
           cudaMalloc failed: out of memory"); issues/1158 and /1668 ("max retries exceeded:
           unexpected EOF" ending a pull)
@@ -108,7 +145,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -125,6 +163,16 @@ PROMPT_SPEEDUP = 10  # prompt tokens are read this many times faster than genera
 PULL_TICK_S = 0.06  # Ollama reports download progress every 60 ms
 VLLM_MAX_MODEL_LEN = 8192
 KEEP_ALIVE_DEFAULT_S = 300.0
+DEFAULT_NUM_CTX = 4096  # Ollama's OLLAMA_CONTEXT_LENGTH default
+NUM_PARALLEL = 4  # the slots Ollama 0.6.8 runs a model with when it fits
+OLLAMA_BLOBS = "/root/.ollama/models/blobs"
+LLAMA3_TEMPLATE = (
+    "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
+    "{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}"
+    "<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}"
+    "<|eot_id|>"
+)
+LLAMA3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven")
 
 
@@ -606,29 +654,321 @@ class Loaded:
     size_mib: int
     expires_at: float  # epoch seconds; math.inf: kept loaded forever
     last_used: float  # monotonic, for least-recently-used eviction
+    digest: str  # of the manifest it was loaded from: a re-created model reloads
+    context_length: int
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def go_json(value: Any) -> str:
+    """What Go's json.Encoder writes: compact, map keys sorted, <>& escaped, a newline."""
+    text = json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escape)
+    return text + "\n"
 
 
 @dataclass
 class Present:
+    """A model on disk: what the layers of its manifest hold."""
+
     name: str
     size_mib: int
-    modified_at: str
+    modified_ns: int
+    weights: str  # sha256 hex of the GGUF blob; a created model shares its base's
+    template: str = LLAMA3_TEMPLATE
+    parameters: dict[str, Any] = field(default_factory=lambda: {"stop": list(LLAMA3_STOP)})
+    system: str = ""
+    licenses: list[str] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    parent_model: str = ""  # the model it was created from
+
+    def layers(self) -> list[tuple[str, int]]:
+        """(sha256 hex, bytes) of each layer, in the order createModel leaves them."""
+        texts = [self.template, *([self.system] if self.system else []), *self.licenses]
+        texts += [go_json(self.parameters)] if self.parameters else []
+        texts += [go_json(self.messages)] if self.messages else []
+        blobs = [(sha256_hex(t), len(t.encode())) for t in texts]
+        return [(self.weights, self.size_mib * MIB), *blobs]
+
+    @property
+    def digest(self) -> str:
+        """The manifest's: the same layers (a copy) have the same digest."""
+        return sha256_hex(" ".join(blob for blob, _ in self.layers()))
+
+    @property
+    def num_ctx(self) -> int:
+        """The context it loads with; ApiError 500 as Ollama's options check answers."""
+        value = self.parameters.get("num_ctx")
+        if value is None:
+            return DEFAULT_NUM_CTX
+        if not _is_number(value):
+            raise ApiError(500, {"error": 'option "num_ctx" must be of type integer'})
+        return int(value)
 
 
-def digest(name: str, part: str = "manifest") -> str:
-    return hashlib.sha256(f"{name}/{part}".encode()).hexdigest()
+def weights_blob(name: str) -> str:
+    """The sha256 hex of a registry model's GGUF blob."""
+    return sha256_hex(f"{name}/model")
 
 
-def details(size_mib: int) -> dict[str, Any]:
-    billions = size_mib * MIB / 0.6e9  # about 0.6 bytes a parameter at Q4_K_M
+def parameter_count(size_mib: int) -> int:
+    return int(size_mib * MIB / 0.6)  # about 0.6 bytes a parameter at Q4_K_M
+
+
+def details(size_mib: int, parent_model: str = "") -> dict[str, Any]:
     return {
-        "parent_model": "",
+        "parent_model": parent_model,
         "format": "gguf",
         "family": "llama",
         "families": ["llama"],
-        "parameter_size": f"{billions:.1f}B",
+        "parameter_size": f"{parameter_count(size_mib) / 1e9:.1f}B",
         "quantization_level": "Q4_K_M",
     }
+
+
+# --- Ollama: what /api/show reports of a model -------------------------------------------
+
+LLAMA3_SHAPE: dict[str, Any] = {  # Llama 3 8B's GGUF metadata, whatever the model's size
+    "llama.attention.head_count": 32,
+    "llama.attention.head_count_kv": 8,
+    "llama.attention.layer_norm_rms_epsilon": 1e-05,
+    "llama.block_count": 32,
+    "llama.context_length": 131072,
+    "llama.embedding_length": 4096,
+    "llama.feed_forward_length": 14336,
+    "llama.rope.dimension_count": 128,
+    "llama.rope.freq_base": 500000,
+    "llama.vocab_size": 128256,
+}
+
+
+def model_info(size_mib: int) -> dict[str, Any]:
+    """GGUF metadata as /api/show lists it, long arrays emptied as without "verbose"."""
+    return {
+        "general.architecture": "llama",
+        "general.file_type": 15,  # Q4_K_M
+        "general.parameter_count": parameter_count(size_mib),
+        "general.quantization_version": 2,
+        **LLAMA3_SHAPE,
+        "tokenizer.ggml.bos_token_id": 128000,
+        "tokenizer.ggml.eos_token_id": 128009,
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.token_type": [],
+        "tokenizer.ggml.tokens": [],
+    }
+
+
+def tensors() -> list[dict[str, Any]]:
+    """The tensors of a Q4_K_M Llama 3 8B GGUF: name, type, shape."""
+    embd, ffn, kv, vocab = 4096, 14336, 1024, 128256
+    block = [
+        ("attn_norm", "F32", [embd]), ("attn_q", "Q4_K", [embd, embd]),
+        ("attn_k", "Q4_K", [embd, kv]), ("attn_v", "Q6_K", [embd, kv]),
+        ("attn_output", "Q4_K", [embd, embd]), ("ffn_norm", "F32", [embd]),
+        ("ffn_gate", "Q4_K", [embd, ffn]), ("ffn_up", "Q4_K", [embd, ffn]),
+        ("ffn_down", "Q6_K", [ffn, embd]),
+    ]  # fmt: skip
+    rows = [("token_embd.weight", "Q4_K", [embd, vocab])]
+    for i in range(LLAMA3_SHAPE["llama.block_count"]):
+        rows += [(f"blk.{i}.{name}.weight", kind, shape) for name, kind, shape in block]
+    rows += [("output_norm.weight", "F32", [embd]), ("output.weight", "Q6_K", [embd, vocab])]
+    return [{"name": name, "type": kind, "shape": shape} for name, kind, shape in rows]
+
+
+def go_number(value: float) -> str:
+    """A float64 as Go's %v writes it: shortest digits, e-notation below 1e-4 or from 1e6."""
+    number = Decimal(repr(float(value))).normalize()
+    if -4 <= number.adjusted() < 6:
+        return f"{number:f}"
+    mantissa, _, power = f"{number:e}".partition("e")
+    return f"{mantissa}e{power[0]}{int(power[1:]):02d}"
+
+
+def go_text(value: Any, quoted: bool) -> str:
+    """A decoded JSON value as Go's %#v (quoted) or %v writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if _is_number(value):
+        return go_number(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False) if quoted else value
+    return "<nil>" if value is None else json.dumps(value)
+
+
+def parameter_values(parameters: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) for each parameter, one a list entry; keys sorted."""
+    pairs: list[tuple[str, Any]] = []
+    for key in sorted(parameters):
+        value = parameters[key]
+        pairs += [(key, v) for v in value] if isinstance(value, list) else [(key, value)]
+    return pairs
+
+
+def modelfile_quote(text: str) -> str:
+    """parser.quote: quotes only a value a Modelfile line could not hold bare."""
+    if "\n" in text or text.startswith(" ") or text.endswith(" "):
+        return f'"""{text}"""' if '"' in text else f'"{text}"'
+    return text
+
+
+def modelfile(model: Present, system: str) -> str:
+    """The Modelfile /api/show reports (Model.String under its two comment lines)."""
+    lines = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {model.name}",
+        "",
+        f"FROM {OLLAMA_BLOBS}/sha256-{model.weights}",
+        f"TEMPLATE {modelfile_quote(model.template)}",
+    ]
+    lines += [f"SYSTEM {modelfile_quote(system)}"] if system else []
+    lines += [
+        f"PARAMETER {key} {modelfile_quote(go_text(value, quoted=False))}"
+        for key, value in parameter_values(model.parameters)
+    ]
+    lines += [f"LICENSE {modelfile_quote(text)}" for text in model.licenses]
+    lines += [f"MESSAGE {m['role']} {modelfile_quote(m['content'])}" for m in model.messages]
+    return "\n".join(lines) + "\n"
+
+
+def show_document(model: Present, system: str = "") -> dict[str, Any]:
+    """POST /api/show's answer; `system` (the request's) replaces the model's own."""
+    system = system or model.system
+    capabilities = ["completion"]
+    capabilities += ["tools"] if re.search(r"\.Tools\b", model.template) else []
+    capabilities += ["insert"] if re.search(r"\.Suffix\b", model.template) else []
+    document: dict[str, Any] = {
+        "license": "\n".join(model.licenses),
+        "modelfile": modelfile(model, system),
+        "parameters": "\n".join(
+            f"{key:<30} {go_text(value, quoted=True)}"
+            for key, value in parameter_values(model.parameters)
+        ),
+        "template": model.template,
+        "system": system,
+        "details": details(model.size_mib, model.parent_model),
+        "messages": model.messages,
+        "model_info": model_info(model.size_mib),
+        "tensors": tensors(),
+        "capabilities": capabilities,
+        "modified_at": go_time(model.modified_ns),
+    }
+    # Go's omitempty: no key for an empty string or list
+    return {k: v for k, v in document.items() if v not in ("", [])}
+
+
+# --- Ollama: the bodies of /api/create, /api/copy, /api/delete -----------------------------
+
+_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]*/){0,2}[A-Za-z0-9][\w.-]{0,79}(?::\w[\w.-]{0,79})?")
+_JSON_KINDS = {str: "string", bool: "bool", int: "number", float: "number", list: "array"}
+
+
+def valid_name(name: str) -> bool:
+    """[host/][namespace/]model[:tag], as model.ParseName accepts it."""
+    return _NAME.fullmatch(name) is not None
+
+
+def go_field(body: dict[str, Any], key: str, want: type, go_type: str, struct: str) -> Any:
+    """body[key] when its JSON type is what Go's binding wants (null: absent), else 400."""
+    value = body.get(key)
+    if value is None or isinstance(value, want):
+        return value
+    kind = _JSON_KINDS.get(type(value), "object")
+    message = f"json: cannot unmarshal {kind} into Go struct field {struct}.{key} of type {go_type}"
+    raise ApiError(400, {"error": message})
+
+
+@dataclass
+class CreateRequest:
+    """A checked POST /api/create body: a new model on the layers of `base`."""
+
+    name: str
+    base: str
+    template: str
+    system: str
+    parameters: dict[str, Any]
+    licenses: list[str]
+    messages: list[dict[str, str]]
+    quantize: str
+
+    def model(self, base: Present) -> Present:
+        """What createModel writes: `base`'s layers, these replacing or merged over them."""
+        return Present(
+            name=self.name,
+            size_mib=base.size_mib,
+            modified_ns=time.time_ns(),
+            weights=base.weights,
+            template=self.template or base.template,
+            parameters={**base.parameters, **self.parameters},
+            system=self.system or base.system,
+            licenses=base.licenses + self.licenses,
+            messages=self.messages or base.messages,
+            parent_model=base.name,
+        )
+
+
+CREATE_FIELDS: dict[str, tuple[type, str]] = {
+    "model": (str, "string"),
+    "name": (str, "string"),
+    "from": (str, "string"),
+    "template": (str, "string"),
+    "system": (str, "string"),
+    "quantize": (str, "string"),
+    "quantization": (str, "string"),
+    "stream": (bool, "bool"),
+    "parameters": (dict, "map[string]interface {}"),
+    "messages": (list, "[]api.Message"),
+    "files": (dict, "map[string]string"),
+    "adapters": (dict, "map[string]string"),
+}
+
+
+def parse_create(body: dict[str, Any]) -> CreateRequest:
+    """The request, or ApiError 400 with CreateHandler's answer, in its order of checks."""
+    fields = {k: go_field(body, k, *kind, "CreateRequest") for k, kind in CREATE_FIELDS.items()}
+    if fields["files"] or fields["adapters"]:
+        raise ApiError(400, {"error": 'standin: no blobs are kept here, create "from" a model'})
+    name = fields["model"] or fields["name"] or ""
+    base = fields["from"] or ""
+    if not valid_name(name) or (base and not valid_name(base)):
+        raise ApiError(400, {"error": "invalid model name"})
+    if not base:
+        raise ApiError(400, {"error": "neither 'from' or 'files' was specified"})
+    return CreateRequest(
+        name=ollama_name(name),
+        base=ollama_name(base),
+        template=fields["template"] or "",
+        system=fields["system"] or "",
+        parameters=fields["parameters"] or {},
+        licenses=_licenses(body.get("license")),
+        messages=_messages(fields["messages"] or []),
+        quantize=fields["quantize"] or fields["quantization"] or "",
+    )
+
+
+def _licenses(value: Any) -> list[str]:
+    """CreateRequest.license: a string or a list of them."""
+    if value is None:
+        return []
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, {"error": f"license must be a string or a list of them: {value!r}"})
+    return [t for t in texts if t]
+
+
+def _messages(value: list[Any]) -> list[dict[str, str]]:
+    fine = all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    )
+    if not fine:
+        raise ApiError(400, {"error": "messages: each must have a string role and content"})
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
@@ -667,9 +1007,10 @@ class Ollama(Runtime):
         super().__init__(config, faults)
         self.lock = threading.Lock()  # guards present and loaded
         self.load_lock = threading.Lock()  # one load at a time, as Ollama's scheduler does
-        stamp = go_time()
+        stamp = time.time_ns()
         self.present = {
-            n: Present(n, self.need_mib(n), stamp) for n in dict.fromkeys(config.models_present)
+            n: Present(n, self.need_mib(n), stamp, weights_blob(n))
+            for n in dict.fromkeys(config.models_present)
         }
         self.loaded: dict[str, Loaded] = {}
         self.routes.update(
@@ -682,6 +1023,10 @@ class Ollama(Runtime):
                 ("POST", "/api/pull"): self.pull,
                 ("POST", "/api/generate"): self.generate_route,
                 ("POST", "/api/chat"): self.chat_route,
+                ("POST", "/api/create"): self.create,
+                ("POST", "/api/copy"): self.copy,
+                ("DELETE", "/api/delete"): self.delete,
+                ("POST", "/api/show"): self.show,
             }
         )
 
@@ -718,16 +1063,18 @@ class Ollama(Runtime):
 
     def tags(self, h: Handler) -> None:
         with self.lock:
+            # newest first, by the second (ListHandler compares Unix seconds, stably)
+            present = sorted(self.present.values(), key=lambda p: -(p.modified_ns // 10**9))
             models = [
                 {
                     "name": p.name,
                     "model": p.name,
-                    "modified_at": p.modified_at,
+                    "modified_at": go_time(p.modified_ns),
                     "size": p.size_mib * MIB,
-                    "digest": digest(p.name),
+                    "digest": p.digest,
                     "details": details(p.size_mib),
                 }
-                for p in self.present.values()
+                for p in present
             ]
         h.reply_json(200, {"models": models})
 
@@ -748,10 +1095,11 @@ class Ollama(Runtime):
             "name": m.name,
             "model": m.name,
             "size": m.size_mib * MIB,
-            "digest": digest(m.name),
+            "digest": m.digest,
             "details": details(m.size_mib),
             "expires_at": go_time(expires_ns),
             "size_vram": m.size_mib * MIB,
+            "context_length": m.context_length,
         }
 
     # --- /api/pull ---
@@ -762,13 +1110,16 @@ class Ollama(Runtime):
         if not isinstance(name, str) or not name.strip():
             raise ApiError(400, {"error": "invalid model name"})
         progress = self._pull_progress(ollama_name(name.strip()))
-        if body.get("stream") is False:
-            self._pull_unstreamed(h, progress)
-        else:
-            h.stream_ndjson(progress)
+        self._reply_progress(h, progress, stream=body.get("stream") is not False)
 
     @staticmethod
-    def _pull_unstreamed(h: Handler, progress: Iterator[dict[str, Any]]) -> None:
+    def _reply_progress(h: Handler, progress: Iterator[dict[str, Any]], stream: bool) -> None:
+        """Stream the lines, or answer the last; an error before any line answers alone."""
+        first = next(progress)
+        progress = itertools.chain([first], progress)
+        if stream and "error" not in first:
+            h.stream_ndjson(progress)
+            return
         latest: dict[str, Any] = {}
         for document in progress:
             if "error" in document:
@@ -784,11 +1135,9 @@ class Ollama(Runtime):
             return
         with self.lock:
             already = name in self.present
-        size_mib = self.config.sizes[name]
-        layers = [(digest(name, "model"), size_mib * MIB), (digest(name, "template"), 1429)]
-        layers.append((digest(name, "params"), 96))
+        model = Present(name, self.config.sizes[name], 0, weights_blob(name))
         fail_at = self.faults.pull_fail_at
-        for i, (blob, total) in enumerate(layers):
+        for i, (blob, total) in enumerate(model.layers()):
             stop_at = None if already or fail_at is None or i > 0 else int(total * fail_at)
             yield from self._download(blob, total, done=already, stop_at=stop_at)
             if stop_at is not None:
@@ -796,8 +1145,9 @@ class Ollama(Runtime):
                 return
         yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
+        model.modified_ns = time.time_ns()
         with self.lock:
-            self.present[name] = Present(name, size_mib, go_time())
+            self.present[name] = model
         yield {"status": "success"}
 
     def _download(
@@ -816,6 +1166,80 @@ class Ollama(Runtime):
                 return
             time.sleep(PULL_TICK_S)
             completed = min(end, int((time.monotonic() - start) * rate))
+
+    # --- /api/create, /api/copy, /api/delete, /api/show ---
+
+    def create(self, h: Handler) -> None:
+        body = json_body(h)
+        request = parse_create(body)
+        self._reply_progress(h, self._create_progress(request), body.get("stream") is not False)
+
+    def _create_progress(self, request: CreateRequest) -> Iterator[dict[str, Any]]:
+        with self.lock:
+            base = self.present.get(request.base)
+        if base is None:  # parseFromModel pulls a base it does not have, lines and all
+            for document in self._pull_progress(request.base):
+                yield document
+                if "error" in document:
+                    return
+            with self.lock:
+                base = self.present[request.base]
+        if request.quantize:  # createModel's answer for a model already quantized
+            yield {"error": "quantization is only supported for F16 and F32 models"}
+            return
+        model = request.model(base)
+        with self.lock:
+            kept = {blob for p in self.present.values() for blob, _ in p.layers()}
+        for blob, _ in model.layers():
+            verb = "using existing" if blob in kept else "creating new"
+            yield {"status": f"{verb} layer sha256:{blob}"}
+        yield {"status": "writing manifest"}
+        with self.lock:
+            self.present[model.name] = model
+        yield {"status": "success"}
+
+    def copy(self, h: Handler) -> None:
+        body = json_body(h)
+        source = go_field(body, "source", str, "string", "CopyRequest") or ""
+        destination = go_field(body, "destination", str, "string", "CopyRequest") or ""
+        for role, name in (("source", source), ("destination", destination)):
+            if not valid_name(name):
+                raise ApiError(400, {"error": f"{role} {json.dumps(name)} is invalid"})
+        with self.lock:
+            model = self.present.get(ollama_name(source))
+            if model is None:
+                raise ApiError(404, {"error": f"model {json.dumps(source)} not found"})
+            if model.name != ollama_name(destination):  # the manifest file, copied as is
+                copied = replace(model, name=ollama_name(destination), modified_ns=time.time_ns())
+                self.present[copied.name] = copied
+        h.reply(200, b"", None)
+
+    def delete(self, h: Handler) -> None:
+        body = json_body(h)
+        asked = go_field(body, "model", str, "string", "DeleteRequest") or ""
+        asked = asked or go_field(body, "name", str, "string", "DeleteRequest") or ""
+        if not valid_name(asked):
+            raise ApiError(400, {"error": f"name {json.dumps(asked)} is invalid"})
+        with self.lock:
+            if self.present.pop(ollama_name(asked), None) is None:
+                raise ApiError(404, {"error": f"model '{asked}' not found"})
+            self.loaded.pop(ollama_name(asked), None)  # as `ollama rm` unloads it first
+        h.reply(200, b"", None)
+
+    def show(self, h: Handler) -> None:
+        body = json_body(h)
+        asked = go_field(body, "model", str, "string", "ShowRequest") or ""
+        asked = asked or go_field(body, "name", str, "string", "ShowRequest") or ""
+        system = go_field(body, "system", str, "string", "ShowRequest") or ""
+        if not asked:
+            raise ApiError(400, {"error": "model is required"})
+        if not valid_name(asked):
+            raise ApiError(400, {"error": "invalid model name"})
+        with self.lock:
+            model = self.present.get(ollama_name(asked))
+        if model is None:
+            raise ApiError(404, {"error": f"model '{asked}' not found"})
+        h.reply_json(200, show_document(model, system))
 
     # --- scheduling ---
 
@@ -836,23 +1260,32 @@ class Ollama(Runtime):
         with self.load_lock:
             with self.lock:
                 self._expire()
-                if name in self.loaded:
+                model = self.present.get(name)
+                if model is None:  # deleted since the request looked
+                    raise ApiError(404, {"error": f"model '{name}' not found"})
+                running = self.loaded.get(name)
+                if running is not None and running.digest == model.digest:
                     self._touch(name, keep_s)
                     return
-                need = self.present[name].size_mib
-                while self.loaded and (
-                    len(self.loaded) >= self.config.max_loaded
-                    or self._used_mib() + need > self.config.capacity_mib
-                ):
-                    self._evict_lru()
-                if need > self.config.capacity_mib - self._used_mib():
-                    self._print_oom(need)
-                    raise ApiError(500, {"error": self.OOM_ERROR})
+                self.loaded.pop(name, None)  # re-created since it loaded: the scheduler reloads
+                num_ctx = model.num_ctx
+                self._make_room(model.size_mib)
             time.sleep(self.config.load_delay_s)
             with self.lock:
-                self.loaded[name] = Loaded(name, need, 0.0, 0.0)
+                self.loaded[name] = Loaded(name, model.size_mib, 0.0, 0.0, model.digest, num_ctx)
                 self._touch(name, keep_s)
-            self._print_ready(need)
+            self._print_ready(model.size_mib, model.weights, num_ctx)
+
+    def _make_room(self, need_mib: int) -> None:
+        """Unload the least recently used until `need_mib` fits; ApiError 500 if it cannot."""
+        while self.loaded and (
+            len(self.loaded) >= self.config.max_loaded
+            or self._used_mib() + need_mib > self.config.capacity_mib
+        ):
+            self._evict_lru()
+        if need_mib > self.config.capacity_mib - self._used_mib():
+            self._print_oom(need_mib)
+            raise ApiError(500, {"error": self.OOM_ERROR})
 
     def _touch(self, name: str, keep_s: float) -> None:
         model = self.loaded.get(name)
@@ -876,12 +1309,12 @@ class Ollama(Runtime):
         )
 
     @staticmethod
-    def _print_ready(need_mib: int) -> None:
+    def _print_ready(need_mib: int, weights: str, num_ctx: int) -> None:
         err(
             f'time={ollama_time()} level=INFO source=server.go:405 msg="starting llama server" '
-            'cmd="/usr/bin/ollama runner --model /root/.ollama/models/blobs/sha256-6a0746a1ec1a'
-            "ef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa --ctx-size 8192 --batch-size "
-            '512 --n-gpu-layers 29 --threads 8 --parallel 4 --port 35331"'
+            f'cmd="/usr/bin/ollama runner --model {OLLAMA_BLOBS}/sha256-{weights} --ctx-size '
+            f"{num_ctx * NUM_PARALLEL} --batch-size 512 --n-gpu-layers 29 --threads 8 "
+            f'--parallel {NUM_PARALLEL} --port 35331"'
         )
         err(f"load_tensors:        CUDA0 model buffer size = {need_mib:5d}.00 MiB")
         err("llama_kv_cache_init:      CUDA0 KV buffer size =   448.00 MiB")
@@ -901,7 +1334,8 @@ class Ollama(Runtime):
     def _complete(self, h: Handler, chat: bool) -> None:
         started = time.perf_counter_ns()
         body = json_body(h)
-        asked = body.get("model") if isinstance(body.get("model"), str) else ""
+        model = body.get("model")
+        asked = model if isinstance(model, str) else ""
         name = ollama_name(asked) if asked else ""
         keep_s = keep_alive_s(body.get("keep_alive"))
         prompt = self._prompt(body, chat)
