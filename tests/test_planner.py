@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import combinations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,14 +41,17 @@ def violations(gpus: Sequence[GpuSlot], demands: Sequence[Demand], choices: Choi
         choice = choices[d.service]
         if choice is None:
             continue
-        slot = by_index.get(choice.gpu)
-        if slot is None or slot.budget_bytes <= 0:
-            found.append(f"{d.service} on unusable GPU {choice.gpu}")
-            continue
-        if d.allowed_gpus is not None and choice.gpu not in d.allowed_gpus:
-            found.append(f"{d.service} on GPU {choice.gpu}, pinned to {sorted(d.allowed_gpus)}")
-        used[choice.gpu] += d.needs_bytes[choice.rung]
-        ollama[choice.gpu] += int(d.limited)
+        if len(choice.gpus) != d.gpus_of(choice.rung) or choice.gpu != min(choice.gpus):
+            found.append(f"{d.service} rung {choice.rung} on GPUs {choice.gpus}")
+        for index in choice.gpus:
+            slot = by_index.get(index)
+            if slot is None or slot.budget_bytes <= 0:
+                found.append(f"{d.service} on unusable GPU {index}")
+                continue
+            if d.allowed_gpus is not None and index not in d.allowed_gpus:
+                found.append(f"{d.service} on GPU {index}, pinned to {sorted(d.allowed_gpus)}")
+            used[index] += d.needs_bytes[choice.rung]
+            ollama[index] += int(d.limited)
     for index, slot in by_index.items():
         if used[index] > slot.budget_bytes:
             found.append(f"GPU {index} over budget")
@@ -65,13 +69,16 @@ def score_of(gpus: Sequence[GpuSlot], demands: Sequence[Demand], choices: Choice
         if choice is not None:
             placed[levels.index(d.priority)] -= 1
             rungs[levels.index(d.priority)] += choice.rung
-            used[choice.gpu] += d.needs_bytes[choice.rung]
+            for index in choice.gpus:
+                used[index] += d.needs_bytes[choice.rung]
     shares = [(g.budget_bytes - used[g.index]) / g.budget_bytes for g in gpus if g.index in used]
     return tuple(placed), tuple(rungs), -min(shares, default=0.0)
 
 
 def brute_force_best(gpus: Sequence[GpuSlot], demands: Sequence[Demand]) -> Score:
-    """Try every feasible assignment (pruning only on the constraints) and keep the best."""
+    """Try every feasible assignment (pruning only on the constraints) and keep the best.
+
+    A rung spanning k GPUs is tried on every set of k allowed GPUs."""
     usable = [g for g in gpus if g.budget_bytes > 0]
     used = {g.index: 0 for g in usable}
     ollama = {g.index: 0 for g in usable}
@@ -87,20 +94,21 @@ def brute_force_best(gpus: Sequence[GpuSlot], demands: Sequence[Demand]) -> Scor
         d = demands[k]
         choices[d.service] = None
         visit(k + 1)
+        allowed = [g for g in usable if d.allowed_gpus is None or g.index in d.allowed_gpus]
         for rung, need in enumerate(d.needs_bytes):
-            for g in usable:
-                if d.allowed_gpus is not None and g.index not in d.allowed_gpus:
+            for group in combinations(allowed, d.gpus_of(rung)):
+                if any(used[g.index] + need > g.budget_bytes for g in group):
                     continue
-                if used[g.index] + need > g.budget_bytes:
+                if d.limited and any(ollama[g.index] >= g.instance_limit for g in group):
                     continue
-                if d.limited and ollama[g.index] >= g.instance_limit:
-                    continue
-                used[g.index] += need
-                ollama[g.index] += int(d.limited)
-                choices[d.service] = Choice(rung, g.index)
+                for g in group:
+                    used[g.index] += need
+                    ollama[g.index] += int(d.limited)
+                choices[d.service] = Choice.across(rung, (g.index for g in group))
                 visit(k + 1)
-                used[g.index] -= need
-                ollama[g.index] -= int(d.limited)
+                for g in group:
+                    used[g.index] -= need
+                    ollama[g.index] -= int(d.limited)
         del choices[d.service]
 
     visit(0)

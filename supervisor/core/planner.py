@@ -1,6 +1,9 @@
-"""Which rung of each service's ladder runs on which GPU, under each GPU's VRAM budget.
+"""Which rung of each service's ladder runs on which GPUs, under each GPU's VRAM budget.
 
 Pure: GPUs and demands in, a `Solution` out; no NVML, Docker, files or clock.
+
+A rung may be tensor parallel: it then runs on k distinct GPUs of the host, each of which
+must have the rung's need left, and counts once against each one's instance limit.
 
 The plan is the best one by, in this order (each lexicographic by priority, highest first):
 1. the most services placed (a lower rung beats no place);
@@ -8,16 +11,17 @@ The plan is the best one by, in this order (each lexicographic by priority, high
 3. the largest smallest headroom, as a share of each GPU's budget, so load spreads and
    every model keeps room to grow.
 The search is an exact branch and bound (optimistic bounds per service, water-filling for
-headroom, identical GPUs tried once); `node_limit` caps it for inputs far beyond real
+headroom, interchangeable GPUs tried once); `node_limit` caps it for inputs far beyond real
 hosts, and `Solution.optimal` says whether the bound was proven.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 Score = tuple[tuple[int, ...], tuple[int, ...], float]
+_Pick = tuple[int, tuple[int, ...]]  # inside the search: a rung and its slots
 DEFAULT_NODE_LIMIT = 25_000
 _PRUNE = object()
 
@@ -40,16 +44,44 @@ class Demand:
     """A service's ladder as VRAM needs, in preference order."""
 
     service: str
-    needs_bytes: tuple[int, ...]
+    needs_bytes: tuple[int, ...]  # per GPU: a tensor-parallel rung needs this on each
     allowed_gpus: frozenset[int] | None = None  # None: any GPU
     priority: int = 0
-    limited: bool = False  # counts against each GPU's instance_limit
+    limited: bool = False  # counts against the instance_limit of each GPU it uses
+    gpus_per_rung: tuple[int, ...] = ()  # GPUs each rung spans; empty: 1 for every rung
+
+    def __post_init__(self) -> None:
+        spans = self.gpus_per_rung
+        if spans and (len(spans) != len(self.needs_bytes) or min(spans) < 1):
+            raise ValueError(
+                f"{self.service}: gpus_per_rung {spans} must give one count >= 1 for each "
+                f"of the {len(self.needs_bytes)} rungs"
+            )
+
+    def gpus_of(self, rung: int) -> int:
+        """How many GPUs `rung` spans."""
+        return self.gpus_per_rung[rung] if self.gpus_per_rung else 1
 
 
 @dataclass(frozen=True)
 class Choice:
+    """A rung and the GPUs it runs on: `gpus` sorted, `gpu` the first of them."""
+
     rung: int
     gpu: int
+    gpus: tuple[int, ...] = ()  # empty: just `gpu`
+
+    def __post_init__(self) -> None:
+        if not self.gpus:
+            object.__setattr__(self, "gpus", (self.gpu,))
+        elif self.gpus[0] != self.gpu or list(self.gpus) != sorted(set(self.gpus)):
+            raise ValueError(f"gpus {self.gpus} must be distinct, sorted and start at {self.gpu}")
+
+    @classmethod
+    def across(cls, rung: int, gpus: Iterable[int]) -> Choice:
+        """`rung` on the GPUs `gpus`, in any order."""
+        ordered = tuple(sorted(gpus))
+        return cls(rung=rung, gpu=ordered[0], gpus=ordered)
 
 
 @dataclass(frozen=True)
@@ -65,16 +97,15 @@ class _Search:
         self.gpus = [g for g in gpus if g.budget_bytes > 0]
         self.levels = sorted({d.priority for d in demands}, reverse=True)
         # Biggest first, as in bin packing: infeasibility shows up near the root.
-        self.order = sorted(
-            demands, key=lambda d: (-max(d.needs_bytes, default=0), -d.priority, d.service)
-        )
+        self.order = sorted(demands, key=lambda d: (-_biggest_bytes(d), -d.priority, d.service))
+        self.spans = [tuple(d.gpus_of(r) for r in range(len(d.needs_bytes))) for d in self.order]
         self.allowed = [self._allowed_slots(d) for d in self.order]
         self.level_of = [self.levels.index(d.priority) for d in self.order]
         self.twin = self._twins()
         self.used = [0] * len(self.gpus)
         self.instances = [0] * len(self.gpus)
-        self.picked: list[Choice | None] = []
-        self.best: tuple[Score, list[Choice | None]] | None = None
+        self.picked: list[_Pick | None] = []
+        self.best: tuple[Score, list[_Pick | None]] | None = None
         self.nodes, self.node_limit = 0, node_limit
 
     def _allowed_slots(self, demand: Demand) -> list[int]:
@@ -146,20 +177,32 @@ class _Search:
             return _PRUNE
         return floor
 
-    def _options(self, k: int, floor: float | None) -> list[Choice]:
+    def _options(self, k: int, floor: float | None) -> list[_Pick]:
         demand, options = self.order[k], []
         rungs = range(len(demand.needs_bytes))
         if floor is not None:
             best = self._best_rung_alone(k, floor)
             rungs = range(0) if best is None else range(best, best + 1)
+        roomiest_first = sorted(self.allowed[k], key=lambda s: -self._room_share(s))
         for rung in rungs:
-            need, tried = demand.needs_bytes[rung], set()
-            for s in sorted(self.allowed[k], key=lambda s: -self._room_share(s)):
-                key = (self.twin[s], self.used[s], self.instances[s])
-                if key not in tried and self._fits(k, s, need, floor):
-                    tried.add(key)
-                    options.append(Choice(rung=rung, gpu=s))
+            need = demand.needs_bytes[rung]
+            fitting = [s for s in roomiest_first if self._fits(k, s, need, floor)]
+            options += [(rung, slots) for slots in self._spreads(fitting, self.spans[k][rung])]
         return options
+
+    def _spreads(self, fitting: list[int], width: int) -> Iterator[tuple[int, ...]]:
+        """Every set of `width` slots from `fitting`, once up to swapping interchangeable ones.
+
+        Slots of one twin class that hold the same bytes and instances are interchangeable
+        now, so a set is known by how many it takes from each such group: each group gives
+        its first m slots, for every m, which keeps the search exact.
+        """
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for s in fitting:
+            groups.setdefault((self.twin[s], self.used[s], self.instances[s]), []).append(s)
+        if width == 1:  # the common case, without the recursion
+            return iter([(slots[0],) for slots in groups.values()])
+        return _take(list(groups.values()), width)
 
     def _fits(self, k: int, s: int, need: int, floor: float | None = None) -> bool:
         gpu = self.gpus[s]
@@ -169,9 +212,12 @@ class _Search:
             return (gpu.budget_bytes - (self.used[s] + need)) / gpu.budget_bytes > floor
         return self.used[s] + need <= gpu.budget_bytes
 
-    def _place(self, k: int, choice: Choice, sign: int) -> None:
-        self.used[choice.gpu] += sign * self.order[k].needs_bytes[choice.rung]
-        self.instances[choice.gpu] += sign * int(self.order[k].limited)
+    def _place(self, k: int, pick: _Pick, sign: int) -> None:
+        rung, slots = pick
+        need, limited = self.order[k].needs_bytes[rung], int(self.order[k].limited)
+        for s in slots:
+            self.used[s] += sign * need
+            self.instances[s] += sign * limited
 
     def _room_share(self, s: int) -> float:
         budget = self.gpus[s].budget_bytes
@@ -182,12 +228,12 @@ class _Search:
         headroom = min((self._room_share(s) for s in range(len(self.gpus))), default=0.0)
         return tuple(placed), tuple(rungs), -headroom
 
-    def _tally(self, picked: Sequence[Choice | None]) -> tuple[list[int], list[int]]:
+    def _tally(self, picked: Sequence[_Pick | None]) -> tuple[list[int], list[int]]:
         placed, rungs = [0] * len(self.levels), [0] * len(self.levels)
-        for level, choice in zip(self.level_of, picked, strict=False):
-            if choice is not None:
+        for level, pick in zip(self.level_of, picked, strict=False):
+            if pick is not None:
                 placed[level] -= 1
-                rungs[level] += choice.rung
+                rungs[level] += pick[0]
         return placed, rungs
 
     def _optimistic(
@@ -201,13 +247,17 @@ class _Search:
             if rung is not None:
                 placed[self.level_of[j]] -= 1
                 rungs[self.level_of[j]] += rung
-                extra += self.order[j].needs_bytes[rung]
+                extra += self.order[j].needs_bytes[rung] * self.spans[j][rung]
         return tuple(placed), tuple(rungs), extra
 
     def _best_rung_alone(self, j: int, floor: float | None = None) -> int | None:
+        """The first rung with enough GPUs that could take it now, ignoring later services."""
         for rung, need in enumerate(self.order[j].needs_bytes):
-            if any(self._fits(j, s, need, floor) for s in self.allowed[j]):
-                return rung
+            missing = self.spans[j][rung]
+            for s in self.allowed[j]:
+                missing -= self._fits(j, s, need, floor)
+                if missing == 0:
+                    return rung
         return None
 
     def _water_level(self, extra: int) -> float:
@@ -230,17 +280,37 @@ class _Search:
         return min(level, shares[0][0])
 
 
+def _biggest_bytes(demand: Demand) -> int:
+    """The most bytes any one rung of `demand` takes over all its GPUs."""
+    return max((need * demand.gpus_of(r) for r, need in enumerate(demand.needs_bytes)), default=0)
+
+
+def _take(groups: list[list[int]], width: int) -> Iterator[tuple[int, ...]]:
+    """Every way to take `width` slots from `groups`, the first m of a group for each m."""
+    if width == 0:
+        yield ()
+        return
+    if not groups:
+        return
+    first, rest = groups[0], groups[1:]
+    for m in range(min(width, len(first)), -1, -1):
+        for tail in _take(rest, width - m):
+            yield (*first[:m], *tail)
+
+
 def solve(
     gpus: Sequence[GpuSlot], demands: Sequence[Demand], node_limit: int = DEFAULT_NODE_LIMIT
 ) -> Solution:
-    """The best assignment of a rung and a GPU (or none) to every demand."""
+    """The best assignment of a rung and its GPUs (or none) to every demand."""
     search = _Search(gpus, demands, node_limit)
     search.run()
     assert search.best is not None  # the all-unplaced leaf is always reached
     score, picked = search.best
     choices = {
-        d.service: None if c is None else Choice(rung=c.rung, gpu=search.gpus[c.gpu].index)
-        for d, c in zip(search.order, picked, strict=True)
+        d.service: None
+        if pick is None
+        else Choice.across(pick[0], (search.gpus[s].index for s in pick[1]))
+        for d, pick in zip(search.order, picked, strict=True)
     }
     return Solution(
         choices=choices, score=score, optimal=search.nodes <= node_limit, nodes=search.nodes
