@@ -279,8 +279,8 @@ def test_ollama_environment_matches_the_rung(tmp_path: Path, state_dir: Path) ->
         "long": ollama("long", {"model": "qwen2.5:0.5b", "vram": "1GiB", "context": 16384}),
     }
     plan = plan_for(load(tmp_path, services), "24GiB")
-    _, doc = render(plan, state_dir)
-    env = {name: svc["environment"] for name, svc in doc["services"].items()}
+    project, doc = render(plan, state_dir)
+    env = {name: _started_env(doc, name, project) for name in doc["services"]}
     for name in services:
         assert env[name]["OLLAMA_MAX_LOADED_MODELS"] == "1"
         assert env[name]["OLLAMA_KEEP_ALIVE"] == "-1"
@@ -301,14 +301,27 @@ def test_ollama_follows_the_chosen_rung_not_the_first(tmp_path: Path, state_dir:
     plan = plan_for(load(tmp_path, {"a": ollama("a", *ladder)}), "12GiB")
     assert plan.services["a"].rung == 1
     project, doc = render(plan, state_dir)
-    assert doc["services"]["a"]["environment"]["OLLAMA_NUM_PARALLEL"] == "2"
+    assert _started_env(doc, "a", project)["OLLAMA_NUM_PARALLEL"] == "2"
+    assert "OLLAMA_NUM_PARALLEL" not in doc["services"]["a"]["environment"], (
+        "the rung's, not compose's"
+    )
     assert project.models == {"a": "small:3b"}
     assert project.env["FLEETD_A_MODEL"] == "small:3b"
 
 
-def _vllm_args(doc: dict[str, Any], name: str) -> dict[str, str]:
-    command = doc["services"][name]["command"]
+def _vllm_args(
+    doc: dict[str, Any], name: str, project: ComposeProject | None = None
+) -> dict[str, str]:
+    """The server's flags as it starts: the compose command, then the hand-off's `args`."""
+    command = list(doc["services"][name]["command"])
+    if project is not None:
+        command += list(project.setups[name].args)
     return {k: v for k, v in zip(command[::2], command[1::2], strict=True)}
+
+
+def _started_env(doc: dict[str, Any], name: str, project: ComposeProject) -> dict[str, str]:
+    """The server's environment as it starts: compose's, then the hand-off's `env`."""
+    return {**doc["services"][name]["environment"], **dict(project.setups[name].env)}
 
 
 @pytest.mark.parametrize(
@@ -328,8 +341,8 @@ def test_vllm_memory_share_is_need_over_total_rounded_up(
     rung = {"model": "Qwen/Qwen2.5-7B-Instruct", "vram": need, "context": 8192}
     plan = plan_for(load(tmp_path, {"api": vllm("api", rung)}), gpu)
     assert plan.services["api"].need_bytes is not None
-    _, doc = render(plan, state_dir)
-    args = _vllm_args(doc, "api")
+    project, doc = render(plan, state_dir)
+    args = _vllm_args(doc, "api", project)
     total = plan.gpus[0].gpu.total_bytes
     exact = Fraction(plan.services["api"].need_bytes, total)
     want = math.ceil(exact * 100)  # rounded up to whole percent, in exact arithmetic
@@ -343,8 +356,8 @@ def test_vllm_share_is_capped_and_context_optional(tmp_path: Path, state_dir: Pa
     rung = {"model": "org/whole-gpu", "vram": "16GiB"}  # no context
     plan = plan_for(load(tmp_path, {"api": vllm("api", rung)}, budget=1.0), "16GiB")
     assert plan.services["api"].rung == 0
-    _, doc = render(plan, state_dir)
-    args = _vllm_args(doc, "api")
+    project, doc = render(plan, state_dir)
+    args = _vllm_args(doc, "api", project)
     assert args["--gpu-memory-utilization"] == "0.99"
     assert "--max-model-len" not in args
 
@@ -357,9 +370,9 @@ def test_llamacpp_args_match_the_rung(tmp_path: Path, state_dir: Path) -> None:
         "plain": llamacpp("plain"),
     }
     plan = plan_for(load(tmp_path, services), "24GiB")
-    _, doc = render(plan, state_dir)
+    project, doc = render(plan, state_dir)
     for name, ctx, slots in (("tuned", "8192", "2"), ("plain", "4096", "1")):
-        args = _vllm_args(doc, name)
+        args = _vllm_args(doc, name, project)
         assert args["-ngl"] == "999", "every layer on the GPU"
         assert args["-c"] == ctx
         assert args["-np"] == slots
@@ -503,7 +516,7 @@ def test_start_scripts_escape_dollars_for_compose(
         assert '"$(cat /run/fleetd/model)" "$@"' in unescape(script)
     # llama-server from PATH (Debian's package) or /app (upstream's images).
     coder = unescape(doc["services"]["coder"]["entrypoint"][2])
-    assert coder.startswith('bin=$(command -v llama-server || echo /app/llama-server); exec "$bin"')
+    assert 'bin=$(command -v llama-server || echo /app/llama-server); exec "$bin"' in coder
 
 
 # --- volumes ---------------------------------------------------------------------------
@@ -1102,10 +1115,60 @@ def test_vllm_on_a_cpu_host_takes_no_gpu_share_and_extra_args_come_after_fleetds
 ) -> None:
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     services = {"v": vllm("v", environment=env, args=["--enforce-eager", "--seed", "$x"])}
-    _, doc = render(plan_for(load(tmp_path, services, accelerator="cpu"), "32GiB"), state_dir)
+    project, doc = render(plan_for(load(tmp_path, services, accelerator="cpu"), "32GiB"), state_dir)
     command = doc["services"]["v"]["command"]
-    assert "--gpu-memory-utilization" not in command
+    assert "--gpu-memory-utilization" not in [*command, *project.setups["v"].args]
     assert command[-3:] == ["--enforce-eager", "--seed", "$$x"]  # quoted, $ escaped
     assert doc["services"]["v"]["environment"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    _, gpu_doc = render(plan_for(load(tmp_path, services), "32GiB"), state_dir)
-    assert "--gpu-memory-utilization" in gpu_doc["services"]["v"]["command"]
+    gpu_project, _ = render(plan_for(load(tmp_path, services), "32GiB"), state_dir)
+    assert "--gpu-memory-utilization" in gpu_project.setups["v"].args
+
+
+# --- the start scripts read the rung's hand-off ---------------------------------------
+
+
+@pytest.mark.parametrize(("runtime", "binary"), [("vllm", "vllm"), ("llamacpp", "llama-server")])
+def test_the_start_script_starts_the_server_with_the_rungs_hand_off(
+    tmp_path: Path, runtime: str, binary: str
+) -> None:
+    """The generated entrypoint, run by a real /bin/sh against hand-off files: the server
+    gets the container's own arguments, then the rung's, and the rung's environment."""
+    import subprocess
+
+    from supervisor.core.runtimes import spec_of
+
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "model").write_text("/models/m.gguf\n")
+    (handoff / "args").write_text("-c\n8192\n--alias\nchat bot\n")
+    (handoff / "env").write_text("CUDA_VISIBLE_DEVICES=0,1\nEXTRA=a b\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / binary
+    fake.write_text(
+        '#!/bin/sh\nfor a in "$@"; do echo "arg:$a"; done\n'
+        'echo "env:$CUDA_VISIBLE_DEVICES|$EXTRA"\n'
+    )
+    fake.chmod(0o755)
+    script = str(spec_of(runtime).start_script).replace("/run/fleetd", str(handoff))
+    out = subprocess.run(
+        ["/bin/sh", "-c", script, binary, "--port", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    ).stdout.splitlines()
+    args = [line.removeprefix("arg:") for line in out if line.startswith("arg:")]
+    assert args[-6:] == ["--port", "1", "-c", "8192", "--alias", "chat bot"]
+    assert "/models/m.gguf" in args
+    assert out[-1] == "env:0,1|a b"
+    for name in ("args", "env"):
+        (handoff / name).unlink()  # a hand-off folder of an older fleetd: no options
+    out = subprocess.run(
+        ["/bin/sh", "-c", script, binary, "--port", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    ).stdout.splitlines()
+    assert [line for line in out if line.startswith("arg:")][-2:] == ["arg:--port", "arg:1"]

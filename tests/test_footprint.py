@@ -11,6 +11,7 @@ import yaml
 from supervisor.analyzer import rung_need
 from supervisor.core.config import load_config
 from supervisor.core.footprint import llamacpp_footprint
+from supervisor.core.rungs import measured_key
 from supervisor.core.runtimes import Runtime
 from supervisor.core.state import Measured, measured_json
 from supervisor.core.units import MIB
@@ -92,7 +93,7 @@ def test_the_planner_prefers_the_report_of_a_run_with_the_rungs_options(tmp_path
     rung = config.services["s"].ladder[0]
     estimated = rung_need(config, Runtime.LLAMACPP, 0, rung, {})
     assert estimated.source == "gguf"
-    need = rung_need(config, Runtime.LLAMACPP, 0, rung, {rung.model: reported(2048, 2)})
+    need = rung_need(config, Runtime.LLAMACPP, 0, rung, {measured_key(rung): reported(2048, 2)})
     assert need.source == "measured"
     assert need.need_bytes == 78 * MIB + 300 * MIB  # the report + llama.cpp's overhead
     assert "the runtime's own report b11669 (Debian): weights 50 MiB + KV 8 MiB" in need.detail
@@ -102,7 +103,8 @@ def test_a_report_of_other_options_does_not_price_the_rung(tmp_path: Path) -> No
     config = load_config(config_with(tmp_path, 2048, 2))
     rung = config.services["s"].ladder[0]
     for other in (reported(4096, 2), reported(2048, 1), reported(None, None)):
-        assert rung_need(config, Runtime.LLAMACPP, 0, rung, {rung.model: other}).source == "gguf"
+        found = {measured_key(rung): other}
+        assert rung_need(config, Runtime.LLAMACPP, 0, rung, found).source == "gguf"
 
 
 def test_a_report_survives_the_state_file_and_an_api_figure_stays_as_it_was() -> None:
@@ -138,14 +140,16 @@ def test_a_run_with_another_rungs_options_does_not_price_this_rung(tmp_path: Pat
     service = config.services["s"]
     rung = service.ladder[0]
     lines = recorded("q8_0-v32k-c2000-q4_0.log")  # ran with -c 2000 (2048 cells)
-    seen = measured_from_report("s", service, rung.model, lines, 1.0e9)
+    seen = measured_from_report("s", service, 0, lines, 1.0e9)
     assert seen is not None and (seen.context, seen.parallel) == (2048, 1)
-    assert rung_need(config, Runtime.LLAMACPP, 0, rung, {rung.model: seen}).source == "gguf"
+    found = {measured_key(rung): seen}
+    assert rung_need(config, Runtime.LLAMACPP, 0, rung, found).source == "gguf"
     matching = load_config(config_with(tmp_path, 2000, 1))
-    fits = measured_from_report("s", matching.services["s"], rung.model, lines, 1.0e9)
+    fits = measured_from_report("s", matching.services["s"], 0, lines, 1.0e9)
     assert fits is not None and (fits.context, fits.parallel) == (2000, 1)
     same = matching.services["s"].ladder[0]
-    assert rung_need(matching, Runtime.LLAMACPP, 0, same, {same.model: fits}).source == "measured"
+    found = {measured_key(same): fits}
+    assert rung_need(matching, Runtime.LLAMACPP, 0, same, found).source == "measured"
 
 
 VLLM = Path(__file__).resolve().parent / "data" / "vllm"

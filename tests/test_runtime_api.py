@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.core.config import ServiceConfig, WarmupConfig
+from supervisor.core.rungs import RungSetup
 from supervisor.daemon.lifecycle import ModelChange
 from supervisor.edges.runtime_api import (
     LlamaCppApi,
@@ -188,6 +190,11 @@ def service(runtime: str, endpoint: str, **warmup: object) -> ServiceConfig:
     )
 
 
+def setup(model: str, **options: object) -> RungSetup:
+    """The hand-off of a rung running `model` for service `svc` (its stable name)."""
+    return RungSetup("svc", 0, model, tuple(options.items()), "svc", None, (), ())
+
+
 def change_for(config: ServiceConfig, reports: list[str], abort: threading.Event) -> ModelChange:
     assert config.endpoint is not None
     api = api_for(config.runtime, config.endpoint)
@@ -203,14 +210,19 @@ def test_prepare_pulls_the_missing_model_and_unloads_the_old_one(standin: StartS
     reports: list[str] = []
     change = change_for(service("ollama", s.endpoint), reports, threading.Event())
 
-    change.prepare("small", "medium")
+    change.prepare("small", setup("medium", context=8192))
     assert api.present("medium")
     assert api.size_vram("small") is None  # its VRAM is free before the new one loads
-    assert reports[0] == "pulling medium" and reports[-1] == "unloading small"
+    assert reports[0] == "pulling medium" and "unloading small" in reports
+    assert reports[-1] == "naming svc: medium (num_ctx 8192)"
     assert any(r.startswith("pulling medium: success") for r in reports)
+    shown = api.show("svc")  # clients call the service's name: the rung's model and options
+    assert shown["details"]["parent_model"].startswith("medium")
+    assert re.search(r"^num_ctx\s+8192$", shown["parameters"], re.M)
 
-    settled = change.settle("medium")
+    settled = change.settle(setup("medium", context=8192))
     assert settled.ok, settled.detail
+    assert "warming up svc (medium)" in reports
     assert settled.measured is not None and settled.measured.vram_bytes == 2500 * MIB
     assert settled.measured.tokens_per_s is not None
     assert "warm-up 10 tokens" in settled.detail
@@ -377,7 +389,7 @@ def test_a_change_on_triton_waits_for_health_and_skips_the_warm_up(fake: Fake) -
     endpoint, seen = fake({("GET", "/v2/health/ready"): (200, {})})
     reports: list[str] = []
     change = change_for(service("triton", endpoint), reports, threading.Event())
-    change.prepare("small", "medium")  # Triton cannot pull or unload: nothing to do
+    change.prepare("small", setup("medium"))  # Triton cannot pull or unload: nothing to do
     settled = change.settle("medium")
     assert settled.ok, settled.detail
     assert settled.measured is not None and settled.measured.vram_bytes is None

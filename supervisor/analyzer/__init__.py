@@ -13,6 +13,7 @@ from supervisor.analyzer.estimate import estimate_model
 from supervisor.core.config import FleetConfig, RungConfig, ServiceConfig
 from supervisor.core.gpus import Discovery
 from supervisor.core.plan import FleetPlan, NeedSource, RungNeed, place
+from supervisor.core.rungs import measured_key
 from supervisor.core.runtimes import Runtime, spec_of
 from supervisor.core.state import Measured
 from supervisor.core.units import MIB, format_size
@@ -29,7 +30,7 @@ def rung_need(
     the model loaded (the runtime's figure plus its overhead); else estimated."""
     if rung.vram is not None:
         return RungNeed(index, rung.model, rung.vram, "declared", "declared in the config")
-    seen = (measured or {}).get(rung.model)
+    seen = (measured or {}).get(measured_key(rung))
     if seen is not None and seen.vram_bytes and seen.holds_for(rung.context, rung.parallel):
         overhead = spec_of(runtime).overhead_mib * MIB
         when = time.strftime("%Y-%m-%d", time.gmtime(seen.at))
@@ -39,9 +40,26 @@ def rung_need(
         )
         return RungNeed(index, rung.model, seen.vram_bytes + overhead, "measured", detail)
     assert rung.metadata is not None  # the config refuses a rung with neither
-    estimate = estimate_model(config.resolve(rung.metadata), runtime, rung.context, rung.parallel)
+    estimate = estimate_model(
+        config.resolve(rung.metadata), runtime, rung.context, rung.parallel, rung.kv_cache
+    )
     source: NeedSource = "gguf" if estimate.source == "gguf" else "hf"
-    return RungNeed(index, rung.model, estimate.total_bytes, source, estimate.detail)
+    need, detail = estimate.total_bytes, estimate.detail
+    if rung.tensor_parallel > 1:
+        need, detail = per_gpu(need, rung.tensor_parallel, spec_of(runtime).overhead_mib * MIB)
+        detail = f"{estimate.detail}; {detail}"
+    return RungNeed(index, rung.model, need, source, detail)
+
+
+def per_gpu(total_bytes: int, gpus: int, overhead_bytes: int) -> tuple[int, str]:
+    """What each of `gpus` GPUs needs for a rung of `total_bytes` (one overhead in it):
+    an even share of the rest, plus the runtime's overhead on every GPU."""
+    share = -(-(total_bytes - overhead_bytes) // gpus)
+    need = share + overhead_bytes
+    return need, (
+        f"split over {gpus} GPUs: {format_size(share)} + overhead {format_size(overhead_bytes)}"
+        f" = {format_size(need)} on each"
+    )
 
 
 def _report(seen: Measured) -> str:

@@ -22,6 +22,7 @@ from supervisor import __version__
 from supervisor.core.endpoints import host_ports
 from supervisor.core.errors import RenderError
 from supervisor.core.plan import FleetPlan, ServicePlan
+from supervisor.core.rungs import RungSetup, setup_for
 from supervisor.core.runtimes import RungOptions, RuntimeSpec, spec_of
 from supervisor.edges.fsutil import atomic_write
 
@@ -68,8 +69,12 @@ class RenderedService:
 class ComposeProject:
     compose_yaml: str
     env: dict[str, str]
-    models: dict[str, str]  # service -> model to hand off
+    setups: dict[str, RungSetup]  # service -> its planned rung's hand-off
     skipped: list[str]  # services with no place in the plan
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {name: setup.model for name, setup in self.setups.items()}
 
 
 def quote(value: object) -> Quoted:
@@ -167,7 +172,16 @@ def build_project(
     text = _render(template_dir, plan, services, volumes)
     _verify(text, services, volumes)
     skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
-    return ComposeProject(text, env, {s.name: s.model for s in services}, skipped)
+    setups = {s.name: _setup(s, plan) for s in placed}
+    return ComposeProject(text, env, setups, skipped)
+
+
+def _setup(svc: ServicePlan, plan: FleetPlan) -> RungSetup:
+    """The planned rung's hand-off (its options reach the server through the start
+    script, which reads them at every start)."""
+    assert svc.rung is not None
+    gpu_total = next((g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu), None)
+    return setup_for(plan.config, svc.name, svc.rung, svc.need_bytes or 0, gpu_total)
 
 
 def _render(
@@ -210,6 +224,7 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
     rung = config.ladder[svc.rung]
     gpu_total = next(g.gpu.total_bytes for g in plan.gpus if g.gpu.index == svc.gpu)
     on_cpu = plan.config.accelerator == "cpu"
+    # The container's own settings; the rung's options are in the hand-off folder.
     options = RungOptions(rung.context, rung.parallel, svc.need_bytes or 0, gpu_total, on_cpu)
     container_port = spec.port if spec.port is not None else host_port
     own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}

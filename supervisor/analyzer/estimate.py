@@ -212,13 +212,15 @@ def _kv_layout(
 
 def _kv_type(shape: ModelShape, source: str, kv_cache: str | None) -> tuple[str, tuple[int, int]]:
     """The KV cache type's name and its (bytes, elements) per block."""
-    if kv_cache is None:
+    if kv_cache is None or kv_cache == "auto":
         n_bytes = shape.kv_bytes_per_element
         return _dtype_text(n_bytes), (n_bytes, 1)
+    if kv_cache.startswith("fp8"):  # vLLM's and SGLang's 8-bit KV cache: one byte each
+        return kv_cache, (1, 1)
     if source == "hf":
         raise EstimateError(
             f"kv_cache {kv_cache!r} applies to GGUF models (llama.cpp, Ollama); a Hugging Face "
-            "model's KV cache follows its torch_dtype"
+            "model's KV cache is `auto` (its torch_dtype) or `fp8`"
         )
     if kv_cache not in GGUF_KV_CACHE_TYPES:
         expected = ", ".join(GGUF_KV_CACHE_TYPES)

@@ -149,8 +149,9 @@ def generate(
 ) -> int:
     """Write a compose project sized to the plan: compose.yml and .env.
 
-    Also writes each service's model hand-off file (STATE_DIR/services/NAME/model) when it
-    does not exist yet; an existing one belongs to fleetd and is left alone.
+    Also writes each service's hand-off files (STATE_DIR/services/NAME/model, args, env:
+    the planned rung's model and options) when they do not exist yet; existing ones belong
+    to fleetd, which keeps them on the rung it runs, and are left alone.
     Exits 0 when every service is placed, 1 when one is not (it is left out of the file).
     """
     if template_dir is not None and not (template_dir / "compose.yml.j2").is_file():
@@ -167,11 +168,13 @@ def generate(
         f"wrote {out_dir / 'compose.yml'} ({count} service{'s' * (count != 1)}) "
         f"and {out_dir / '.env'}"
     )
-    for service, model in project.models.items():
-        handoff = state / "services" / service / "model"
-        if not no_model_files and not handoff.exists():
-            atomic_write(handoff, model + "\n")
-            click.echo(f"wrote {handoff} ({model})")
+    for service, setup in project.setups.items():
+        folder = state / "services" / service
+        if no_model_files or (folder / "model").exists():
+            continue  # fleetd's own: it keeps the files of the rung it runs
+        for name, text in setup.files().items():
+            atomic_write(folder / name, text)
+        click.echo(f"wrote {folder}/{{model,args,env}} ({setup.model}, {setup.describe()})")
     for service in project.skipped:
         click.echo(
             f"fleetctl: {service} is NOT PLACED and was left out: "

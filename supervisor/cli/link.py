@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from supervisor.core import ops
     from supervisor.core.config import FleetConfig
     from supervisor.core.gpus import Discovery
+    from supervisor.core.rungs import RungSetup
 
 EXIT_NO_DAEMON = 3
 
@@ -180,6 +181,20 @@ def _operate_locked(
     return answer
 
 
+def _offline_setup(config: FleetConfig, state: FleetState, service: str, rung: int) -> RungSetup:
+    """The rung's hand-off, sized by the plan on the GPUs as read now (as fleetd would)."""
+    from supervisor.analyzer import prices
+    from supervisor.core import ops
+    from supervisor.core.rungs import setup_for
+
+    discovery = discover(config)
+    needs = prices(config, state.measured)
+    pids = fleet_pids(config, discovery)
+    total = ops.gpu_total_for(config, state, service, rung, discovery, needs, pids)
+    need = needs[service][min(rung, len(needs[service]) - 1)].need_bytes
+    return setup_for(config, service, rung, need, total)
+
+
 def _apply_offline(
     store: StateStore, config: FleetConfig, state: FleetState, service: str, asked: str
 ) -> dict[str, Any]:
@@ -188,6 +203,7 @@ def _apply_offline(
     import threading
 
     from supervisor.core.ladder import apply_change
+    from supervisor.core.rungs import measured_key
     from supervisor.daemon.handoff import change_model
     from supervisor.edges import engine
     from supervisor.edges.engine import DockerError
@@ -212,10 +228,12 @@ def _apply_offline(
     def report(text: str) -> None:
         click.echo(f"fleetctl: {service}: {text}", err=True)
 
+    setup = _offline_setup(config, state, service, pending.to_rung)
+    new_rung = pending.to_rung != svc.rung or pending.to_model != svc.model
     try:
         result = change_model(
-            client, store, config, service, svc.model, pending.to_model,
-            report=report, abort=threading.Event(), restarted=restarted,
+            client, store, config, service, svc.model, setup,
+            report=report, abort=threading.Event(), restarted=restarted, new_rung=new_rung,
         )  # fmt: skip
     except FleetdError as e:
         raise FleetdError(
@@ -226,7 +244,8 @@ def _apply_offline(
     message = f"{asked}; restarted {restarted_names}"
     if result is not None and result.ok:
         if result.measured is not None:
-            state.measured[result.model] = result.measured
+            rung = config.services[service].ladder[pending.to_rung]
+            state.measured[measured_key(rung)] = result.measured
             store.save(state)
         message += f"; {result.model} {result.detail}"
     elif result is not None:

@@ -23,11 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from supervisor.core.address import parse_address
 from supervisor.core.errors import ConfigError
-from supervisor.core.runtimes import REGISTRY, Runtime, spec_of
+from supervisor.core.runtimes import REGISTRY, Runtime, RuntimeSpec, spec_of
+from supervisor.core.runtimes.spec import RUNG_OPTIONS
 from supervisor.core.units import format_size, parse_duration, parse_size
 from supervisor.core.yamlsource import KeyPath, dotted, line_of, load_yaml_with_lines
 
@@ -70,6 +71,31 @@ def _check_runtime(value: object) -> object:
     return value
 
 
+def _check_rung_options(
+    spec: RuntimeSpec, index: int, rung: RungConfig, where: str = "ladder"
+) -> None:
+    """A rung asking for an option its runtime cannot do is refused, naming what it can."""
+    for option in RUNG_OPTIONS:
+        value = rung.context_steps if option == "context" else getattr(rung, option)
+        unset = value is None or (option == "tensor_parallel" and value == 1)
+        if unset or option in spec.rung_options:
+            continue
+        accepted = ", ".join(o for o in RUNG_OPTIONS if o in spec.rung_options) or "none"
+        raise PydanticCustomError(
+            "fleetd",
+            f"{spec.title} cannot set {option} per rung (runtime {spec.name.value} accepts: "
+            f"{accepted})",
+            {"at": (where, index, option)},
+        )
+    if rung.kv_cache is not None and rung.kv_cache not in spec.kv_cache_types:
+        raise PydanticCustomError(
+            "fleetd",
+            f"got {rung.kv_cache!r}; expected one of {', '.join(spec.kv_cache_types)} "
+            f"(the KV-cache types {spec.title} takes)",
+            {"at": (where, index, "kv_cache")},
+        )
+
+
 def _check_address(value: object) -> object:
     parse_address(value)  # raises ValueError quoting the bad value
     return value
@@ -79,14 +105,56 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Tokens = Annotated[Int, Field(gt=0, le=10_000_000)]
+
+
 class RungConfig(_Strict):
-    """One model of a service's ladder; the need is declared or estimated from metadata."""
+    """One rung of a service's ladder: a model and the options it runs with (a whole
+    runtime configuration); the need is declared or estimated from metadata.
+
+    `context: [32768, 16384, 8192]` is one rung per value, in that order: the service's
+    `ladder` holds them expanded, each with one context (`written` is the config's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     model: str
-    vram: SizeBytes | None = None
+    vram: SizeBytes | None = None  # per GPU the rung spans
     metadata: Path | None = None
-    context: Annotated[Int, Field(gt=0)] | None = None
-    parallel: Annotated[Int, Field(gt=0)] | None = None
+    context_steps: Tokens | Annotated[list[Tokens], Field(min_length=1)] | None = Field(
+        default=None, alias="context"
+    )
+    parallel: Annotated[Int, Field(gt=0, le=65536)] | None = None
+    kv_cache: str | None = None
+    tensor_parallel: Annotated[Int, Field(ge=1, le=64)] = 1
+
+    @property
+    def context(self) -> int | None:
+        """The context of an expanded rung (the first step of a written one)."""
+        steps = self.context_steps
+        return steps[0] if isinstance(steps, list) else steps
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The options this rung sets (for plans, history and status)."""
+        return {
+            "context": self.context,
+            "parallel": self.parallel,
+            "kv_cache": self.kv_cache,
+            "tensor_parallel": self.tensor_parallel,
+        }
+
+    def expanded(self) -> list[RungConfig]:
+        """One rung per context step, in the order written."""
+        if not isinstance(self.context_steps, list):
+            return [self]
+        return [self.model_copy(update={"context_steps": c}) for c in self.context_steps]
+
+    @field_validator("context_steps")
+    @classmethod
+    def _steps_distinct(cls, value: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"context steps {value} repeat a value (expected each once)")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -164,6 +232,8 @@ class ServiceConfig(_Strict):
     image: str | None = None
     port: Annotated[Int, Field(ge=1, le=65535)] | None = None
     model_env: str | None = None
+    # The model name clients call, the same on every rung (default: the service's name).
+    served_name: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
     # Extra arguments for a generated container's server, after fleetd's own (e.g. vLLM's
     # --enforce-eager or --trust-remote-code).
@@ -177,6 +247,18 @@ class ServiceConfig(_Strict):
     ensemble: Annotated[list[RungConfig], Field(min_length=2)] | None = None
     health: HealthConfig = HealthConfig()
     warmup: WarmupConfig = WarmupConfig()
+    _name: str = PrivateAttr(default="")
+    _written: list[RungConfig] = PrivateAttr(default_factory=list)
+
+    @field_validator("served_name")
+    @classmethod
+    def _served(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a model name clients can call (expected letters, digits "
+                "and ._:/@+~- with no spaces)"
+            )
+        return value
 
     @field_validator("containers", "watch", "restart")
     @classmethod
@@ -234,6 +316,46 @@ class ServiceConfig(_Strict):
                 )
             object.__setattr__(self, "ladder", [self.ensemble[0]])
         return self
+
+    @model_validator(mode="after")
+    def _rung_options_and_steps(self) -> ServiceConfig:
+        """Each rung sets only the options its runtime understands; then the context steps
+        expand into rungs of their own (`written_ladder` keeps the config's rungs)."""
+        spec = spec_of(self.runtime)
+        for i, rung in enumerate(self.ladder):
+            _check_rung_options(spec, i, rung)
+        for i, rung in enumerate(self.ensemble or []):
+            _check_rung_options(spec, i, rung, "ensemble")
+            if isinstance(rung.context_steps, list):
+                raise PydanticCustomError(
+                    "fleetd",
+                    "context steps on an ensemble member (expected one context: an ensemble "
+                    "is one rung)",
+                    {"at": ("ensemble", i, "context")},
+                )
+        for i, flag_ in enumerate(self.args):
+            name = flag_.split("=", 1)[0]
+            if name in spec.rung_flags:
+                raise PydanticCustomError(
+                    "fleetd",
+                    f"{flag_!r}: fleetd sets {name} from the running rung (expected the "
+                    "rung's options instead: context, parallel, kv_cache, tensor_parallel, "
+                    "and `served_name:` for the name clients call)",
+                    {"at": ("args", i)},
+                )
+        self._written = list(self.ladder)
+        object.__setattr__(self, "ladder", [r for w in self.ladder for r in w.expanded()])
+        return self
+
+    @property
+    def written_ladder(self) -> list[RungConfig]:
+        """The ladder as the config wrote it (context steps not yet expanded)."""
+        return self._written or self.ladder
+
+    @property
+    def client_name(self) -> str:
+        """The name clients call: `served_name:`, else the service's name (set by the fleet)."""
+        return self.served_name or self._name
 
     @model_validator(mode="after")
     def _image_when_no_default(self) -> ServiceConfig:
@@ -335,6 +457,12 @@ class FleetConfig(_Strict):
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))
 
     @model_validator(mode="after")
+    def _services_named(self) -> FleetConfig:
+        for name, service in self.services.items():
+            service._name = name
+        return self
+
+    @model_validator(mode="after")
     def _containers_unique(self) -> FleetConfig:
         owner: dict[str, str] = {}
         for name, service in self.services.items():
@@ -388,7 +516,7 @@ def _report(errors: list[ErrorDetails], lines: dict[KeyPath, int], path: Path) -
     """One line per bad key; a union's alternatives merge (`expected 'auto' or a list`)."""
     by_key: dict[str, list[str]] = {}
     for error in errors:
-        at = _yaml_path(error["loc"])
+        at = _yaml_path(error["loc"]) + tuple((error.get("ctx") or {}).get("at", ()))
         line = line_of(lines, at)
         where = f"{path}:{line}" if line is not None else str(path)
         by_key.setdefault(f"{where}: {dotted(at)}", []).append(_explain(error, at))
@@ -416,6 +544,8 @@ def _explain(error: ErrorDetails, at: KeyPath) -> str:
     kind, message, value = error["type"], error["msg"], error.get("input")
     if kind == "value_error":
         return message.removeprefix("Value error, ")
+    if kind == "fleetd":  # fleetd's own check, at a key below the model that made it
+        return message
     if kind == "missing":
         return "missing (this key is required)"
     if kind == "extra_forbidden":
@@ -439,11 +569,9 @@ def _allowed_keys(at: KeyPath) -> list[str]:
     for part in at:
         annotation = _child(annotation, part)
     model = _child(annotation, None)
-    return (
-        sorted(model.model_fields)
-        if isinstance(model, type) and issubclass(model, BaseModel)
-        else []
-    )
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return sorted(field.alias or name for name, field in model.model_fields.items())
 
 
 def _child(annotation: Any, part: str | int | None) -> Any:
@@ -451,7 +579,8 @@ def _child(annotation: Any, part: str | int | None) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         if part is None:
             return annotation
-        field = annotation.model_fields.get(str(part))
+        fields = {f.alias or n: f for n, f in annotation.model_fields.items()}
+        field = fields.get(str(part))
         return field.annotation if field is not None else None
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is list and isinstance(part, int):

@@ -20,7 +20,7 @@ from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.gpus import Discovery
 from supervisor.core.ladder import describe_rung
-from supervisor.core.plan import RungNeed, limited_titles, place
+from supervisor.core.plan import FleetPlan, RungNeed, limited_titles, place
 from supervisor.core.state import FleetState, PendingChange, ServiceState, ServiceStatus
 from supervisor.core.units import format_size
 
@@ -75,16 +75,7 @@ def check_fit(
     if not any(g.valid for g in discovery.gpus):
         why = discovery.problem or "no usable GPU"
         return Fit(False, f"cannot check the VRAM: {why}")
-    services, trial_needs = {}, {}
-    for name, svc in config.services.items():
-        current = state.services.get(name)
-        at = rung if name == service else (current.rung if current is not None else 0)
-        at = min(at, len(svc.ladder) - 1)
-        services[name] = svc.model_copy(update={"ladder": [svc.ladder[at]]})
-        priced = needs[name]  # an ensemble is priced as one rung: its largest member
-        trial_needs[name] = [replace(priced[min(at, len(priced) - 1)], rung=0)]
-    trial = config.model_copy(update={"services": services})
-    plan = place(trial, discovery, trial_needs, managed_pids)
+    plan = _trial(config, state, service, rung, discovery, needs, managed_pids)
     target = plan.services[service]
     need = target.rungs[0].need  # the service's ladder is just that rung here
     size = format_size(need.need_bytes)
@@ -113,6 +104,56 @@ def check_fit(
         False,
         f"needs {size}; the most room beside the other services is "
         f"{format_size(best.headroom_bytes)} on GPU {best.gpu.index} ({short} short)",
+    )
+
+
+def _trial(
+    config: FleetConfig,
+    state: FleetState,
+    service: str,
+    rung: int,
+    discovery: Discovery,
+    needs: Mapping[str, Sequence[RungNeed]],
+    managed_pids: frozenset[int],
+) -> FleetPlan:
+    """The fleet placed with `service` on `rung` and every other service where it is."""
+    services, trial_needs = {}, {}
+    for name, svc in config.services.items():
+        current = state.services.get(name)
+        at = rung if name == service else (current.rung if current is not None else 0)
+        at = min(at, len(svc.ladder) - 1)
+        services[name] = svc.model_copy(update={"ladder": [svc.ladder[at]]})
+        priced = needs[name]  # an ensemble is priced as one rung: its largest member
+        trial_needs[name] = [replace(priced[min(at, len(priced) - 1)], rung=0)]
+    trial = config.model_copy(update={"services": services})
+    for name, svc in services.items():
+        svc._name = name
+    return place(trial, discovery, trial_needs, managed_pids)
+
+
+def gpu_total_for(
+    config: FleetConfig,
+    state: FleetState,
+    service: str,
+    rung: int,
+    discovery: Discovery,
+    needs: Mapping[str, Sequence[RungNeed]],
+    managed_pids: frozenset[int] = frozenset(),
+) -> int | None:
+    """The size of the GPU `service` runs on at `rung` (the one the planner places it on
+    beside the others; where it is not placed, the smallest it may use), for a share of
+    it (vLLM's --gpu-memory-utilization); None without a usable GPU."""
+    valid = [g for g in discovery.gpus if g.valid]
+    pins = config.services[service].pinned_gpus
+    allowed = [g for g in valid if pins is None or g.index in pins] or valid
+    if not allowed:
+        return None
+    if len({g.total_bytes for g in allowed}) == 1:
+        return allowed[0].total_bytes
+    placed = _trial(config, state, service, rung, discovery, needs, managed_pids)
+    gpu = placed.services[service].gpu
+    return next(
+        (g.total_bytes for g in allowed if g.index == gpu), min(g.total_bytes for g in allowed)
     )
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import UsageError
 from supervisor.core.plan import gpu_budget_bytes
+from supervisor.core.rungs import measured_key
 from supervisor.core.state import (
     FleetState,
     Incident,
@@ -24,7 +25,7 @@ from supervisor.core.state import (
 )
 
 if TYPE_CHECKING:
-    from supervisor.core.config import FleetConfig
+    from supervisor.core.config import FleetConfig, RungConfig
     from supervisor.core.gpus import Discovery
 
 
@@ -61,6 +62,7 @@ def status_json(
             continue
         window = config.policy.incident_window if config else None
         last = _last(state, name)
+        rung = _rung(config, name, svc)
         services[name] = {
             "model": svc.model,
             "rung": svc.rung,
@@ -77,7 +79,12 @@ def status_json(
             "last_incident": _incident(svc.incidents[-1]) if svc.incidents else None,
             "probation_until": svc.probation_until,
             "step_up_not_before": svc.step_up_not_before,
-            "measured": _measured(state, svc.model),
+            "measured": _measured(state, svc.model, rung),
+            # the running rung's options and the name clients call it by, on every rung
+            "options": None if rung is None else rung.options,
+            "served_name": config.services[name].client_name
+            if config and name in config.services
+            else None,
             "endpoint": endpoint_of(config, name) if config and name in config.services else None,
             "ensemble": _members(config, name),
             # fleetd's live view only: a check result and the circuit breaker; what a
@@ -128,8 +135,16 @@ def _members(config: FleetConfig | None, name: str) -> list[str] | None:
     return [r.model for r in service.ensemble] if service and service.ensemble else None
 
 
-def _measured(state: FleetState, model: str) -> dict[str, Any] | None:
-    seen = state.measured.get(model)
+def _rung(config: FleetConfig | None, name: str, svc: ServiceState) -> RungConfig | None:
+    """The config's entry for the rung the service is on (None: not in the config)."""
+    service = config.services.get(name) if config is not None else None
+    if service is None or svc.rung >= len(service.ladder):
+        return None
+    return service.ladder[svc.rung]
+
+
+def _measured(state: FleetState, model: str, rung: RungConfig | None) -> dict[str, Any] | None:
+    seen = state.measured.get(measured_key(rung) if rung is not None else model)
     return None if seen is None else measured_json(seen)
 
 

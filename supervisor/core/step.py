@@ -51,6 +51,7 @@ from supervisor.core.ladder import (
 )
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import IncidentClass, classify_event
+from supervisor.core.rungs import RungSetup, measured_key, setup_for
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
     FleetState,
@@ -247,11 +248,12 @@ class HealthChecked:
 
 @dataclass(frozen=True)
 class FootprintRead:
-    """The runtime's own report of what a run of `model` allocated (its start-up log)."""
+    """The runtime's own report of what a run of `rung` allocated (its start-up log)."""
 
     service: str
     model: str
     measured: Measured
+    rung: int | None = None  # None: the rung the service is on, if it runs `model`
 
 
 @dataclass(frozen=True)
@@ -330,14 +332,17 @@ class Log:
 
 @dataclass(frozen=True)
 class Restart:
-    """Restart the service's containers on `model`, handing it off first for a recorded
-    change; a worker reports `Applied`, then `SettleDone` when it settles a new model."""
+    """Restart the service's containers on `model`, handing `setup` off first for a
+    recorded change; a worker reports `Applied`, then `SettleDone` when it settles a new
+    rung (another model, or the same one with other options)."""
 
     service: str
     change: int
     old_model: str
     model: str
     handoff: bool  # a recorded change (write the hand-off), not a restart of the same
+    setup: RungSetup  # what the rung hands its container (a recreate sets it again)
+    new_rung: bool = False  # the rung changes: prepare and settle it
 
 
 @dataclass(frozen=True)
@@ -397,10 +402,11 @@ class Reprice:
 
 @dataclass(frozen=True)
 class WriteModel:
-    """Write the service's model hand-off file (and the compose .env when it has one)."""
+    """Write the service's hand-off files (and the compose .env when it has one)."""
 
     service: str
     model: str
+    setup: RungSetup
 
 
 @dataclass(frozen=True)
@@ -640,15 +646,35 @@ def _apply(turn: _Turn, service: str) -> None:
     if pending.gpu is None:  # the record shows what the GPUs held when it was made
         pending = replace(pending, gpu=gpu_reading(turn.world))
         svc = turn.state.services[service] = replace(svc, pending=pending)
-    _restart(turn, service, svc.model, pending.to_model, handoff=True)
+    new_rung = pending.to_rung != svc.rung or pending.to_model != svc.model
+    _restart(turn, service, svc.model, pending.to_model, pending.to_rung, new_rung)
 
 
-def _restart(turn: _Turn, service: str, old: str, model: str, handoff: bool = False) -> None:
+def _restart(
+    turn: _Turn, service: str, old: str, model: str, rung: int | None = None, new_rung: bool = False
+) -> None:
+    """Restart the service's containers; with `rung`, a recorded change to that rung is
+    handed off first (its setup: model, options, stable name)."""
     change = turn.new_change()
-    turn.set_flight(
-        service, phase=Phase.APPLYING, change=change, new_model=old != model, retry_at=None
+    turn.set_flight(service, phase=Phase.APPLYING, change=change, new_model=new_rung, retry_at=None)
+    svc = turn.state.services.get(service)
+    at = rung if rung is not None else (svc.rung if svc is not None else 0)
+    setup = rung_setup(turn.world, service, at, turn.state)
+    turn.effects.append(Restart(service, change, old, model, rung is not None, setup, new_rung))
+
+
+def rung_setup(world: World, service: str, rung: int, state: FleetState | None = None) -> RungSetup:
+    """What `service` on `rung` hands its container, sized by the plan on the GPUs as
+    last read (vLLM's share of its GPU follows the rung)."""
+    from supervisor.core.gpus import Discovery
+
+    needs = world.needs.get(service) or ()
+    need = needs[min(rung, len(needs) - 1)].need_bytes if needs else 0
+    discovery = Discovery(gpus=world.gpus, problem=world.gpu_problem)
+    total = ops.gpu_total_for(
+        world.config, state or world.state, service, rung, discovery, world.needs, world.managed
     )
-    turn.effects.append(Restart(service, change, old, model, handoff))
+    return setup_for(world.config, service, rung, need, total)
 
 
 def _on_applied(turn: _Turn, done: Applied) -> None:
@@ -779,14 +805,38 @@ def _on_settled(turn: _Turn, done: SettleDone) -> None:
 def _record_measured(turn: _Turn, result: Settled) -> None:
     """Keep what a settled model really used; the planner prices its rung with it."""
     if result.measured is not None:
-        _keep_measured(turn, result.service, result.model, result.measured)
+        rung = _rung_of(turn, result.service, result.model, result.rung)
+        key = _measured_key(turn, result.service, result.model, rung)
+        _keep_measured(turn, result.service, key, result.measured, rung)
 
 
-def _keep_measured(turn: _Turn, service: str, model: str, new: Measured) -> None:
+def _rung_of(turn: _Turn, service: str, model: str, rung: int | None) -> int | None:
+    """The rung a result is about: its own, else the service's when it runs `model`."""
+    if rung is not None:
+        return rung
+    svc = turn.state.services.get(service)
+    return svc.rung if svc is not None and svc.model == model else None
+
+
+def _measured_key(turn: _Turn, service: str, model: str, rung: int | None) -> str:
+    """Where a measurement of `model` (on `rung`, when known) is kept: by the rung's model
+    and options; an ensemble's member by its own entry."""
+    config = turn.config.services.get(service)
+    if config is None:
+        return model
+    if rung is None or config.ensemble is not None:
+        member = next((r for r in config.ensemble or config.ladder if r.model == model), None)
+        return measured_key(member) if member is not None else model
+    return measured_key(config.ladder[min(rung, len(config.ladder) - 1)])
+
+
+def _keep_measured(
+    turn: _Turn, service: str, key: str, new: Measured, rung: int | None = None
+) -> None:
     """Record a measurement, keeping what the other source knew: a buffer report (from the
     log) and a warm-up (from the API) arrive separately for the same run. A report keeps
     the estimate it replaces beside it, for `status`."""
-    old = turn.state.measured.get(model)
+    old = turn.state.measured.get(key)
     if old is not None:
         if new.parts is None and old.parts is not None and new.vram_bytes is None:
             new = replace(
@@ -795,16 +845,16 @@ def _keep_measured(turn: _Turn, service: str, model: str, new: Measured) -> None
         elif new.tokens_per_s is None and old.tokens_per_s is not None:
             new = replace(new, load_s=old.load_s, tokens_per_s=old.tokens_per_s)
     if new.parts is not None and new.estimate_bytes is None:
-        new = replace(new, estimate_bytes=_estimate_of(turn, service, model, old))
-    turn.state.measured[model] = new
+        new = replace(new, estimate_bytes=_estimate_of(turn, service, rung, old))
+    turn.state.measured[key] = new
     turn.effects.append(Reprice())
     turn.save()
 
 
-def _estimate_of(turn: _Turn, service: str, model: str, old: Measured | None) -> int | None:
-    """What the plan priced `model`'s rung at before any measurement of it."""
+def _estimate_of(turn: _Turn, service: str, rung: int | None, old: Measured | None) -> int | None:
+    """What the plan priced the rung at before any measurement of it."""
     needs = turn.world.needs.get(service, ())
-    need = next((n for n in needs if n.model == model), None)
+    need = needs[rung] if rung is not None and rung < len(needs) else None
     if need is not None and need.source != "measured":
         return need.need_bytes
     return old.estimate_bytes if old is not None else None
@@ -813,21 +863,23 @@ def _estimate_of(turn: _Turn, service: str, model: str, old: Measured | None) ->
 def _on_footprint(turn: _Turn, read: FootprintRead) -> None:
     """The runtime reported what its run allocated: the rung it runs is priced with it."""
     svc = turn.state.services.get(read.service)
-    if svc is None or svc.model != read.model or read.service not in turn.config.services:
+    rung = _rung_of(turn, read.service, read.model, read.rung)
+    left = svc is None or svc.rung != rung or svc.model != read.model
+    if left or read.service not in turn.config.services:
         return  # a run of a rung the service has left
-    estimate = _estimate_of(turn, read.service, read.model, turn.state.measured.get(read.model))
+    key = _measured_key(turn, read.service, read.model, rung)
+    estimate = _estimate_of(turn, read.service, rung, turn.state.measured.get(key))
     was = f" (estimated {format_size(estimate)} with overhead)" if estimate else ""
     size = format_size(read.measured.vram_bytes or 0)
     turn.log("INFO", f"{read.service}: {read.model} allocated {size} by its own report{was}")
-    _keep_measured(turn, read.service, read.model, replace(read.measured, estimate_bytes=estimate))
+    _keep_measured(turn, read.service, key, replace(read.measured, estimate_bytes=estimate), rung)
 
 
 def _vram_note(turn: _Turn, result: Settled) -> str:
     vram = result.measured.vram_bytes if result.measured else None
     if vram is None:
         return ""
-    service = turn.config.services[result.service]
-    rung = next((i for i, r in enumerate(service.ladder) if r.model == result.model), None)
+    rung = _rung_of(turn, result.service, result.model, result.rung)
     needs = turn.world.needs_bytes(result.service)
     planned = f" (planned {format_size(needs[rung])})" if rung is not None else ""
     memory = "host memory" if turn.config.accelerator == "cpu" else "VRAM"
@@ -1141,7 +1193,8 @@ def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
         elif current.model != service.ladder[current.rung].model:
             current = replace(current, model=service.ladder[current.rung].model)
         turn.state.services[name] = current
-        turn.effects.append(WriteModel(name, current.model))
+        setup = rung_setup(turn.world, name, current.rung, turn.state)
+        turn.effects.append(WriteModel(name, current.model, setup))
     for name in sorted(set(turn.state.services) - set(turn.config.services)):
         turn.log("INFO", f"{name}: no longer in the config; its state is kept")
 

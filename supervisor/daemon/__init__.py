@@ -41,7 +41,7 @@ from supervisor.core.rules import BUILTIN_RULES
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import FleetState, LogCursor
 from supervisor.core.step import ContainerEvent
-from supervisor.daemon.handoff import change_model
+from supervisor.daemon.handoff import change_model, write_handoff
 from supervisor.daemon.lifecycle import ModelChange, Settled, measured_from_report
 from supervisor.edges import engine
 from supervisor.edges.control import Call, ControlServer
@@ -190,7 +190,9 @@ class Daemon:
         self.feed(step.Repriced(_needs(self.config, self.state)))
 
     def _write_model(self, effect: step.WriteModel) -> None:
-        self.store.write_model_file(effect.service, effect.model)
+        warning = write_handoff(self.store, self.config, effect.setup)
+        if warning:
+            logger.warning(f"{effect.service}: {warning}")
 
     def _abort_settle(self, effect: step.AbortSettle) -> None:
         abort = self.aborts.get(effect.change)
@@ -227,12 +229,13 @@ class Daemon:
                 config,
                 name,
                 effect.old_model,
-                effect.model,
+                effect.setup,
                 report=self._reporter(name, change),
                 abort=abort,
                 restarted=restarted,
                 expect_stop=self._expect_stop,
                 handoff=effect.handoff,
+                new_rung=effect.new_rung,
             )
         except FleetdError as e:
             self.queue.put(step.Applied(name, change, str(e)))
@@ -299,9 +302,10 @@ class Daemon:
         start (llama.cpp), read it and price the running rung with it. Runs in a health
         check's thread: two Docker calls, once per container start."""
         service = self.config.services.get(name)
-        model = self.state.services[name].model if name in self.state.services else None
-        if service is None or model is None or not spec_of(service.runtime).footprint_in_log:
+        current = self.state.services.get(name)
+        if service is None or current is None or not spec_of(service.runtime).footprint_in_log:
             return
+        model, rung = current.model, current.rung
         container, client = service.containers[0], self.client
         if client is None:
             return
@@ -314,9 +318,9 @@ class Daemon:
             logger.warning(f"{name}: cannot read the buffer report of {model}: {e}")
             return
         self._reported_runs[container] = run
-        measured = measured_from_report(name, service, model, lines, self.clock())
+        measured = measured_from_report(name, service, rung, lines, self.clock())
         if measured is not None:
-            self.queue.put(step.FootprintRead(name, model, measured))
+            self.queue.put(step.FootprintRead(name, model, measured, rung))
 
     def _warm_member(self, effect: step.WarmMember) -> None:
         """Load one member of an ensemble before its turn: the others are unloaded first

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from supervisor.analyzer.compose import update_env_file
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError
+from supervisor.core.rungs import RungSetup
 from supervisor.edges import engine
 from supervisor.edges.engine import NoSuchContainer
 from supervisor.edges.store import StateStore
@@ -26,14 +27,15 @@ if TYPE_CHECKING:
 STOP_GRACE_S = 5
 
 
-def write_handoff(store: StateStore, config: FleetConfig, service: str, model: str) -> str | None:
-    """Write the model file (and the compose `.env` when `compose_dir` is set); returns a
-    warning for a person when the `.env` could not be kept in step."""
-    store.write_model_file(service, model)
+def write_handoff(store: StateStore, config: FleetConfig, setup: RungSetup) -> str | None:
+    """Write the rung's hand-off files: model, args, env (and the compose `.env` when
+    `compose_dir` is set); returns a warning for a person when the `.env` could not be
+    kept in step."""
+    store.write_handoff(setup)
     if config.compose_dir is None:
         return None
     env_file = config.resolve(config.compose_dir) / ".env"  # so `docker compose up` agrees
-    if not update_env_file(env_file, service, model):
+    if not update_env_file(env_file, setup.service, setup.model):
         return f"{env_file} does not exist; compose_dir is not updated"
     return None
 
@@ -42,12 +44,13 @@ def restart_service(
     client: docker.DockerClient,
     config: FleetConfig,
     service: str,
-    model: str,
+    setup: RungSetup,
     expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
 ) -> None:
-    """Restart (file strategy) or recreate with the new env var (env strategy) each of the
-    service's containers. `expect_stop(name, seconds)` is told first, so the exit that
-    follows is not taken for a crash. A stopped container is started."""
+    """Restart (file strategy) or recreate with the new variables (env strategy: the
+    model and the rung's options) each of the service's containers. `expect_stop(name,
+    seconds)` is told first, so the exit that follows is not taken for a crash. A stopped
+    container is started."""
     svc = config.services[service]
     timeout = int(config.policy.stop_timeout)
     for name in svc.restarted:
@@ -56,7 +59,9 @@ def restart_service(
             if svc.model_env:
                 from supervisor.edges.recreate import recreate_with_env
 
-                recreate_with_env(client, name, svc.model_env, model, timeout)
+                variables = setup.variables(svc.model_env)
+                model = variables.pop(svc.model_env) or setup.model
+                recreate_with_env(client, name, svc.model_env, model, timeout, variables)
             else:
                 engine.restart(client, name, timeout)
         except NoSuchContainer as e:
@@ -69,24 +74,26 @@ def change_model(
     config: FleetConfig,
     service: str,
     old: str,
-    new: str,
+    setup: RungSetup,
     *,
     report: Callable[[str], None],
     abort: threading.Event,
     restarted: Callable[[bool], None] = lambda settles: None,
     expect_stop: Callable[[str, float], None] = lambda name, seconds: None,
     handoff: bool = True,
+    new_rung: bool = True,
 ) -> Settled | None:
-    """The change procedure, one for fleetd and for fleetctl without it: hand `new` off,
-    prepare it (pull it if missing, unload `old`), restart the containers, then settle
+    """The change procedure, one for fleetd and for fleetctl without it: hand the new
+    rung's `setup` off (its model, options and stable name), prepare it (pull the model
+    if missing, unload `old`, name it for clients), restart the containers, then settle
     (wait for health, warm up, measure). `restarted(settles)` is called once the containers
-    run `new`. Returns the settle's result, or None when there is nothing to settle (the
-    same model, or a service fleetd cannot reach). Raises FleetdError before the restart
-    (the hand-off files may already name `new`; the change is still recorded)."""
+    run it. Returns the settle's result, or None when there is nothing to settle (a restart
+    on the same rung, or a service fleetd cannot reach). Raises FleetdError before the
+    restart (the hand-off files may already name the new rung; the change is recorded)."""
     from supervisor.daemon.lifecycle import ModelChange  # the runtimes' HTTP clients
 
     if handoff:
-        warning = write_handoff(store, config, service, new)
+        warning = write_handoff(store, config, setup)
         if warning:
             report(warning)
     if client is None:
@@ -96,11 +103,11 @@ def change_model(
         ModelChange.for_service(
             config, service, report, abort, read_log=lambda: engine.run_log(client, container)
         )
-        if old != new
+        if new_rung
         else None
     )
     if change is not None:
-        change.prepare(old, new)
-    restart_service(client, config, service, new, expect_stop)
+        change.prepare(old, setup)
+    restart_service(client, config, service, setup, expect_stop)
     restarted(change is not None)
-    return change.settle(new) if change is not None else None
+    return change.settle(setup) if change is not None else None

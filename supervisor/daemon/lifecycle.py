@@ -31,6 +31,7 @@ from supervisor.core.config import FleetConfig, ServiceConfig
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError
 from supervisor.core.footprint import runtime_footprint
+from supervisor.core.rungs import RungSetup
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import Measured
 from supervisor.core.units import format_size
@@ -55,6 +56,7 @@ class Settled:
     detail: str
     measured: Measured | None = None
     oom: bool = False
+    rung: int | None = None  # the rung settled (None: an ensemble member, by model)
 
 
 class ModelChange:
@@ -94,13 +96,44 @@ class ModelChange:
             return None
         return cls(service, config, api, report, abort, clock, read_log)
 
-    def prepare(self, old: str | None, new: str) -> None:
+    def prepare(self, old: str | None, setup: RungSetup | str) -> None:
+        """Before the restart: pull the new rung's model where the runtime can, unload what
+        the service had loaded, and (Ollama) create the stable name from the new rung. A
+        model name alone (an ensemble's member): pull it, nothing else."""
+        new = setup if isinstance(setup, str) else setup.model
         # Runtimes that cannot pull or unload load the model at start from what they hold.
         if self.spec.can_pull and not self.api.present(new):
             self._pull(new)
-        if self.spec.can_unload and old is not None and old != new:
-            self.report(f"unloading {old}")
-            self.api.unload(old)
+        if isinstance(setup, str):
+            return
+        named = self._names_a_model()
+        if self.spec.can_unload:
+            # What the old rung loaded: the stable name (it stands for the old rung until
+            # it is created again) and the old model, for clients that call it by name.
+            loaded = [setup.served_name] if named else []
+            loaded += [old] if old is not None and old != new else []
+            present = {self.api.full_name(m.name) for m in self.api.loaded()} if named else None
+            for name in dict.fromkeys(loaded):
+                if present is None or self.api.full_name(name) in present:
+                    self.report(f"unloading {name}")
+                    self.api.unload(name)
+        if named:
+            context = setup.option_map.get("context")
+            parameters = {"num_ctx": context} if context else {}
+            shown = f" (num_ctx {context})" if context else ""
+            self.report(f"naming {setup.served_name}: {new}{shown}")
+            self.api.create(setup.served_name, new, parameters)
+
+    def _names_a_model(self) -> bool:
+        """Whether fleetd keeps a stable model of the service's name in the runtime (Ollama
+        creates one per change; an ensemble's apps name its members)."""
+        return self.spec.can_create and self.config.ensemble is None
+
+    def client_model(self, setup: RungSetup) -> str:
+        """The name a client (and the warm-up) calls the running rung by."""
+        if self._names_a_model() or (self.spec.names_model and not self.spec.swaps_models):
+            return setup.served_name
+        return setup.model
 
     def unload_others(self, others: Iterable[str]) -> None:
         """Unload the models named that the runtime has loaded (an ensemble's other
@@ -125,26 +158,30 @@ class ModelChange:
         self.report(f"pulling {model}")
         self.api.pull(model, progress, PULL_TIMEOUT_S, self.abort)
 
-    def settle(self, model: str) -> Settled:
-        """Wait for health, warm up, measure; never raises (the result says what failed)."""
+    def settle(self, setup: RungSetup | str) -> Settled:
+        """Wait for health, warm up (by the name clients call), measure; never raises (the
+        result says what failed). A model name alone: an ensemble member, warmed as named."""
         started = self.clock()
+        model = setup if isinstance(setup, str) else setup.model
+        called = setup if isinstance(setup, str) else self.client_model(setup)
+        rung = None if isinstance(setup, str) else setup.rung
         try:
             deadline = time.monotonic() + self.config.warmup.timeout
             self._wait_ready(deadline)
             warmed = None
             if self.config.warmup.enabled and self.spec.warmup_path is not None:
-                self.report(f"warming up {model}")
+                self.report(f"warming up {called}" + (f" ({model})" if called != model else ""))
                 remaining = max(1.0, deadline - time.monotonic())
                 warm = self.config.warmup
-                warmed = self.api.warm(model, warm.prompt, warm.tokens, remaining)
-            vram = self.api.size_vram(model) if self.spec.reports_measured_vram else None
+                warmed = self.api.warm(called, warm.prompt, warm.tokens, remaining)
+            vram = self.api.size_vram(called) if self.spec.reports_measured_vram else None
         except LoadFailed as e:
-            return Settled(self.service, model, False, str(e), oom=True)
+            return Settled(self.service, model, False, str(e), oom=True, rung=rung)
         except RuntimeApiError as e:
             if self.abort.is_set():
-                return Settled(self.service, model, False, _OOM, oom=True)
-            return Settled(self.service, model, False, str(e))
-        measured = self._from_report(model) or Measured(
+                return Settled(self.service, model, False, _OOM, oom=True, rung=rung)
+            return Settled(self.service, model, False, str(e), rung=rung)
+        measured = self._from_report(model, rung) or Measured(
             vram_bytes=vram, load_s=None, tokens_per_s=None, at=self.clock()
         )
         measured.load_s = warmed.load_s if warmed else None
@@ -153,19 +190,19 @@ class ModelChange:
         detail = f"ready in {ready_s:.1f} s" + (f"; warm-up {warmed.describe()}" if warmed else "")
         if measured.parts is not None and measured.vram_bytes is not None:
             detail += f"; {format_size(measured.vram_bytes)} allocated by its own report"
-        return Settled(self.service, model, True, detail, measured)
+        return Settled(self.service, model, True, detail, measured, rung=rung)
 
-    def _from_report(self, model: str) -> Measured | None:
+    def _from_report(self, model: str, rung: int | None) -> Measured | None:
         """The footprint the runtime printed at start, for the rung that runs `model`;
         None where it prints none or the log cannot be read (the estimate stays)."""
-        if not self.spec.footprint_in_log or self.read_log is None:
+        if not self.spec.footprint_in_log or self.read_log is None or rung is None:
             return None
         try:
             lines = self.read_log()
         except FleetdError as e:
             logger.warning(f"{self.service}: cannot read the buffer report of {model}: {e}")
             return None
-        return measured_from_report(self.service, self.config, model, lines, self.clock())
+        return measured_from_report(self.service, self.config, rung, lines, self.clock())
 
     def _wait_ready(self, deadline: float) -> None:
         timeout = self.config.health.timeout
@@ -189,18 +226,19 @@ _OOM = "the new model ran out of VRAM while loading (see the log line above)"
 
 
 def measured_from_report(
-    service: str, config: ServiceConfig, model: str, lines: list[str], now: float
+    service: str, config: ServiceConfig, rung_index: int, lines: list[str], now: float
 ) -> Measured | None:
-    """The runtime's buffer report in a run's log, as the measured need of the rung that
-    runs `model` (with that rung's options); None, with a warning, when there is none."""
+    """The runtime's buffer report in a run's log, as the measured need of the rung
+    (with that rung's options); None, with a warning, when there is none."""
     spec = spec_of(config.runtime)
     assert spec.footprint_in_log is not None
+    rung = config.ladder[min(rung_index, len(config.ladder) - 1)]
+    model = rung.model
     found = runtime_footprint(spec.footprint_in_log, lines)
     if found is None:
         logger.warning(f"{service}: {model} printed no report of what it allocated")
         return None
-    rung = next((r for r in config.ladder if r.model == model), None)
-    context, parallel = (rung.context, rung.parallel) if rung else (None, None)
+    context, parallel = rung.context, rung.parallel
     asked = context or (None if spec.context_is_model_max else spec.default_context)
     if not found.ran_with(asked, parallel or 1):
         # The run had other options than the rung's (a container started with an older

@@ -41,6 +41,7 @@ from supervisor.core.errors import FleetdError
 from supervisor.core.gpus import Gpu
 from supervisor.core.health import Breaker, Health, HealthStatus
 from supervisor.core.rules import IncidentClass
+from supervisor.core.rungs import measured_key
 from supervisor.core.state import FleetState, ServiceStatus, Transition
 
 # From a log line's timestamp to the main loop acting on it: milliseconds when idle,
@@ -179,10 +180,11 @@ def _service_snapshot(
         for i, (rung, need) in enumerate(zip(service.ladder, needs, strict=False))
     ]
     for i, rung in enumerate(service.ladder):  # what the runtime reported, beside the plan's
-        seen = state.measured.get(rung.model)
+        seen = state.measured.get(measured_key(rung))
         if seen is not None and seen.vram_bytes:
             rungs.append(RungSnapshot(i, rung.model, seen.vram_bytes, "measured"))
-    current = state.measured.get(svc.model)
+    on = service.ladder[min(svc.rung, len(service.ladder) - 1)]
+    current = state.measured.get(measured_key(on))
     return ServiceSnapshot(
         name=name,
         runtime=service.runtime.value,

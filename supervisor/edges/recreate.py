@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -283,6 +283,16 @@ def replace_env(env: list[str], env_name: str, value: str) -> list[str]:
     return out
 
 
+def set_env(env: list[str], changes: Mapping[str, str | None]) -> list[str]:
+    """``env`` with each of ``changes`` set (a value) or removed (None)."""
+    for env_name, value in changes.items():
+        if value is None:
+            env = [item for item in env if item.partition("=")[0] != env_name]
+        else:
+            env = replace_env(env, env_name, value)
+    return env
+
+
 def _check_env(env_name: str, value: str) -> None:
     if not env_name or "=" in env_name or "\0" in env_name:
         raise ConfigError(f"invalid environment variable name {env_name!r}")
@@ -290,7 +300,12 @@ def _check_env(env_name: str, value: str) -> None:
         raise ConfigError(f"the value for {env_name} contains a NUL character")
 
 
-def build_create_args(inspect: dict[str, Any], env_name: str, value: str) -> dict[str, Any]:
+def build_create_args(
+    inspect: dict[str, Any],
+    env_name: str,
+    value: str,
+    others: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of ``APIClient.create_container`` for a copy of ``inspect``.
 
     Everything but ``name``: the copy differs from the original only in ``env_name``.
@@ -326,7 +341,9 @@ def build_create_args(inspect: dict[str, Any], env_name: str, value: str) -> dic
         "image": config["Image"],
         "command": config.get("Cmd"),
         "entrypoint": config.get("Entrypoint"),
-        "environment": replace_env(list(config.get("Env") or []), env_name, value),
+        "environment": set_env(
+            replace_env(list(config.get("Env") or []), env_name, value), others or {}
+        ),
         "labels": dict(config.get("Labels") or {}),
         "working_dir": config.get("WorkingDir") or None,
         "user": config.get("User") or None,
@@ -456,8 +473,10 @@ def recreate_with_env(
     env_name: str,
     value: str,
     stop_timeout_s: float = 10.0,
+    others: Mapping[str, str | None] | None = None,
 ) -> RecreateResult:
-    """Recreate the container ``name`` with ``env_name=value`` and everything else kept.
+    """Recreate the container ``name`` with ``env_name=value`` and everything else kept
+    (but ``others``: more variables set, or removed where None: a rung's options).
 
     See the module docstring for what is preserved, the order of the swap, the gap in
     service between the stop and the start, and how leftovers of an interrupted run are
@@ -466,10 +485,12 @@ def recreate_with_env(
     variable name.
     """
     _check_env(env_name, value)
+    for other, other_value in (others or {}).items():
+        _check_env(other, other_value or "")
     api = client.api
     old, recovered = _clear_leftovers(api, name)
     old_id = str(old["Id"])
-    create_args = build_create_args(old, env_name, value)
+    create_args = build_create_args(old, env_name, value, others)
     dependents = _dependents(api, old_id)
     if dependents:
         raise ContainerError(

@@ -136,6 +136,17 @@ class RuntimeApi:
     def size_vram(self, model: str) -> int | None:
         raise self._cannot("report a model's VRAM")
 
+    def create(
+        self, name: str, source: str, parameters: dict[str, Any], timeout_s: float = 60.0
+    ) -> None:
+        raise self._cannot("create a model")
+
+    def delete(self, name: str, timeout_s: float = 30.0) -> None:
+        raise self._cannot("delete a model")
+
+    def show(self, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        raise self._cannot("show a model")
+
     def _path(self, path: str | None) -> str:
         """A path from the registry entry; tests/test_runtimes.py checks each client's."""
         assert path is not None, f"the registry gives {self.runtime} no such path"
@@ -311,6 +322,31 @@ class OllamaApi(RuntimeApi):
     def size_vram(self, model: str) -> int | None:
         wanted = ollama_name(model)
         return next((m.size_vram for m in self.loaded() if ollama_name(m.name) == wanted), None)
+
+    def create(
+        self, name: str, source: str, parameters: dict[str, Any], timeout_s: float = 60.0
+    ) -> None:
+        """Create (or replace) model `name` from `source` with these parameters (e.g.
+        num_ctx): POST /api/create {model, from, parameters}, as one answer."""
+        body = {"model": name, "from": source, "parameters": parameters, "stream": False}
+        document = self._json("POST", "/api/create", timeout_s, body)
+        if isinstance(document, dict) and "error" in document:
+            raise RuntimeApiError(f"creating {name} from {source}: {document['error']}")
+
+    def delete(self, name: str, timeout_s: float = 30.0) -> None:
+        """Remove model `name`; one Ollama does not have is already gone (404)."""
+        try:
+            self._request("DELETE", "/api/delete", timeout_s, {"model": name})
+        except RuntimeApiError as e:
+            if e.status != 404:
+                raise
+
+    def show(self, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """POST /api/show: the model's details, its `parameters` text among them."""
+        document = self._json("POST", "/api/show", timeout_s, {"model": name})
+        if not isinstance(document, dict):
+            raise RuntimeApiError(f"{self.endpoint}/api/show ({name}): answer is not an object")
+        return document
 
 
 def _ndjson(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supervisor.core.state import (
     _SERVICE_RE,
@@ -30,6 +31,9 @@ from supervisor.core.state import (
     StateError,
 )
 from supervisor.edges.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from supervisor.core.rungs import RungSetup
 
 LOCK_FILE = "state.lock"
 DAEMON_LOCK_FILE = "daemon.lock"  # held by a running fleetd for its whole life
@@ -195,6 +199,19 @@ class StateStore:
         except OSError as e:
             raise StateError(f"cannot write {path}: {e.strerror or e}") from e
         return path
+
+    def write_handoff(self, setup: RungSetup) -> Path:
+        """Atomically write a rung's hand-off files (`args` and `env` first, `model` last)
+        to `<state_dir>/services/<service>/`; returns the model file's path."""
+        files = setup.files()
+        folder = self._model_path(setup.service).parent
+        try:
+            _make_dirs(folder)
+            for name in ("args", "env"):
+                atomic_write(folder / name, files[name], FILE_MODE)
+        except OSError as e:
+            raise StateError(f"cannot write {folder}: {e.strerror or e}") from e
+        return self.write_model_file(setup.service, setup.model)
 
     def read_model_file(self, service: str) -> str | None:
         """The model in a service's hand-off file, or None when it is missing or empty."""

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from supervisor.core.runtimes.spec import ContainerCheck, RungOptions, Runtime, RuntimeSpec
+from supervisor.core.runtimes.spec import (
+    RUNG_OPTIONS,
+    ContainerCheck,
+    RungOptions,
+    Runtime,
+    RuntimeSpec,
+)
 
 __all__ = [
     "REGISTRY",
@@ -84,4 +90,10 @@ def markdown_tables() -> str:
         rows.append(
             f"| `{s.name.value}` | {s.model_handoff} | {s.options_handoff} | {s.not_done or '-'} |"
         )
+    rows += ["", "| runtime | a rung may set | `kv_cache:` types | the stable name reaches it as |"]
+    rows.append("|---|---|---|---|")
+    for s in REGISTRY.values():
+        options = ", ".join(f"`{o}`" for o in RUNG_OPTIONS if o in s.rung_options)
+        kinds = ", ".join(f"`{k}`" for k in s.kv_cache_types) or "-"
+        rows.append(f"| `{s.name.value}` | {options} | {kinds} | {s.names_model or '-'} |")
     return "\n".join(rows) + "\n"

@@ -25,15 +25,41 @@ class Runtime(StrEnum):
     GENERIC = "generic"
 
 
+# The start scripts' first words: export the rung's variables (`env`, NAME=VALUE lines) and
+# append the rung's arguments (`args`, one per line) to the container's own, from the
+# hand-off folder fleetd rewrites at every change (POSIX sh; a missing file is no change).
+READ_HANDOFF = (
+    "d=/run/fleetd; "
+    'if [ -f $d/env ]; then while IFS= read -r kv; do [ -n "$kv" ] && export "$kv"; '
+    "done < $d/env; fi; "
+    'if [ -f $d/args ]; then while IFS= read -r a; do set -- "$@" "$a"; done < $d/args; fi; '
+)
+
+# The options a rung may carry besides its model (config `ladder:` keys); each runtime
+# accepts those its spec lists in `rung_options`.
+RUNG_OPTIONS = ("context", "parallel", "kv_cache", "tensor_parallel")
+
+
 @dataclass(frozen=True)
 class RungOptions:
-    """What a generated container is told about the rung it runs."""
+    """What a container is told about the rung it runs (the runtime's flags and env)."""
 
     context: int | None
     parallel: int | None
-    need_bytes: int
+    need_bytes: int  # per GPU the rung spans
     gpu_total_bytes: int
     on_cpu: bool = False  # `accelerator: cpu`: no GPU, host memory holds everything
+    kv_cache: str | None = None  # None: the runtime's default type
+    tensor_parallel: int = 1  # GPUs the rung spans
+    served_name: str | None = None  # the stable name clients call, whatever the rung
+
+    @property
+    def memory_share(self) -> float | None:
+        """The share of each GPU the plan gives this rung (vLLM's --gpu-memory-utilization);
+        None on a CPU-only host or without a GPU size."""
+        if self.on_cpu or self.gpu_total_bytes <= 0:
+            return None
+        return min(0.99, -(-self.need_bytes * 100 // self.gpu_total_bytes) / 100)
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,11 @@ def no_settings(options: RungOptions) -> tuple[str, ...]:
 
 def no_env(options: RungOptions) -> tuple[tuple[str, str], ...]:
     return ()
+
+
+def flag(name: str, value: object | None) -> tuple[str, ...]:
+    """`(name, value)` as arguments, or nothing when the value is unset."""
+    return () if value is None else (name, str(value))
 
 
 @dataclass(frozen=True)
@@ -73,8 +104,21 @@ class RuntimeSpec:
     volumes: tuple[str, ...] = ()  # `{service}` stands for the service's name
     container_check: ContainerCheck | None = None
     shm_size: str | None = None  # /dev/shm the container needs beyond Docker's 64 MiB
+    # The container's own settings, the same on every rung (in the compose file).
     env: Callable[[RungOptions], tuple[tuple[str, str], ...]] = no_env
     args: Callable[[RungOptions], tuple[str, ...]] = no_settings
+    # What changes with the rung (its options, the stable name): written to the hand-off
+    # folder at every change, which the start script reads (docs/runtimes.md), or set as
+    # environment variables on a recreate (`model_env:`).
+    rung_env: Callable[[RungOptions], tuple[tuple[str, str], ...]] = no_env
+    rung_args: Callable[[RungOptions], tuple[str, ...]] = no_settings
+    # Which of RUNG_OPTIONS a rung may set, and the KV-cache types it accepts.
+    rung_options: frozenset[str] = frozenset({"context", "parallel"})
+    kv_cache_types: tuple[str, ...] = ()
+    # The runtime's flags that rung_args sets: a service's `args:` may not set them too.
+    rung_flags: tuple[str, ...] = ()
+    names_model: str | None = None  # how the stable name reaches it (docs); None: it cannot
+    takes_memory_share: bool = False  # it is told its share of each GPU (RungOptions)
 
     # The runtime's HTTP API (supervisor.edges.runtime_api); None: fleetd makes no API calls.
     api: str | None = None  # the client's class name
@@ -87,6 +131,7 @@ class RuntimeSpec:
     # Capabilities, read instead of checking a client's type.
     can_pull: bool = False  # fetches a model it does not have through its API
     can_unload: bool = False  # frees a loaded model's VRAM through its API
+    can_create: bool = False  # makes a named model from another with options (/api/create)
     reports_measured_vram: bool = False  # says how much VRAM a loaded model really uses
     # It prints what it allocated at start; the parser's name (core/footprint.py).
     footprint_in_log: str | None = None
