@@ -32,6 +32,7 @@ from supervisor.core.config import FleetConfig, RungConfig, load_config
 from supervisor.core.errors import ConfigError, RenderError
 from supervisor.core.gpus import Discovery, Gpu, simulated_gpus
 from supervisor.core.plan import FleetPlan
+from supervisor.core.rungs import setup_for
 
 GIB = 1024**3
 MIB = 1024**2
@@ -1072,7 +1073,12 @@ def test_a_template_that_writes_invalid_yaml_is_caught(
 def test_a_template_that_moves_the_gpu_is_caught(
     tmp_path: Path, state_dir: Path, templates: Path
 ) -> None:
-    _edit(templates / "_common.yml.j2", "[{{ svc.gpu | string | q }}]", '["7"]')
+    _edit(
+        templates / "_common.yml.j2",
+        "[{% for gpu in svc.gpus %}{{ gpu | string | q }}{% if not loop.last %}, {% endif %}"
+        "{% endfor %}]",
+        '["7"]',
+    )
     with pytest.raises(RenderError, match="gpu"):
         build_project(_example_plan(tmp_path), state_dir, templates)
 
@@ -1172,3 +1178,24 @@ def test_the_start_script_starts_the_server_with_the_rungs_hand_off(
         env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
     ).stdout.splitlines()
     assert [line for line in out if line.startswith("arg:")][-2:] == ["arg:--port", "arg:1"]
+
+
+def test_a_tensor_parallel_rung_reserves_all_its_gpus_and_a_step_down_frees_one(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    """Two GPUs of 24 GiB: a rung that needs 15 GiB on each of two is placed across both,
+    compose reserves both, vLLM gets --tensor-parallel-size 2 and a share of each GPU."""
+    two = {"model": "org/big", "vram": "15GiB", "tensor_parallel": 2}
+    one = {"model": "org/big-awq", "vram": "12GiB"}
+    config = load(tmp_path, {"api": vllm("api", two, one)})
+    plan = plan_for(config, "24GiB", "24GiB")
+    assert (plan.services["api"].rung, plan.services["api"].gpus) == (0, (0, 1))
+    assert [g.planned_bytes for g in plan.gpus] == [15 * 1024**3] * 2
+    project, doc = render(plan, state_dir)
+    reserved = doc["services"]["api"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert reserved["device_ids"] == ["0", "1"]
+    args = _vllm_args(doc, "api", project)
+    assert args["--tensor-parallel-size"] == "2"
+    assert args["--gpu-memory-utilization"] == "0.63"
+    small = setup_for(config, "api", 1, 12 * 1024**3, 24 * 1024**3)
+    assert "--tensor-parallel-size" not in small.args

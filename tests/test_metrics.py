@@ -142,7 +142,18 @@ def test_after_a_step_down_the_info_metric_shows_only_the_new_model(
 
     info = samples(metrics, "fleetd_service_info")
     coder = [dict(labels) for labels in info if ("service", "coder") in labels]
-    assert coder == [{"service": "coder", "model": "medium", "runtime": "llamacpp"}]
+    assert coder == [
+        {
+            "service": "coder",
+            "model": "medium",
+            "runtime": "llamacpp",
+            "served_name": "coder",  # the name clients call stays
+            "context": "",  # the rung leaves these to the runtime
+            "parallel": "",
+            "kv_cache": "",
+            "tensor_parallel": "1",
+        }
+    ]
     assert info[tuple(sorted(coder[0].items()))] == 1
     assert value(metrics, "fleetd_service_rung", service="coder") == 1
     assert value(metrics, "fleetd_service_rung", service="chat") == 0

@@ -186,3 +186,59 @@ def test_rungs_of_one_model_are_measured_apart(tmp_path: Path) -> None:
         "big [context 8192, kv_cache q8_0]",
         "small",
     ]
+
+
+def test_a_runtime_naming_the_longest_context_that_fits_sends_the_step_straight_there(
+    tmp_path: Path,
+) -> None:
+    from supervisor.core.ladder import Action, Observed, Policy, transition
+    from supervisor.core.rules import IncidentClass
+    from supervisor.core.state import ServiceState
+
+    config = load(tmp_path, LADDER.format(runtime="vllm", kv="fp8"))
+    service = config.services["chat"]
+    needs = [10, 8, 6, 5, 3]
+    line = (
+        "ValueError: To serve at least one request with the models's max seq len (32768), "
+        "(4.0 GiB KV cache is needed, which is larger than the available KV cache memory "
+        "(1.2 GiB). Based on the available memory, the estimated maximum model length is "
+        "{n}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len`"
+    )
+
+    def step_from_top(n: int) -> tuple[ServiceState, str]:
+        svc = ServiceState(model="big", rung=0)
+        for t in range(3):
+            seen = Observed(
+                100.0 + t, IncidentClass.VRAM_OOM, "vllm.kv_cache_insufficient", "c", None,
+                line.format(n=n),
+            )  # fmt: skip
+            svc, decision = transition(svc, seen, service, needs, Policy())
+        assert decision.action is Action.STEP_DOWN
+        assert svc.pending is not None
+        return svc, decision.reason
+
+    svc, reason = step_from_top(12288)  # 16384 does not fit either: straight to 8192
+    assert svc.pending is not None and svc.pending.to_rung == 2
+    assert "longest context that fits is 12288 tokens" in reason
+    svc, reason = step_from_top(20000)  # 16384 fits: the next step, as usual
+    assert svc.pending is not None and svc.pending.to_rung == 1
+    svc, reason = step_from_top(4000)  # no step of this model that short: the next model
+    assert svc.pending is not None and svc.pending.to_rung == 4
+    assert "longest context that fits is 4000 tokens" in reason
+
+
+def test_history_records_the_options_of_both_rungs(tmp_path: Path) -> None:
+    from supervisor.core.ladder import apply_change
+    from supervisor.core.state import FleetState, PendingChange, ServiceState
+
+    service = load(tmp_path, LADDER.format(runtime="llamacpp", kv="q8_0")).services["chat"]
+    svc = ServiceState(
+        model="big", rung=2, pending=PendingChange(3, "big", "test", 1.0, actor="fleetctl")
+    )
+    _, record = apply_change(svc, "chat", 2.0, service)
+    assert record.from_options == {
+        "context": 8192, "parallel": None, "kv_cache": None, "tensor_parallel": 1
+    }  # fmt: skip
+    assert record.to_options is not None and record.to_options["kv_cache"] == "q8_0"
+    back = FleetState.from_json(FleetState(history=[record]).to_json()).history[0]
+    assert back == record

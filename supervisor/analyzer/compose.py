@@ -55,6 +55,7 @@ class RenderedService:
     gpu: int
     model: str
     handoff_mount: Quoted
+    gpus: tuple[int, ...] = ()  # every GPU reserved (a tensor-parallel rung's); gpu first
     args: list[str] = field(default_factory=list)
     environment: list[tuple[str, Quoted]] = field(default_factory=list)
     volumes: list[Quoted] = field(default_factory=list)
@@ -248,6 +249,7 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
         container=config.containers[0],
         image=image,
         gpu=svc.gpu,
+        gpus=svc.gpus or (svc.gpu,),
         model=svc.model,
         handoff_mount=quote_raw("${FLEETD_STATE_DIR}/services/" + svc.name + f":{HANDOFF_DIR}:ro"),
         args=[*spec.args(options), *config.args],
@@ -314,7 +316,11 @@ def _verify_service(got: dict[str, Any], svc: RenderedService) -> None:
             ("container_name", got.get("container_name"), svc.container),
             ("environment", got.get("environment"), escaped),
             ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
-            ("gpu", _reserved_gpus(got), [str(svc.gpu)] if svc.gpu_reservation else None),
+            (
+                "gpu",
+                _reserved_gpus(got),
+                [str(g) for g in svc.gpus or (svc.gpu,)] if svc.gpu_reservation else None,
+            ),
         ]
     )
     for key, value, want in checks:

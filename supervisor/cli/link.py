@@ -220,7 +220,9 @@ def _apply_offline(
         }
 
     def restarted(settles: bool) -> None:  # the containers run the new model: record it
-        new, record = apply_change(state.services[service], service, time.time())
+        new, record = apply_change(
+            state.services[service], service, time.time(), config.services[service]
+        )
         state.services[service] = new
         state.history.append(record)
         store.save(state)

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
+from supervisor.core.rungs import describe_options
 from supervisor.core.units import format_size
 
 
@@ -47,7 +48,9 @@ def _service_json(s: ServicePlan) -> dict[str, Any]:
         "model": s.model,
         "rung": s.rung,
         "gpu": s.gpu,
+        "gpus": list(s.gpus),
         "runtime": s.service.runtime.value,
+        "served_name": s.service.client_name,
         "need_bytes": s.need_bytes,
         "reason": s.reason,
         "rungs": [
@@ -55,6 +58,7 @@ def _service_json(s: ServicePlan) -> dict[str, Any]:
                 "rung": v.need.rung,
                 "model": v.need.model,
                 "need_bytes": v.need.need_bytes,
+                **_options(s, v.need.rung),
                 "source": v.need.source,
                 "detail": v.need.detail,
                 "status": v.status,
@@ -63,6 +67,11 @@ def _service_json(s: ServicePlan) -> dict[str, Any]:
             for v in s.rungs
         ],
     }
+
+
+def _options(s: ServicePlan, rung: int) -> dict[str, object]:
+    """A rung's options: context, parallel, kv_cache, tensor_parallel (null: the default)."""
+    return dict(s.service.ladder[min(rung, len(s.service.ladder) - 1)].options)
 
 
 def print_plan(plan: FleetPlan, console: Console) -> None:
@@ -113,10 +122,10 @@ def _gpu_table(plan: FleetPlan) -> Table:
 
 
 def _service_table(plan: FleetPlan) -> Table:
-    table = _table("SERVICE", "RUNTIME", "RUNG", "MODEL", "NEED", "SOURCE", "GPU")
+    table = _table("SERVICE", "RUNTIME", "RUNG", "MODEL", "OPTIONS", "NEED", "SOURCE", "GPU")
     for s in plan.services.values():
         if s.rung is None:
-            table.add_row(s.name, s.service.runtime.value, "-", "NOT PLACED", "-", "-", "-")
+            table.add_row(s.name, s.service.runtime.value, "-", "NOT PLACED", "-", "-", "-", "-")
             continue
         verdict = s.rungs[s.rung]
         table.add_row(
@@ -124,9 +133,10 @@ def _service_table(plan: FleetPlan) -> Table:
             s.service.runtime.value,
             f"{s.rung} of {len(s.rungs)}",
             verdict.need.model,
+            describe_options(_options(s, s.rung)),
             format_size(verdict.need.need_bytes),
             verdict.need.source,
-            str(s.gpu),
+            ",".join(str(g) for g in s.gpus) or str(s.gpu),
         )
     return table
 
@@ -136,7 +146,8 @@ def _print_ladder(s: ServicePlan, console: Console) -> None:
     for v in s.rungs:
         mark = {"chosen": "->", "rejected": " x", "not tried": "  "}[v.status]
         line = f"  {mark} {v.need.rung} {v.need.model:<24} {format_size(v.need.need_bytes):>9}  "
-        line += f"{v.need.source}: {v.need.detail}"
+        options = describe_options(_options(s, v.need.rung))
+        line += f"[{options}] {v.need.source}: {v.need.detail}"
         console.print(line, highlight=False, markup=False, soft_wrap=True)
         if v.reason:
             console.print(

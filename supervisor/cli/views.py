@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.core.errors import FleetdError
+from supervisor.core.rungs import describe_options
 from supervisor.core.state import STATE_FILE, FleetState, StateError
 from supervisor.core.units import format_size
 
@@ -38,22 +39,29 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _change_text(last: dict[str, Any]) -> str:
+    """`big -> small`; with the options where the model stays (`big [context 32768] -> ...`)."""
+    if last["from_model"] != last["to_model"] or last.get("to_options") is None:
+        return f"{last['from_model']} -> {last['to_model']}"
+    before = describe_options(last.get("from_options"))
+    after = describe_options(last.get("to_options"))
+    return f"{last['from_model']} [{before}] -> [{after}]"
+
+
 def print_status(report: dict[str, Any], console: Console) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for column in ("SERVICE", "MODEL", "RUNG", "STATE", "HEALTH", "INCIDENTS", "LAST CHANGE"):
+    columns = ("SERVICE", "MODEL", "OPTIONS", "RUNG", "STATE", "HEALTH", "INCIDENTS", "LAST CHANGE")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for name, row in report["services"].items():
         last = row["last_transition"]
-        change = (
-            "-"
-            if last is None
-            else (f"{_when(last['time'])} {last['from_model']} -> {last['to_model']}")
-        )
+        change = "-" if last is None else f"{_when(last['time'])} {_change_text(last)}"
         rungs = f" of {row['rungs']}" if row["rungs"] else ""
         state_text = row["state"] + (" (not in config)" if row["in_config"] is False else "")
         table.add_row(
             name,
             row["model"],
+            describe_options(row.get("options")),
             f"{row['rung']}{rungs}",
             state_text,
             _health_text(row),

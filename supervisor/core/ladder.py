@@ -17,11 +17,12 @@ States (`ServiceStatus`) and their edges, each made only in `transition()` and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from supervisor.core.config import PolicyConfig, ServiceConfig
+from supervisor.core.config import PolicyConfig, RungConfig, ServiceConfig
 from supervisor.core.rules import IncidentClass
 from supervisor.core.state import Incident, PendingChange, ServiceState, ServiceStatus, Transition
 from supervisor.core.units import format_duration, format_size
@@ -92,6 +93,39 @@ def next_rung_down(needs_bytes: Sequence[int], current: int) -> int | None:
     return None
 
 
+# A runtime's own error naming the longest context that would fit: vLLM V1 ("... the
+# estimated maximum model length is 12288"), V0 ("... stored in KV cache (7344)").
+_LONGEST_CONTEXT = re.compile(
+    r"estimated maximum model length is (\d+)|tokens that can be stored in KV cache \((\d+)\)"
+)
+
+
+def longest_context(evidence: str | None) -> int | None:
+    """The longest context a runtime's error says would fit, or None if it names none."""
+    found = _LONGEST_CONTEXT.search(evidence or "")
+    if found is None:
+        return None
+    return int(found.group(1) or found.group(2))
+
+
+def context_within(
+    service: ServiceConfig, needs_bytes: Sequence[int], current: int, longest: int
+) -> int | None:
+    """Where a step down goes when the runtime said the longest context that fits: the
+    rung of the same model with the largest context at or below `longest`; without one,
+    the first rung that is not that model with a longer (or the model's own) context.
+    Only rungs that need less than `current`; None if there is none."""
+    model = service.ladder[current].model
+    below = [
+        r for r in range(current + 1, len(service.ladder)) if needs_bytes[r] < needs_bytes[current]
+    ]
+    same = [r for r in below if service.ladder[r].model == model]
+    fitting = [r for r in same if (service.ladder[r].context or longest + 1) <= longest]
+    if fitting:
+        return max(fitting, key=lambda r: (service.ladder[r].context or 0, -r))
+    return next((r for r in below if r not in same), None)
+
+
 def transition(
     svc: ServiceState,
     seen: Observed,
@@ -144,7 +178,9 @@ def _count_vram(
         return svc, Decision(Action.NONE, f"{counted} ({policy.incidents_to_step_down} step down)")
     if svc.pinned is not None:
         return svc, Decision(Action.ALERT, f"{counted}, but rung {svc.pinned} is pinned")
-    return _step_down(svc, service, needs_bytes, counted, oom[-1].time, oom[-1])
+    # The newest incident whose line names the longest context that fits, if any says so.
+    named = [i for i in oom if longest_context(i.evidence) is not None]
+    return _step_down(svc, service, needs_bytes, counted, oom[-1].time, (named or oom)[-1])
 
 
 def _step_down(
@@ -160,8 +196,22 @@ def _step_down(
     if target is None:
         reason = f"{why} at rung {svc.rung} ({svc.model}), and no rung below needs less VRAM"
         return replace(svc, state=ServiceStatus.EXHAUSTED), Decision(Action.EXHAUSTED, reason)
+    longest = longest_context(evidence.evidence if evidence is not None else None)
+    jump = None if longest is None else context_within(service, needs_bytes, svc.rung, longest)
     reason = f"{why}: step down {_rung_text(service, needs_bytes, svc.rung)} -> "
-    reason += _rung_text(service, needs_bytes, target) + _skipped(needs_bytes, svc.rung, target)
+    if jump is not None:
+        target = jump
+        same = service.ladder[target].model == svc.model
+        reason += _rung_text(service, needs_bytes, target) + (
+            f": the runtime says the longest context that fits is {longest} tokens, so "
+            + (
+                "straight to the largest context step at or below it"
+                if same
+                else f"past every step of {svc.model} (none is that short)"
+            )
+        )
+    else:
+        reason += _rung_text(service, needs_bytes, target) + _skipped(needs_bytes, svc.rung, target)
     pending = _pending(service, target, reason, at, evidence)
     return replace(svc, pending=pending), Decision(Action.STEP_DOWN, reason)
 
@@ -287,11 +337,13 @@ def _skipped(needs_bytes: Sequence[int], current: int, target: int) -> str:
 
 
 def apply_change(
-    svc: ServiceState, service_name: str, now: float
+    svc: ServiceState, service_name: str, now: float, service: ServiceConfig | None = None
 ) -> tuple[ServiceState, Transition]:
-    """(pending) -> COOLDOWN: the pending change took effect; counters start afresh."""
+    """(pending) -> COOLDOWN: the pending change took effect; counters start afresh. With
+    the service's config, the record carries the options of both rungs."""
     pending = svc.pending
     assert pending is not None, "apply_change needs a recorded decision"
+    ladder = service.ladder if service is not None else []
     record = Transition(
         time=now,
         service=service_name,
@@ -305,6 +357,8 @@ def apply_change(
         container_id=pending.container_id,
         actor=pending.actor,
         gpu=pending.gpu,
+        from_options=_options_of(ladder, svc.rung),
+        to_options=_options_of(ladder, pending.to_rung),
     )
     status = ServiceStatus.PINNED if svc.pinned is not None else ServiceStatus.COOLDOWN
     svc = replace(
@@ -318,6 +372,13 @@ def apply_change(
         probation_until=now + pending.probation_s if pending.probation_s else None,
     )
     return svc, record
+
+
+def _options_of(ladder: Sequence[RungConfig], rung: int) -> dict[str, int | str | None] | None:
+    if rung >= len(ladder):
+        return None
+    options = ladder[rung].options
+    return {k: v if isinstance(v, int | str) else None for k, v in options.items()}
 
 
 def end_cooldown(svc: ServiceState, now: float, policy: Policy) -> ServiceState:

@@ -49,6 +49,7 @@ class ServicePlan:
     gpu: int | None
     rungs: tuple[RungVerdict, ...]
     reason: str | None = None  # why it is not placed, with the nearest option
+    gpus: tuple[int, ...] = ()  # every GPU the chosen rung spans (tensor_parallel), gpu first
 
     @property
     def model(self) -> str | None:
@@ -143,12 +144,16 @@ def _slot(config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int]) -> GpuSlo
 
 
 def _demand(name: str, service: ServiceConfig, needs: Sequence[RungNeed]) -> Demand:
+    spans = tuple(
+        service.ladder[min(n.rung, len(service.ladder) - 1)].tensor_parallel for n in needs
+    )
     return Demand(
         service=name,
         needs_bytes=tuple(n.need_bytes for n in needs),
         allowed_gpus=service.pinned_gpus,
         priority=service.priority,
         limited=spec_of(service.runtime).instance_limited,
+        gpus_per_rung=spans if service.ensemble is None and max(spans) > 1 else (),
     )
 
 
@@ -163,7 +168,7 @@ def _gpu_plans(
     plans = []
     for gpu in gpus:
         slot = by_index.get(gpu.index)
-        chosen = {n: c for n, c in solution.choices.items() if c and c.gpu == gpu.index}
+        chosen = {n: c for n, c in solution.choices.items() if c and gpu.index in c.gpus}
         planned = sum(needs[n][c.rung].need_bytes for n, c in chosen.items())
         plans.append(
             GpuPlan(
@@ -200,7 +205,13 @@ def _explain(
             verdicts.append(RungVerdict(need, "not tried"))
     reason = None if choice else _unplaced_reason(name, service, needs, rooms)
     return ServicePlan(
-        name, service, chosen, choice.gpu if choice else None, tuple(verdicts), reason
+        name,
+        service,
+        chosen,
+        choice.gpu if choice else None,
+        tuple(verdicts),
+        reason,
+        choice.gpus if choice else (),
     )
 
 

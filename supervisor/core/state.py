@@ -9,9 +9,10 @@ crash or `kill -9` at any instant leaves either the previous or the new content:
                              "pinned", "pending", "restarts", "last_restart_at",
                              "probation_until", "step_up_failures", "step_up_not_before"}},
      "history": [{"time", "service", "from_rung", "to_rung", "from_model", "to_model",
-                  "reason", "evidence", "rule", "container_id", "actor", "gpu"}],
+                  "reason", "evidence", "rule", "container_id", "actor", "gpu",
+                  "from_options", "to_options"}],
      "log_cursors": {"<container name>": {"container_id", "since_ns"}},
-     "measured": {"<model>": {"vram_bytes", "load_s", "tokens_per_s", "at",
+     "measured": {"<model> [<options>]": {"vram_bytes", "load_s", "tokens_per_s", "at",
                               "parts", "context", "parallel", "version", "estimate_bytes"}}}
 
 Decoding is strict: an unknown key, a wrong type or a negative count is a schema problem
@@ -151,6 +152,10 @@ class Transition:
     container_id: str | None = None
     actor: Actor = "fleetd"
     gpu: str | None = None  # the GPU reading when the change was decided (NVML)
+    # The options of both rungs (context, parallel, kv_cache, tensor_parallel); None in a
+    # record written before rungs had options.
+    from_options: dict[str, int | str | None] | None = None
+    to_options: dict[str, int | str | None] | None = None
 
 
 @dataclass
@@ -275,6 +280,8 @@ def transition_json(t: Transition) -> dict[str, object]:
         "container_id": t.container_id,
         "actor": t.actor,
         "gpu": t.gpu,
+        "from_options": t.from_options,
+        "to_options": t.to_options,
     }
 
 
@@ -480,6 +487,8 @@ def _decode_transition(o: _Object) -> Transition:
         container_id=o.opt("container_id", _nullable(_str), None),
         actor=o.get("actor", _actor),
         gpu=o.opt("gpu", _nullable(_str), None),
+        from_options=o.opt("from_options", _nullable(_options), None),
+        to_options=o.opt("to_options", _nullable(_options), None),
     )
     o.done()
     return transition
@@ -504,6 +513,20 @@ def _decode_measured(o: _Object) -> Measured:
 def _counts(value: object, where: str) -> dict[str, int]:
     outer = _Object(value, where)
     return {key: _count(item, outer.path(key)) for key, item in outer.data.items()}
+
+
+_OPTION_NAMES = ("context", "parallel", "kv_cache", "tensor_parallel")
+
+
+def _options(value: object, where: str) -> dict[str, int | str | None]:
+    """A rung's options: each of context, parallel, kv_cache, tensor_parallel (or null)."""
+    outer = _Object(value, where)
+    found: dict[str, int | str | None] = {}
+    for key in _OPTION_NAMES:
+        convert = _nullable(_str) if key == "kv_cache" else _nullable(_count)
+        found[key] = outer.opt(key, convert, None)
+    outer.done()
+    return found
 
 
 def _decode_cursor(o: _Object) -> LogCursor:

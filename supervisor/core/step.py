@@ -697,7 +697,9 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
     if done.error is not None:
         _retry_later(turn, done.service, svc.pending.to_model, done.error)
         return
-    new, record = apply_change(svc, done.service, turn.now)
+    new, record = apply_change(
+        svc, done.service, turn.now, turn.config.services.get(done.service)
+    )
     turn.state.services[done.service] = new
     turn.state.history = [*turn.state.history, record]
     waiters = flight.waiters

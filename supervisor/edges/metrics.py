@@ -97,6 +97,9 @@ def transition_kind(
 # --- the snapshot: what a scrape shows of the daemon's state -----------------------------
 
 
+OPTION_LABELS = ("context", "parallel", "kv_cache", "tensor_parallel")
+
+
 @dataclass(frozen=True)
 class RungSnapshot:
     rung: int
@@ -118,6 +121,10 @@ class ServiceSnapshot:
     watched: tuple[str, ...]  # containers whose logs are followed
     health: Health | None = None  # None: no health checks (no endpoint) or none yet
     warmup_tokens_per_s: float | None = None  # the current model's last warm-up
+    served_name: str = ""  # the name clients call, on every rung
+    # The running rung's options (context, parallel, kv_cache, tensor_parallel), as label
+    # values: "" where the rung leaves it to the runtime.
+    options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,8 @@ def _service_snapshot(
         watched=tuple(service.watched),
         health=health.get(name),
         warmup_tokens_per_s=current.tokens_per_s if current is not None else None,
+        served_name=service.client_name,
+        options=tuple((k, "" if v is None else str(v)) for k, v in on.options.items()),
     )
 
 
@@ -222,8 +231,10 @@ def snapshot_families(snapshot: FleetSnapshot) -> list[Metric]:
 def _service_families(services: Sequence[ServiceSnapshot]) -> Iterator[Metric]:
     info = InfoMetricFamily(
         "fleetd_service",
-        "The model a service runs now (one series per service, value 1).",
-        labels=["service", "model", "runtime"],
+        "The rung a service runs now: its model, the rung's options (context, parallel, "
+        "kv_cache, tensor_parallel; empty: the runtime's default) and the name clients "
+        "call (one series per service, value 1).",
+        labels=["service", "model", "runtime", "served_name", *OPTION_LABELS],
     )
     rung = GaugeMetricFamily(
         "fleetd_service_rung", "The service's rung on its ladder, from 0.", labels=["service"]
@@ -277,7 +288,17 @@ def _service_families(services: Sequence[ServiceSnapshot]) -> Iterator[Metric]:
                 breaker.add_metric([s.name, state.value], 1.0 if s.health.breaker is state else 0.0)
         if s.warmup_tokens_per_s is not None:
             warmup.add_metric([s.name, s.model], s.warmup_tokens_per_s)
-        info.add_metric([s.name, s.model, s.runtime], {})
+        options = dict(s.options)
+        info.add_metric(
+            [
+                s.name,
+                s.model,
+                s.runtime,
+                s.served_name,
+                *(options.get(o, "") for o in OPTION_LABELS),
+            ],
+            {},
+        )
         rung.add_metric([s.name], s.rung)
         rungs.add_metric([s.name], len(s.rungs))
         for st in ServiceStatus:
