@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # fleetd's whole loop against a real llama.cpp server, on this machine's CPU (`make demo`).
 #
-#   1. two real GGUF models (tests/ggufmodels.py): big (f16, 32k context, a 512 MiB KV
-#      cache) and small (2k context), and a fleet.yaml with one llama.cpp service whose
-#      ladder is big -> small (`accelerator: cpu`: host memory is the budget)
+#   1. two real GGUF models (tests/ggufmodels.py): big (f16, 32 KiB of KV cache per
+#      token) and small, and a fleet.yaml with one llama.cpp service whose ladder is five
+#      whole runtime configurations: big at 32k and 16k context, big at 16k with a q8_0 KV
+#      cache, small at 16k and 4k (`accelerator: cpu`: host memory is the budget); clients
+#      call it `assistant` on every rung
 #   2. `fleetctl plan` and `fleetctl generate` for it
-#   3. a compose override that limits the server's address space (`ulimit -v 600000`, as
-#      ops limit a container): big's KV cache cannot be allocated under it
+#   3. a compose override that limits the server's address space (`ulimit -v 450000`, as
+#      ops limit a container): no KV cache of big fits under it, small's do
 #   4. `fleetd run` in the background, 5. `docker compose up -d` the generated project
 #   6. fleetd's log live: llama-server fails to allocate, exits 1, Docker restarts it;
-#      three incidents, fleetd steps the service down to small, which answers /health,
-#      is warmed up and measured from llama-server's own buffer report
-#   7. llama-server's own lines, 8. `fleetctl status`, 9. a completion from small,
-#      10. `fleetctl history`
-#   11. on exit (Ctrl-C and failures too): fleetd stopped with SIGTERM, the project brought
+#      fleetd steps the service down: its context, then its KV precision, then its model;
+#      small answers /health, is warmed up and measured from llama-server's own report
+#   7. llama-server's own lines, 8. `fleetctl status`, 9. a completion by the stable name,
+#      10. `fleetctl downgrade` to small's 4k context, and the server's context after it,
+#      11. `fleetctl history`
+#   12. on exit (Ctrl-C and failures too): fleetd stopped with SIGTERM, the project brought
 #      down, the temporary folder removed
 #
 # Needs a Docker engine (scripts/ensure-docker.sh; `make demo` sees to it) and the checkout's
@@ -31,7 +34,7 @@ cd "$ROOT"
 
 IMAGE=fleetd-test/llamacpp:latest
 TIMEOUT_S=${DEMO_TIMEOUT_S:-120}
-ADDRESS_SPACE_KIB=600000 # big's 512 MiB KV cache does not fit under it; small runs well inside
+ADDRESS_SPACE_KIB=450000 # no KV cache of big fits under it (272 MiB and more); small runs well inside
 
 if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then
     BOLD=$'\e[1m' HIGHLIGHT=$'\e[1;33m' DIM=$'\e[2m' RESET=$'\e[0m'
@@ -121,7 +124,7 @@ py() {
     }
 }
 
-# "yes" once the service is on rung 1 and its model is warmed up and measured.
+# "yes" once the service is on rung 3 (small, 16k) and it is warmed up and measured.
 settled() {
     py "$STATE/state.json" <<'EOF'
 import json, signal, sys
@@ -132,8 +135,8 @@ try:
 except (FileNotFoundError, ValueError):
     state = {"services": {}}
 rung = state["services"].get("llm", {}).get("rung")
-measured = state.get("measured", {}).get("/models/small.gguf") or {}
-print("yes" if rung == 1 and measured.get("tokens_per_s") and measured.get("parts") else "no")
+measured = state.get("measured", {}).get("/models/small.gguf [context 16384]") or {}
+print("yes" if rung == 3 and measured.get("tokens_per_s") and measured.get("parts") else "no")
 EOF
 }
 
@@ -162,7 +165,7 @@ show_new_log() {
 # container): the first run whole, the runs between counted, the last run whole.
 server_story() {
     docker logs "$CONTAINER" 2>&1 | grep -E \
-        "loading model '|insufficient memory|failed to allocate|exiting due to|buffer size =|model loaded" \
+        "loading model '|failed to allocate buffer of|exiting due to|KV buffer size =|model loaded" \
         | grep -v "output buffer size" | awk -v dim="$DIM" -v reset="$RESET" '
             /loading model \047/ { runs++ }
             { line[NR] = $0; run[NR] = runs }
@@ -186,10 +189,10 @@ fleetd_alive() {
 # --- 1, 2: the models, the fleet and its plan ---------------------------------------------------
 
 step "1. Two real GGUF models (tests/ggufmodels.py) and a one-service fleet in $WORK/"
-"$PY" -m tests.ggufmodels "$MODELS/big.gguf" --layers 4 --n-embd 1024 --n-head 16 \
-    --n-ff 4096 --context-length 32768 --weight-type f16
+"$PY" -m tests.ggufmodels "$MODELS/big.gguf" --layers 8 --n-embd 1024 --n-head 16 \
+    --n-ff 1024 --context-length 65536 --weight-type f16
 "$PY" -m tests.ggufmodels "$MODELS/small.gguf" --layers 2 --n-embd 256 --n-head 4 \
-    --context-length 32768
+    --context-length 65536
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$CONFIG" <<EOF
 accelerator: cpu # no GPU here: the budget is host memory, no GPU reservation
@@ -210,9 +213,11 @@ services:
         pattern: 'failed to allocate (?:CPU )?buffer|mmap failed: Cannot allocate memory'
     health: {interval: 2s}
     warmup: {tokens: 8, timeout: 60s}
-    ladder:
-      - {model: /models/big.gguf, metadata: $MODELS/big.gguf, context: 32768}
-      - {model: /models/small.gguf, metadata: $MODELS/small.gguf, context: 32768}
+    served_name: assistant # what clients call, on every rung
+    ladder: # whole runtime configurations, preferred first
+      - {model: /models/big.gguf, metadata: $MODELS/big.gguf, context: [32768, 16384]}
+      - {model: /models/big.gguf, metadata: $MODELS/big.gguf, context: 16384, kv_cache: q8_0}
+      - {model: /models/small.gguf, metadata: $MODELS/small.gguf, context: [16384, 4096]}
 EOF
 sed -n '/^services:/,$p' "$CONFIG"
 
@@ -257,7 +262,7 @@ UP_AT=$(date +%s.%N)
 
 # --- 6: the loop, live ------------------------------------------------------------------------
 
-step "6. fleetd's log, live (seconds since compose up), until small is healthy and measured"
+step "6. fleetd's log, live (seconds since compose up), until small serves, warmed up and measured"
 until [ "$(settled)" = yes ] && grep -q "llm: healthy" "$LOG"; do
     fleetd_alive
     show_new_log
@@ -276,19 +281,40 @@ server_story
 step "8. fleetctl status"
 "$FLEETCTL" status --config "$CONFIG" --state-dir "$STATE"
 
-step "9. A completion from the smaller rung: POST http://127.0.0.1:$PORT/v1/completions"
-py "http://127.0.0.1:$PORT/v1/completions" <<'EOF'
+step "9. A completion by the stable name: POST http://127.0.0.1:$PORT/v1/completions {\"model\": \"assistant\"}"
+completion() {
+    py "http://127.0.0.1:$PORT" <<'EOF'
 import json, sys, urllib.request
-body = json.dumps({"prompt": "Hello", "max_tokens": 8}).encode()
-request = urllib.request.Request(sys.argv[1], body, {"Content-Type": "application/json"})
+with urllib.request.urlopen(sys.argv[1] + "/props", timeout=10) as reply:
+    print(f"n_ctx: {json.load(reply)['default_generation_settings']['n_ctx']}")
+body = json.dumps({"model": "assistant", "prompt": "Hello", "max_tokens": 8}).encode()
+request = urllib.request.Request(sys.argv[1] + "/v1/completions", body, {"Content-Type": "application/json"})
 with urllib.request.urlopen(request, timeout=60) as reply:
     answer = json.load(reply)
 print(f"model: {answer['model']}")
 print(f"text: {answer['choices'][0]['text']!r}")
 print(f"usage: {answer['usage']}")
 EOF
+}
+completion
 
-step "10. fleetctl history"
+step "10. fleetctl downgrade llm: small's shorter context, same name"
+"$FLEETCTL" downgrade llm --config "$CONFIG" --state-dir "$STATE"
+for ((i = 0; i < 300; i++)); do # healthy again on the new rung
+    py "http://127.0.0.1:$PORT/health" <<'EOF' && break
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=2) as reply:
+        sys.exit(0 if reply.status == 200 else 1)
+except OSError:
+    sys.exit(1)
+EOF
+    fleetd_alive
+    sleep 0.2
+done
+completion
+
+step "11. fleetctl history"
 "$FLEETCTL" history --state-dir "$STATE"
 
-step "11. Cleaning up"
+step "12. Cleaning up"

@@ -39,6 +39,11 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _options_text(options: dict[str, Any] | None) -> str:
+    """` [context 8192, kv_cache q8_0]`; nothing for a record without options."""
+    return "" if options is None else f" [{describe_options(options)}]"
+
+
 def _change_text(last: dict[str, Any]) -> str:
     """`big -> small`; with the options where the model stays (`big [context 32768] -> ...`)."""
     if last["from_model"] != last["to_model"] or last.get("to_options") is None:
@@ -162,8 +167,9 @@ def print_history(transitions: list[dict[str, Any]], as_json: bool) -> None:
         click.echo("no transitions yet")
     for t in transitions:
         click.echo(
-            f"{_when(t['time'])}  {t['service']}: rung {t['from_rung']} {t['from_model']} -> "
-            f"rung {t['to_rung']} {t['to_model']} ({t['actor']})"
+            f"{_when(t['time'])}  {t['service']}: rung {t['from_rung']} {t['from_model']}"
+            f"{_options_text(t.get('from_options'))} -> rung {t['to_rung']} {t['to_model']}"
+            f"{_options_text(t.get('to_options'))} ({t['actor']})"
         )
         click.echo(f"    reason: {t['reason']}")
         if t["evidence"]:

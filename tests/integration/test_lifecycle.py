@@ -7,6 +7,7 @@ stepping back up on probation."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -120,7 +121,7 @@ def test_ollama_step_down_pulls_unloads_warms_up_and_measures(fleet: Fleet) -> N
         "restart": [],  # Ollama serves any model it has: nothing to restart, only to load
         "endpoint": endpoint,
         "health": {"interval": "1s", "start_period": "0s"},
-        "ladder": LADDER,
+        "ladder": [LADDER[0], {**LADDER[1], "context": 8192}, LADDER[2]],
     }
     fleet.write_config({"chat": chat})
     wait_until_up(endpoint, "/api/version")
@@ -149,16 +150,29 @@ def test_ollama_step_down_pulls_unloads_warms_up_and_measures(fleet: Fleet) -> N
     svc = state["services"]["chat"]
     assert (svc["rung"], svc["model"]) == (1, "medium"), fleet.log.read_text()
     assert any(a.startswith("pulling medium") for a in activities), activities
-    measured = state["measured"]["medium"]
+    measured = state["measured"]["medium [context 8192]"]  # kept for the rung's options
     assert measured["vram_bytes"] == 2500 * MIB  # Ollama's /api/ps, not the estimate
     assert measured["tokens_per_s"] > 0 and measured["load_s"] is not None
 
     calls = requests_seen(container)
     pull = calls.index("POST /api/pull 200")
-    unload = next(i for i, c in enumerate(calls) if c == "POST /api/generate 200" and i > pull)
-    assert calls.index("GET /api/ps 200", unload) > unload  # measured after the warm-up
-    assert call(endpoint, "/api/ps")[1]["models"][0]["name"] == "medium:latest"  # big is gone
-    assert "medium ready in" in fleet.log.read_text()
+    create = calls.index("POST /api/create 200")  # the stable name, made from the new rung
+    warm = next(i for i, c in enumerate(calls) if c == "POST /api/generate 200" and i > create)
+    assert pull < create < warm
+    assert calls.index("GET /api/ps 200", warm) > warm  # measured after the warm-up
+    # Clients call `chat` on every rung: it is medium now, with the rung's context.
+    [loaded] = call(endpoint, "/api/ps")[1]["models"]  # big is gone
+    assert (loaded["name"], loaded["context_length"]) == ("chat:latest", 8192)
+    _, shown = call(endpoint, "/api/show", {"model": "chat"})
+    assert shown["details"]["parent_model"].startswith("medium")
+    assert re.search(r"^num_ctx\s+8192$", shown["parameters"], re.M), shown["parameters"]
+    status, answer = call(
+        endpoint, "/api/generate", {"model": "chat", "prompt": "hi", "stream": False}
+    )
+    assert status == 200 and answer["model"] == "chat"
+    assert (
+        "ready in" in fleet.log.read_text() and "warming up chat (medium)" in fleet.log.read_text()
+    )
     assert fleet.stop() == 0
 
 

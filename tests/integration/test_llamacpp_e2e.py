@@ -2,12 +2,17 @@
 
 Real GGUF files written by tests/ggufmodels.py; `fleetctl plan` prices them,
 `fleetctl generate` writes the project (`accelerator: cpu`: no GPU reservation),
-Compose v2 starts it, `fleetd run` supervises it. The top rung cannot allocate its KV
-cache under the container's address-space limit (a compose override file sets it, as
-ops do): llama-server prints its own allocation errors and exits 1, Docker restarts it,
-fleetd counts one incident per run (the service's rule classes the host-memory failure
-as the capacity incident the ladder acts on, as on a CPU-only host), steps down, and the
-smaller rung answers /health and a completion, warmed up and measured by its own report.
+Compose v2 starts it, `fleetd run` supervises it. The ladder is whole runtime
+configurations: the big model at two contexts, then with a q8_0 KV cache, then a small
+model at two contexts. Under the container's address-space limit (a compose override
+file sets it, as ops do) no rung of the big model can allocate its KV cache:
+llama-server prints its own allocation errors and exits 1, Docker restarts it, fleetd
+counts the incidents (the service's rule classes the host-memory failure as the capacity
+incident the ladder acts on, as on a CPU-only host) and steps down: context first, then
+KV precision, then the model. Each failed run's own error names the KV buffer it could
+not allocate, so the test checks that each step frees what the plan said it would. The
+small rung answers under the service's stable name, warmed up and measured by its own
+report; a `downgrade` to its shorter context reaches the server, name unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -34,16 +40,22 @@ from tests.integration.servers import fleetctl, free_port, get, post_json
 pytestmark = pytest.mark.integration
 
 IMAGE = "fleetd-test/llamacpp:latest"
-# The top rung: f16 weights (130 MiB) and a 32k context whose f16 KV cache is 512 MiB.
+# The big model: f16 weights (113 MiB) and 32 KiB of f16 KV cache per token (8 layers):
+# 1 GiB at 32k, 512 MiB at 16k, 272 MiB at 16k in q8_0.
 BIG = GgufShape(
-    layers=4, n_embd=1024, n_head=16, n_ff=4096, context_length=32768, weight_type="f16"
+    layers=8, n_embd=1024, n_head=16, n_ff=1024, context_length=65536, weight_type="f16"
 )
-SMALL = GgufShape(layers=2, n_embd=256, n_head=4, context_length=32768)
-# Both rungs run a 32k context: a step down does not change llama-server's -c yet (issue
-# 13), so the rungs differ by model only. The small one's KV cache is 64 MiB.
-# The server's address-space limit (`ulimit -v`, KiB): the big rung's 512 MiB KV cache
-# cannot be allocated under it, the small rung runs well inside.
-ADDRESS_SPACE_KIB = 600_000
+SMALL = GgufShape(layers=2, n_embd=256, n_head=4, context_length=65536)  # 32 MiB KV at 16k
+# The server's address-space limit (`ulimit -v`, KiB). Measured peaks without it:
+# the big model at 16k in q8_0 reaches 565k (its KV buffer 279k of it, 286k before), the
+# small one at 16k 206k: every big rung fails at its KV buffer, the small ones run.
+ADDRESS_SPACE_KIB = 450_000
+SERVED_NAME = "assistant"
+LADDER_KV = {  # the KV buffer each big rung asks for (llama-server's own report)
+    0: 1024 * 1024**2,
+    1: 512 * 1024**2,
+    2: 272 * 1024**2,
+}
 CAPACITY_RULE = {
     "id": "cpu-memory-is-capacity",
     "class": "vram_oom",
@@ -91,8 +103,8 @@ def world(
     """Models, config and a generated project; the project is brought down afterwards."""
     models = tmp_path / "models"
     models.mkdir()
-    write_gguf(models / "big.gguf", BIG)
-    write_gguf(models / "small.gguf", SMALL)
+    big = str(write_gguf(models / "big.gguf", BIG))
+    small = str(write_gguf(models / "small.gguf", SMALL))
     port, container = free_port(), f"{project_name}-llm"
     service = {
         "runtime": "llamacpp",
@@ -106,13 +118,11 @@ def world(
         "rules": [CAPACITY_RULE],
         "health": {"interval": "2s"},
         "warmup": {"tokens": 8, "timeout": "60s"},
+        "served_name": SERVED_NAME,
         "ladder": [
-            {"model": "/models/big.gguf", "metadata": str(models / "big.gguf"), "context": 32768},
-            {
-                "model": "/models/small.gguf",
-                "metadata": str(models / "small.gguf"),
-                "context": 32768,
-            },
+            {"model": "/models/big.gguf", "metadata": big, "context": [32768, 16384]},
+            {"model": "/models/big.gguf", "metadata": big, "context": 16384, "kv_cache": "q8_0"},
+            {"model": "/models/small.gguf", "metadata": small, "context": [16384, 4096]},
         ],
     }
     out = tmp_path / "compose"
@@ -141,14 +151,47 @@ def test_plan_prices_the_real_files_on_host_memory(world: tuple[Fleet, Project, 
     plan = json.loads(done.stdout)
     [device] = plan["gpus"]
     assert device["name"] == "host memory (CPU)"
-    rungs = plan["services"]["llm"]["rungs"]
-    assert [r["source"] for r in rungs] == ["gguf", "gguf"]
-    big, small = (r["need_bytes"] for r in rungs)
-    assert big > 512 * 1024**2 + os.path.getsize(fleet.tmp / "models" / "big.gguf") * 0.9
-    assert small < big / 2  # each includes llama.cpp's 300 MiB overhead
+    service = plan["services"]["llm"]
+    assert service["served_name"] == SERVED_NAME
+    rungs = service["rungs"]
+    assert [r["source"] for r in rungs] == ["gguf"] * 5
+    assert [(r["context"], r["kv_cache"]) for r in rungs] == [
+        (32768, None), (16384, None), (16384, "q8_0"), (16384, None), (4096, None)
+    ]  # fmt: skip
+    needs = [r["need_bytes"] for r in rungs]
+    assert needs == sorted(needs, reverse=True) and len(set(needs)) == 5
+    weights = os.path.getsize(fleet.tmp / "models" / "big.gguf")
+    assert needs[0] > LADDER_KV[0] + weights * 0.9  # each includes llama.cpp's 300 MiB overhead
 
 
-def test_a_real_llama_server_that_cannot_allocate_is_stepped_down_and_the_smaller_rung_serves(
+def _wait_healthy(port: int, fleet: Fleet, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while get(f"http://127.0.0.1:{port}/health")[0] != 200:
+        assert time.monotonic() < deadline, fleet.log.read_text()[-4000:]
+        time.sleep(0.2)
+
+
+def _serves_as_the_stable_name(port: int, context: int) -> None:
+    """The server runs the rung's context and answers under the service's stable name."""
+    status, body = get(f"http://127.0.0.1:{port}/props")
+    assert status == 200 and json.loads(body)["default_generation_settings"]["n_ctx"] == context
+    status, body = get(f"http://127.0.0.1:{port}/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == [SERVED_NAME]
+    reply = post_json(
+        f"http://127.0.0.1:{port}/v1/completions",
+        {"model": SERVED_NAME, "prompt": "hello", "max_tokens": 4},
+    )
+    assert reply["choices"][0]["text"] and reply["usage"]["completion_tokens"] >= 1
+    assert reply["model"] == SERVED_NAME
+
+
+def _failed_kv_bytes(evidence: str) -> int:
+    found = re.search(r"failed to allocate (?:CPU )?buffer of size (\d+)", evidence)
+    assert found is not None, evidence
+    return int(found.group(1))
+
+
+def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_one_name(
     world: tuple[Fleet, Project, int, str],
 ) -> None:
     fleet, project, port, container = world
@@ -160,6 +203,10 @@ def test_a_real_llama_server_that_cannot_allocate_is_stepped_down_and_the_smalle
     assert done.returncode == 0, done.stderr
     generated = yaml.safe_load((out / "compose.yml").read_text())
     assert "deploy" not in generated["services"]["llm"]  # no GPU reservation on a CPU host
+    handoff = fleet.state_dir / "services" / "llm"
+    assert (handoff / "args").read_text().split("\n")[:4] == ["-c", "32768", "-np", "1"]
+    planned = json.loads(fleetctl("plan", "--config", str(fleet.config), "--json").stdout)
+    needs = [r["need_bytes"] for r in planned["services"]["llm"]["rungs"]]
     # The server's address space is limited by its shell (Docker's own `ulimits: {as: }`
     # applies to runc's set-up too, which then cannot start the container at all).
     shell, flag, script, *rest = generated["services"]["llm"]["entrypoint"]
@@ -171,65 +218,82 @@ def test_a_real_llama_server_that_cannot_allocate_is_stepped_down_and_the_smalle
     started = project.run("up", "-d")
     assert started.returncode == 0, started.stderr
     state = fleet.wait_for(
-        "the step down", lambda s: s["services"].get("llm", {}).get("rung") == 1, 90
+        "three steps down", lambda s: s["services"].get("llm", {}).get("rung") == 3, 240
     )
 
-    # fleetd acted on llama-server's own lines, one incident per failing run.
-    [change] = state["history"]
-    assert (change["from_model"], change["to_model"]) == ("/models/big.gguf", "/models/small.gguf")
-    assert change["rule"] == "cpu-memory-is-capacity"
-    assert "failed to allocate" in change["evidence"]
+    # Context first, then KV precision, then the model: fleetd acted on llama-server's own
+    # lines, and each failed run names the KV buffer it could not allocate.
+    history = state["history"]
+    assert [(t["from_rung"], t["to_rung"]) for t in history] == [(0, 1), (1, 2), (2, 3)]
+    assert [(t["to_model"], t["to_options"]["context"], t["to_options"]["kv_cache"])
+            for t in history] == [
+        ("/models/big.gguf", 16384, None),
+        ("/models/big.gguf", 16384, "q8_0"),
+        ("/models/small.gguf", 16384, None),
+    ]  # fmt: skip
+    assert history[0]["from_options"]["context"] == 32768
+    assert all(t["rule"] == "cpu-memory-is-capacity" for t in history), history
+    tried = [_failed_kv_bytes(t["evidence"]) for t in history]
+    assert tried == [LADDER_KV[0], LADDER_KV[1], LADDER_KV[2]]
+    # Each step frees what the plan said: the plan's drop in need is the drop in the KV
+    # buffer the server really asked for (and a little of the compute buffer's mask).
+    for rung in (0, 1):
+        freed = tried[rung] - tried[rung + 1]
+        assert freed <= needs[rung] - needs[rung + 1] <= freed * 1.05, (rung, needs)
     counted = [line for line in fleet.log.read_text().splitlines() if "incident (" in line]
-    assert len(counted) == 3, counted  # three runs failed, each printing several lines
-    assert all("(cpu-memory-is-capacity)" in line for line in counted), counted
+    assert len(counted) >= 3 and all("(cpu-memory-is-capacity)" in c for c in counted), counted
 
-    # The smaller rung serves: health, then a real completion.
-    deadline = time.monotonic() + 60
-    while get(f"http://127.0.0.1:{port}/health")[0] != 200:
-        assert time.monotonic() < deadline, fleet.log.read_text()
-        time.sleep(0.2)
-    reply = post_json(
-        f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hello", "max_tokens": 4}
-    )
-    assert reply["choices"][0]["text"] and reply["usage"]["completion_tokens"] >= 1
-    assert reply["model"] == "/models/small.gguf"
+    # The small rung serves under the stable name, at its context.
+    _wait_healthy(port, fleet)
+    _serves_as_the_stable_name(port, 16384)
 
-    # Warmed up and measured by its own report; the planner prices the rung with it.
+    # Warmed up and measured by its own report, kept for that rung (model and options).
+    key = "/models/small.gguf [context 16384]"
     state = fleet.wait_for(
         "the measured footprint",
         lambda s: (
-            (s.get("measured", {}).get("/models/small.gguf") or {}).get("tokens_per_s")
-            and (s.get("measured", {}).get("/models/small.gguf") or {}).get("parts")
+            (s.get("measured", {}).get(key) or {}).get("tokens_per_s")
+            and (s.get("measured", {}).get(key) or {}).get("parts")
         ),
         60,
     )
-    seen = state["measured"]["/models/small.gguf"]
-    assert seen["context"] == 32768 and seen["version"].startswith("b")
+    seen = state["measured"][key]
+    assert seen["context"] == 16384 and seen["version"].startswith("b")
     assert seen["parts"]["model"] > 0 and seen["parts"]["kv"] > 0 and seen["parts"]["compute"] > 0
     assert seen["vram_bytes"] == sum(seen["parts"].values())
     status = fleetctl("status", "--state-dir", str(fleet.state_dir), "--json")
     assert status.returncode == 0, status.stderr
     row = json.loads(status.stdout)["services"]["llm"]
     assert row["measured"]["parts"] == seen["parts"] and row["measured"]["estimate_bytes"] > 0
-    planned = fleetctl(
-        "plan", "--config", str(fleet.config), "--state-dir", str(fleet.state_dir), "--json"
+    assert row["options"]["context"] == 16384 and row["served_name"] == SERVED_NAME
+    planned = json.loads(
+        fleetctl(
+            "plan", "--config", str(fleet.config), "--state-dir", str(fleet.state_dir), "--json"
+        ).stdout
     )
-    assert planned.returncode == 0, planned.stderr
-    small = json.loads(planned.stdout)["services"]["llm"]["rungs"][1]
-    assert small["source"] == "measured", small
+    rungs = planned["services"]["llm"]["rungs"]
+    assert rungs[3]["source"] == "measured" and rungs[4]["source"] == "gguf", rungs
 
-    # The project stays in step: .env and the hand-off file name the small rung, so a
-    # later `compose up` starts what fleetd chose.
+    # A person's downgrade to the same model's shorter context: the server restarts with
+    # it, and clients keep calling the same name.
+    down = fleetctl(
+        "downgrade", "llm", "--config", str(fleet.config), "--state-dir", str(fleet.state_dir)
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+    fleet.wait_for("the downgrade", lambda s: s["services"]["llm"]["rung"] == 4, 60)
+    _wait_healthy(port, fleet)
+    _serves_as_the_stable_name(port, 4096)
+    assert "-c\n4096\n" in (handoff / "args").read_text()
+
+    # The project stays in step: .env and the hand-off files name the rung fleetd chose, so
+    # a later `compose up` starts it again.
     assert "FLEETD_LLM_MODEL=/models/small.gguf" in (out / ".env").read_text()
-    handoff = fleet.state_dir / "services" / "llm" / "model"
-    assert handoff.read_text().strip() == "/models/small.gguf"
+    assert (handoff / "model").read_text().strip() == "/models/small.gguf"
     again = project.run("up", "-d", "--force-recreate")
     assert again.returncode == 0, again.stderr
-    deadline = time.monotonic() + 60
-    while get(f"http://127.0.0.1:{port}/health")[0] != 200:
-        assert time.monotonic() < deadline, "the recreated container did not become healthy"
-        time.sleep(0.2)
-    assert fleet.state()["services"]["llm"]["rung"] == 1
+    _wait_healthy(port, fleet)
+    _serves_as_the_stable_name(port, 4096)
+    assert fleet.state()["services"]["llm"]["rung"] == 4
     assert container in {c.name for c in fleet.client.containers.list()}
 
 
