@@ -30,9 +30,9 @@ services:
     runtime: {runtime}
     containers: [chat-1]
     ladder:
-      - model: big
-        vram: 10GiB
-        context: [32768, 16384, 8192]
+      - {{model: big, vram: 10GiB, context: 32768}}
+      - {{model: big, vram: 8GiB, context: 16384}}
+      - {{model: big, vram: 7GiB, context: 8192}}
       - model: big
         vram: 6GiB
         context: 8192
@@ -43,7 +43,15 @@ services:
 
 
 def test_context_steps_expand_in_order_before_the_next_model(tmp_path: Path) -> None:
-    config = load(tmp_path, LADDER.format(runtime="llamacpp", kv="q8_0"))
+    model = write_gguf(tmp_path / "m.gguf", GgufShape(context_length=65536))
+    steps = f"metadata: {model}\n        context: [32768, 16384, 8192]"
+    text = LADDER.replace(
+        "{{model: big, vram: 10GiB, context: 32768}}", "model: big\n        " + steps
+    )
+    text = "\n".join(
+        line for line in text.splitlines() if "vram: 8GiB" not in line and "vram: 7GiB" not in line
+    )
+    config = load(tmp_path, text.format(runtime="llamacpp", kv="q8_0"))
     ladder = config.services["chat"].ladder
     assert [(r.model, r.context, r.kv_cache) for r in ladder] == [
         ("big", 32768, None),
@@ -242,3 +250,21 @@ def test_history_records_the_options_of_both_rungs(tmp_path: Path) -> None:
     assert record.to_options is not None and record.to_options["kv_cache"] == "q8_0"
     back = FleetState.from_json(FleetState(history=[record]).to_json()).history[0]
     assert back == record
+
+
+def test_context_steps_with_one_declared_need_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"fleet.yaml:\d+: services.chat.ladder\[0\]: .*one `vram:` for 2 context steps",
+    ):
+        load(
+            tmp_path,
+            """\
+            services:
+              chat:
+                runtime: llamacpp
+                containers: [chat-1]
+                ladder:
+                  - {model: big, vram: 4GiB, context: [8192, 4096]}
+            """,
+        )

@@ -633,6 +633,21 @@ def test_reconfigure_settles_every_service_and_hands_off_its_model(tmp_path: Pat
         reply.body["message"] == "config reloaded: added ['chat'], changed ['svc'], removed ['app']"
     )
     assert step.Reattach(frozenset({"svc", "app"})) in effects
+    assert of(effects, step.ForgetName) == []  # app was an ensemble: no stable name
+
+
+def test_a_removed_ollama_service_takes_its_stable_model_with_it(tmp_path: Path) -> None:
+    chat = FLEET.replace(
+        '    ensemble: [{model: "qwen:7b", vram: 5GiB}, {model: "llama3:8b", vram: 5GiB}]',
+        '    served_name: assistant\n    port: 11434\n    ladder: [{model: "qwen:7b", vram: 5GiB}]',
+    )
+    world = make_world(tmp_path, chat)
+    (tmp_path / "fleet.yaml").write_text(FLEET.split("  app:")[0])
+    new = load_config(tmp_path / "fleet.yaml")
+    effects = Run(world)(step.Reconfigure(new, {"svc": NEEDS["svc"]}, {}), 1)
+    [forget] = of(effects, step.ForgetName)
+    assert (forget.service, forget.name, forget.runtime) == ("app", "assistant", "ollama")
+    assert forget.endpoint == "http://127.0.0.1:11434"
 
 
 def test_a_service_whose_rung_left_the_ladder_starts_again_where_planned(tmp_path: Path) -> None:

@@ -167,6 +167,18 @@ class RungConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _steps_priced(self) -> RungConfig:
+        steps = self.context_steps
+        if isinstance(steps, list) and len(steps) > 1 and self.vram is not None:
+            raise ValueError(
+                f"rung {self.model!r} declares one `vram:` for {len(self.context_steps)} "
+                "context steps, so every step would need the same and a step down would "
+                "skip them all (expected `metadata:` to price each step, or one rung per "
+                "context with its own `vram:`)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _need_known(self) -> RungConfig:
         if self.vram is None and self.metadata is None:
             raise ValueError(

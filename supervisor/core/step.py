@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.core import ops
 from supervisor.core.backoff import APPLY_RETRY, GPU_FAULT_RESTART
 from supervisor.core.config import FleetConfig
+from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError, UsageError, http_status
 from supervisor.core.gpus import Gpu
 from supervisor.core.health import Health, observe, start_period_s
@@ -410,6 +411,16 @@ class WriteModel:
 
 
 @dataclass(frozen=True)
+class ForgetName:
+    """Delete the stable model fleetd created for a service that left the config."""
+
+    service: str
+    runtime: str
+    endpoint: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Reattach:
     """Follow these services' containers afresh (their rules changed, or they are gone)."""
 
@@ -431,6 +442,7 @@ Effect = (
     | Reprice
     | WriteModel
     | Reattach
+    | ForgetName
 )
 
 
@@ -1174,6 +1186,11 @@ def _on_reconfigure(turn: _Turn, message: Reconfigure) -> None:
     if message.starting:
         return
     turn.effects.append(Reattach(frozenset(changed) | frozenset(removed)))
+    for name in removed:  # the stable model fleetd created for it goes with it
+        gone = old.services[name]
+        endpoint = endpoint_of(old, name)
+        if spec_of(gone.runtime).can_create and gone.ensemble is None and endpoint:
+            turn.effects.append(ForgetName(name, gone.runtime.value, endpoint, gone.client_name))
     summary = (
         f"config reloaded: added {added or '-'}, changed {changed or '-'}, removed {removed or '-'}"
     )

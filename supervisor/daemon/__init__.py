@@ -38,7 +38,7 @@ from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.gpus import Discovery, GpuReader, declared_gpus, resolve_gpus
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import BUILTIN_RULES
-from supervisor.core.runtimes import spec_of
+from supervisor.core.runtimes import Runtime, spec_of
 from supervisor.core.state import FleetState, LogCursor
 from supervisor.core.step import ContainerEvent
 from supervisor.daemon.handoff import change_model, write_handoff
@@ -193,6 +193,21 @@ class Daemon:
         warning = write_handoff(self.store, self.config, effect.setup)
         if warning:
             logger.warning(f"{effect.service}: {warning}")
+
+    def _forget_name(self, effect: step.ForgetName) -> None:
+        """Delete a removed service's stable model from its runtime, in a worker: the
+        runtime may be gone with the service, which is only worth a note."""
+
+        def forget() -> None:
+            api = api_for(Runtime(effect.runtime), effect.endpoint)
+            try:
+                if api is not None:
+                    api.delete(effect.name)
+                    logger.info(f"{effect.service}: deleted its stable model {effect.name}")
+            except RuntimeApiError as e:
+                logger.info(f"{effect.service}: its stable model {effect.name} stays: {e}")
+
+        threading.Thread(target=forget, name=f"forget-{effect.service}", daemon=True).start()
 
     def _abort_settle(self, effect: step.AbortSettle) -> None:
         abort = self.aborts.get(effect.change)
@@ -796,6 +811,7 @@ _EFFECTS: dict[type, Callable[[Daemon, Any], None]] = {
     step.CountTransition: Daemon._count_transition,
     step.Reprice: Daemon._reprice,
     step.WriteModel: Daemon._write_model,
+    step.ForgetName: Daemon._forget_name,
     step.Reattach: Daemon._reattach,
 }
 

@@ -7,8 +7,11 @@ stepping back up on probation."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -373,4 +376,62 @@ def test_an_ensemble_keeps_one_member_loaded_and_warms_the_next_on_request(
     status = json.loads(fleetctl(fleet, "status", "--json").stdout)
     assert status["services"]["pipe"]["ensemble"] == ["medium", "small"]
     assert "POST /api/pull 200" in requests_seen(container)
+    assert fleet.stop() == 0
+
+
+def test_a_recreated_vllm_gets_each_rungs_options_and_memory_share(fleet: Fleet) -> None:
+    """The env hand-off (`model_env:`): each change recreates the container with the rung's
+    model, options and runtime flags; vLLM's share of the GPU follows the rung's need."""
+    name = f"vllm-{uuid.uuid4().hex[:8]}"
+    _, endpoint = run_standin(fleet, "vllm", name, "llm", 8000)
+    llm = {
+        "runtime": "vllm",
+        "containers": [name],
+        "model_env": "MODEL",
+        "endpoint": endpoint,
+        "warmup": {"enabled": False},
+        "ladder": [
+            {"model": "big", "vram": "4000MiB", "context": 8192},
+            {"model": "big", "vram": "2500MiB", "context": 4096, "kv_cache": "fp8"},
+            {"model": "small", "vram": "1000MiB"},
+        ],
+    }
+    fleet.write_config({"llm": llm})  # one declared GPU of 8 GiB
+    fleet.start()
+    wait_socket(fleet)
+
+    def env_of() -> dict[str, str]:
+        found = fleet.client.containers.get(name)
+        return dict(item.split("=", 1) for item in found.attrs["Config"]["Env"])
+
+    shares = []
+    for rung, context, kv, share in ((1, "4096", "fp8", "0.31"), (2, None, None, "0.13")):
+        down = subprocess.run(
+            [sys.executable, "-c", "from supervisor.cli.fleetctl import main; main()",
+             "downgrade", "llm", "--config", str(fleet.config), "--state-dir",
+             str(fleet.state_dir)],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "FLEETD_SOCKET": ""},
+        )  # fmt: skip
+        assert down.returncode == 0, down.stdout + down.stderr
+        fleet.wait_for(f"rung {rung}", at_rung("llm", rung), timeout_s=60)
+        env = env_of()
+        assert env["MODEL"] == ("big" if rung == 1 else "small")
+        assert env.get("FLEETD_CONTEXT") == context and env.get("FLEETD_KV_CACHE") == kv
+        assert env["FLEETD_SERVED_NAME"] == "llm"
+        args = env["FLEETD_ARGS"].split()
+        flags = dict(zip(args[::2], args[1::2], strict=True))
+        assert flags.get("--max-model-len") == context and flags.get("--kv-cache-dtype") == kv
+        assert flags["--gpu-memory-utilization"] == share  # the rung's need over 8 GiB
+        assert flags["--served-model-name"] == "llm"
+        shares.append(float(share))
+        # The same rung in the hand-off files, for a later start of a generated container.
+        handed = (fleet.state_dir / "services" / "llm" / "args").read_text().split()
+        assert handed == args
+    assert shares == sorted(shares, reverse=True)  # each step down frees its difference
+    history = fleet.state()["history"]
+    assert [(t["from_options"]["context"], t["to_options"]["context"]) for t in history] == [
+        (8192, 4096),
+        (4096, None),
+    ]
     assert fleet.stop() == 0
