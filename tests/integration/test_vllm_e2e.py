@@ -6,16 +6,20 @@ the image's own writer makes (tests/images/vllm/write_model.py), so nothing is d
 * The real API: started with testcontainers (its HTTP wait strategy replaces hand-written
   polling), fleetd's vLLM client checks health and warms it up, /metrics has vLLM's series,
   and a healthy start-up log raises no incident.
-* The loop: a generated project (`accelerator: cpu`, Compose v2) whose top rung is a model
-  whose own maximum context its KV cache cannot hold. vLLM fails for real (`... the
-  estimated maximum model length is N`, printed twice per run, exit 1), Docker restarts
-  it, fleetd counts one incident per run and steps down; lines of the failing instance
-  never count against the new rung; the smaller rung answers. Then its engine dies and the
-  server exits 0: a crash incident, and fleetd brings it back.
+* The loop: a generated project (`accelerator: cpu`, Compose v2) whose ladder starts with
+  context steps of a model whose KV cache cannot hold its own maximum context. vLLM fails
+  for real (`... the estimated maximum model length is N`, printed twice per run, exit 1),
+  Docker restarts it, fleetd counts one incident per run and steps down straight to the
+  largest context step at or below N (--max-model-len reaches the server); lines of the
+  failing instance never count against the new rung; the new rung answers under the
+  service's stable name. Then its engine dies and the server exits 0: a crash incident,
+  and fleetd brings it back.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
 import uuid
@@ -40,10 +44,11 @@ pytestmark = pytest.mark.integration
 
 IMAGE = "fleetd-test/vllm-cpu:latest"
 KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE: the KV cache vLLM's CPU build allocates
-# The top rung: 8 KiB of KV cache per token (4 layers x 4 KV heads x 128 x K+V x bf16), so
-# 1 GiB holds 131072 tokens and its own maximum, 262144 tokens, cannot start. No rung sets
-# `context:`: a step down does not change vLLM's --max-model-len yet (issue 13), so each
-# model runs at its own maximum.
+# The long model: 8 KiB of KV cache per token (4 layers x 4 KV heads x 128 x K+V x bf16),
+# so 1 GiB holds about 131072 tokens and its own maximum, 262144 tokens, cannot start.
+# Its context steps: vLLM's own error says how long a context fits (a little under
+# 131072), and fleetd goes straight to the largest step at or below that.
+CONTEXT_STEPS = [262144, 196608, 131072, 65536]
 LONG = ["--layers", "4", "--hidden-size", "512", "--heads", "4", "--kv-heads", "4",
         "--head-dim", "128", "--max-position-embeddings", "262144"]  # fmt: skip
 SHORT = ["--layers", "2", "--hidden-size", "256", "--heads", "4", "--kv-heads", "2",
@@ -132,7 +137,7 @@ def loop(
         "health": {"interval": "3s", "timeout": "5s"},
         "warmup": {"tokens": 4, "timeout": "180s"},
         "ladder": [
-            {"model": "/models/long", "metadata": str(models / "long")},
+            {"model": "/models/long", "metadata": str(models / "long"), "context": CONTEXT_STEPS},
             {"model": "/models/short", "metadata": str(models / "short")},
         ],
     }
@@ -178,31 +183,46 @@ def test_a_real_vllm_whose_kv_cache_cannot_hold_the_context_is_stepped_down(
 
     state = fleet.wait_for("the step down", lambda s: bool(s.get("history")), START_S)
     [change] = state["history"]
-    assert (change["from_model"], change["to_model"]) == ("/models/long", "/models/short")
     assert change["rule"] == "vllm.kv_cache_insufficient"
-    assert "the estimated maximum model length is" in change["evidence"]
+    longest = re.search(r"the estimated maximum model length is (\d+)", change["evidence"])
+    assert longest is not None, change["evidence"]
+    fits = int(longest.group(1))
+    assert CONTEXT_STEPS[-1] <= fits < CONTEXT_STEPS[0]
+    # Straight to the largest context step at or below what vLLM said fits, skipping the
+    # steps above it: no failing run of each on the way.
+    context = max(c for c in CONTEXT_STEPS if c <= fits)
+    rung = CONTEXT_STEPS.index(context)
+    assert (change["from_rung"], change["to_rung"]) == (0, rung), change
+    assert change["to_model"] == "/models/long" and change["to_options"]["context"] == context
+    assert f"the longest context that fits is {fits} tokens" in change["reason"]
     wait_healthy(port, START_S, fleet.log)
+    key = f"/models/long [context {context}]"
     state = fleet.wait_for(
         "the warm-up and vLLM's own report",
         lambda s: (
-            (s.get("measured", {}).get("/models/short") or {}).get("tokens_per_s")
-            and (s.get("measured", {}).get("/models/short") or {}).get("parts")
+            (s.get("measured", {}).get(key) or {}).get("tokens_per_s")
+            and (s.get("measured", {}).get(key) or {}).get("parts")
         ),
         120,
     )
-    seen = state["measured"]["/models/short"]
+    seen = state["measured"][key]
     assert seen["parts"]["kv"] == 1024**3  # VLLM_CPU_KVCACHE_SPACE=1: its KV cache, reported
     assert seen["version"] == "vLLM 0.32.0" and seen["vram_bytes"] == sum(seen["parts"].values())
     # vLLM printed each error twice per run and Docker raced fleetd's restart: the new rung
     # was never charged for the old one's lines.
     llm = state["services"]["llm"]
-    assert llm["rung"] == 1 and llm["state"] != "exhausted", llm
+    assert llm["rung"] == rung and llm["state"] != "exhausted", llm
     log = fleet.log.read_text()
     assert "no rung below needs less VRAM" not in log and "EXHAUSTED" not in log
+    # The server runs the rung's context, under the service's name (not the model's path).
+    status, body = get(f"http://127.0.0.1:{port}/v1/models")
+    [served] = json.loads(body)["data"]
+    assert (status, served["id"], served["max_model_len"]) == (200, "llm", context), served
     answer = post_json(
         f"http://127.0.0.1:{port}/v1/completions",
-        {"model": "/models/short", "prompt": "hello", "max_tokens": 4},
+        {"model": "llm", "prompt": "hello", "max_tokens": 4},
     )
+    assert answer["model"] == "llm"
     assert answer["choices"][0]["text"] is not None and answer["usage"]["completion_tokens"] >= 1
 
     # Its engine dies: the API server exits 0, which Docker's restart policy may not
@@ -227,4 +247,4 @@ def test_a_real_vllm_whose_kv_cache_cannot_hold_the_context_is_stepped_down(
         120,
     )
     wait_healthy(port, START_S, fleet.log)
-    assert fleet.state()["services"]["llm"]["rung"] == 1
+    assert fleet.state()["services"]["llm"]["rung"] == rung
