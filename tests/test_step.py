@@ -742,3 +742,33 @@ def test_a_warm_up_after_the_report_keeps_the_report_and_adds_the_speed(fleet: W
     seen = run.world.state.measured["medium"]
     assert (seen.vram_bytes, seen.tokens_per_s, seen.load_s) == (2000 * MIB, 42.0, 0.5)
     assert seen.parts is not None and seen.version == "b11669 (Debian)"
+
+
+def test_each_load_failure_is_the_evidence_of_its_own_step_down(tmp_path: Path) -> None:
+    """Two rungs in a row run out of memory while loading: each step down's record carries
+    the line of the rung it leaves, not the one before."""
+    from supervisor.daemon.lifecycle import Settled
+
+    world = make_world(tmp_path, FLEET, svc=ServiceState("big", 0))
+    sizes = [4000 * MIB, 2500 * MIB, 2000 * MIB, 1000 * MIB]  # each rung needs less
+    world = replace(
+        world,
+        needs={**world.needs, "svc": priced("svc", [], [])}
+        | {"svc": priced("svc", ["big", "medium", "wide", "small"], sizes)},
+    )
+    run = Run(world)
+    run(step.Request(1, "downgrade", "svc", {}, "with fleetctl by uid 0"), 1)
+    evidence = []
+    for rung, model in ((1, "medium"), (2, "wide")):
+        restart = of(run.effects, step.Restart)[-1]
+        run(step.Applied("svc", restart.change, None, True, ()), 2 * rung)
+        line = replace(oom(2 * rung + 0.5), text=f"cudaMalloc failed: out of memory ({rung})")
+        run(line, 2 * rung + 0.5)
+        result = Settled("svc", model, False, "out of memory", oom=True, rung=rung)
+        run(step.SettleDone(restart.change, result), 2 * rung + 1)
+        assert run.svc.pending is not None, run.effects
+        evidence.append(run.svc.pending.evidence)
+    assert evidence == [
+        "cudaMalloc failed: out of memory (1)",
+        "cudaMalloc failed: out of memory (2)",
+    ]

@@ -171,7 +171,7 @@ class RungConfig(_Strict):
         steps = self.context_steps
         if isinstance(steps, list) and len(steps) > 1 and self.vram is not None:
             raise ValueError(
-                f"rung {self.model!r} declares one `vram:` for {len(self.context_steps)} "
+                f"rung {self.model!r} declares one `vram:` for {len(steps)} "
                 "context steps, so every step would need the same and a step down would "
                 "skip them all (expected `metadata:` to price each step, or one rung per "
                 "context with its own `vram:`)"

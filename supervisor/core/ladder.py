@@ -261,14 +261,18 @@ def _probation_failed(
 
 
 def load_failed(
-    svc: ServiceState, service: ServiceConfig, needs_bytes: Sequence[int], now: float
+    svc: ServiceState,
+    service: ServiceConfig,
+    needs_bytes: Sequence[int],
+    now: float,
+    evidence: Incident | None = None,
 ) -> tuple[ServiceState, Decision]:
-    """The model just changed to ran out of VRAM while loading: that is proof enough, so
-    step down now (to the next rung that needs less) instead of waiting for N incidents."""
+    """The rung just changed to ran out of memory while loading (`evidence`: the line that
+    said so): that is proof enough, so step down now (to the next rung that needs less)
+    instead of waiting for N incidents."""
     why = f"{svc.model} ran out of VRAM while loading"
-    return _step_down(
-        svc, service, needs_bytes, why, now, svc.incidents[-1] if svc.incidents else None
-    )
+    found = evidence or (svc.incidents[-1] if svc.incidents else None)
+    return _step_down(svc, service, needs_bytes, why, now, found)
 
 
 def step_up_due(

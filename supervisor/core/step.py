@@ -56,6 +56,7 @@ from supervisor.core.rungs import RungSetup, measured_key, setup_for
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
     FleetState,
+    Incident,
     LogCursor,
     Measured,
     ServiceState,
@@ -103,6 +104,9 @@ class Flight:
     # container -> when the run of the latest change started (epoch ns): a line of an
     # earlier run never counts against the rung the change brought
     runs: Mapping[str, int] = field(default_factory=dict)
+    # the line that ended a new rung's settle (it ran out of memory while loading): the
+    # evidence of the step down that follows, though the cooldown did not count it
+    load_oom: Incident | None = None
 
     @property
     def busy(self) -> bool:
@@ -612,6 +616,11 @@ def _incident(turn: _Turn, service: str, seen: Observed) -> None:
         )
     ):
         turn.effects.append(AbortSettle(service, flight.change))  # the new model does not fit
+        if flight.load_oom is None:
+            oom = Incident(
+                seen.time, seen.incident_class, seen.rule, seen.container_id, seen.evidence
+            )
+            turn.set_flight(service, load_oom=oom)
     svc = turn.state.services[service]
     new, decision = transition(
         svc, seen, turn.config.services[service], turn.world.needs_bytes(service), turn.world.policy
@@ -668,7 +677,14 @@ def _restart(
     """Restart the service's containers; with `rung`, a recorded change to that rung is
     handed off first (its setup: model, options, stable name)."""
     change = turn.new_change()
-    turn.set_flight(service, phase=Phase.APPLYING, change=change, new_model=new_rung, retry_at=None)
+    turn.set_flight(
+        service,
+        phase=Phase.APPLYING,
+        change=change,
+        new_model=new_rung,
+        retry_at=None,
+        load_oom=None,  # a new change: the line that ended the last one's settle is old
+    )
     svc = turn.state.services.get(service)
     at = rung if rung is not None else (svc.rung if svc is not None else 0)
     setup = rung_setup(turn.world, service, at, turn.state)
@@ -709,9 +725,7 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
     if done.error is not None:
         _retry_later(turn, done.service, svc.pending.to_model, done.error)
         return
-    new, record = apply_change(
-        svc, done.service, turn.now, turn.config.services.get(done.service)
-    )
+    new, record = apply_change(svc, done.service, turn.now, turn.config.services.get(done.service))
     turn.state.services[done.service] = new
     turn.state.history = [*turn.state.history, record]
     waiters = flight.waiters
@@ -785,7 +799,9 @@ def _on_progress(turn: _Turn, progress: Progress) -> None:
     flight = turn.flight(progress.service)
     if flight.change == progress.change and flight.phase is not Phase.IDLE:
         turn.set_flight(progress.service, activity=progress.text)
-    turn.log("INFO", f"{progress.service}: {progress.text}")
+        turn.log("INFO", f"{progress.service}: {progress.text}")
+    else:  # a change a newer one replaced, finishing its wait: not what runs now
+        turn.log("DEBUG", f"{progress.service}: (an earlier change) {progress.text}")
 
 
 def _on_settled(turn: _Turn, done: SettleDone) -> None:
@@ -808,7 +824,7 @@ def _on_settled(turn: _Turn, done: SettleDone) -> None:
     if svc.pending is not None or svc.model != result.model:
         return  # the OOM already moved it (probation), or a change is on its way
     new, decision = load_failed(
-        svc, turn.config.services[name], turn.world.needs_bytes(name), turn.now
+        svc, turn.config.services[name], turn.world.needs_bytes(name), turn.now, flight.load_oom
     )
     turn.state.services[name] = new
     turn.save()

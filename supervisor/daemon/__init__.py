@@ -219,7 +219,7 @@ class Daemon:
         unload), restart, then settle (health, warm-up). A restart that keeps the model (a
         GPU fault, failed health checks) only restarts: the health checks judge it."""
         abort = threading.Event()
-        if effect.old_model != effect.model:
+        if effect.new_rung:  # another model, or the same one with other options
             self.aborts[effect.change] = abort
         threading.Thread(
             target=self._restart_worker,

@@ -185,10 +185,10 @@ def _serves_as_the_stable_name(port: int, context: int) -> None:
     assert reply["model"] == SERVED_NAME
 
 
-def _failed_kv_bytes(evidence: str) -> int:
-    found = re.search(r"failed to allocate (?:CPU )?buffer of size (\d+)", evidence)
-    assert found is not None, evidence
-    return int(found.group(1))
+def _failed_kv_bytes(lines: list[str]) -> list[int]:
+    """The sizes of the buffers llama-server could not allocate, line by line."""
+    pattern = re.compile(r"failed to allocate (?:CPU )?buffer of size (\d+)")
+    return [int(m.group(1)) for line in lines if (m := pattern.search(line))]
 
 
 def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_one_name(
@@ -233,8 +233,13 @@ def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_on
     ]  # fmt: skip
     assert history[0]["from_options"]["context"] == 32768
     assert all(t["rule"] == "cpu-memory-is-capacity" for t in history), history
-    tried = [_failed_kv_bytes(t["evidence"]) for t in history]
+    # The server's own log, run after run: the KV buffer each rung asked for, in order.
+    server_log = fleet.client.containers.get(container).logs().decode(errors="replace")
+    tried = list(dict.fromkeys(_failed_kv_bytes(server_log.splitlines())))
     assert tried == [LADDER_KV[0], LADDER_KV[1], LADDER_KV[2]]
+    for transition, size in zip(history, tried, strict=True):  # each record, its rung's line
+        found = re.search(r"buffer of size (\d+)", transition["evidence"])
+        assert found is None or int(found.group(1)) == size, transition["evidence"]
     # Each step frees what the plan said: the plan's drop in need is the drop in the KV
     # buffer the server really asked for (and a little of the compute buffer's mask).
     for rung in (0, 1):
