@@ -363,7 +363,7 @@ def test_an_oom_while_the_new_model_loads_aborts_its_wait_and_steps_down_again(
     effects = run(step.SettleDone(restart.change, failed), 5.2)
     [again] = of(effects, step.Restart)
     assert again.model == "small"  # wide (rung 2) needs no less than medium: skipped
-    assert "ran out of VRAM while loading" in logs(effects)
+    assert "ran out of memory while loading" in logs(effects)
 
 
 def test_lines_of_the_rung_left_never_count_against_the_new_one(fleet: World) -> None:

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 from supervisor.core.config import PolicyConfig, RungConfig, ServiceConfig
 from supervisor.core.rules import IncidentClass
+from supervisor.core.rungs import describe_options
 from supervisor.core.state import Incident, PendingChange, ServiceState, ServiceStatus, Transition
 from supervisor.core.units import format_duration, format_size
 
@@ -270,7 +271,7 @@ def load_failed(
     """The rung just changed to ran out of memory while loading (`evidence`: the line that
     said so): that is proof enough, so step down now (to the next rung that needs less)
     instead of waiting for N incidents."""
-    why = f"{svc.model} ran out of VRAM while loading"
+    why = f"{svc.model} ran out of memory while loading"
     found = evidence or (svc.incidents[-1] if svc.incidents else None)
     return _step_down(svc, service, needs_bytes, why, now, found)
 
@@ -328,9 +329,13 @@ def _rung_text(service: ServiceConfig, needs_bytes: Sequence[int], rung: int) ->
 
 def describe_rung(service: ServiceConfig, rung: int, need_bytes: int | None = None) -> str:
     """A rung as every message and history record writes it: `rung 1 of 4 (medium, 2.4 GiB)`
-    (the VRAM need when it is known)."""
+    (the VRAM need when it is known), with the options it sets: `rung 2 of 5 (big,
+    context 16384, kv_cache q8_0, 717 MiB)`."""
     size = "" if need_bytes is None else f", {format_size(need_bytes)}"
-    return f"rung {rung} of {len(service.ladder)} ({service.ladder[rung].model}{size})"
+    entry = service.ladder[rung]
+    options = describe_options(entry.options)
+    shown = "" if options == "default options" else f", {options}"
+    return f"rung {rung} of {len(service.ladder)} ({entry.model}{shown}{size})"
 
 
 def _skipped(needs_bytes: Sequence[int], current: int, target: int) -> str:

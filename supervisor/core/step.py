@@ -52,7 +52,7 @@ from supervisor.core.ladder import (
 )
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import IncidentClass, classify_event
-from supervisor.core.rungs import RungSetup, measured_key, setup_for
+from supervisor.core.rungs import RungSetup, describe_options, measured_key, setup_for
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
     FleetState,
@@ -734,8 +734,9 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
     turn.save()
     turn.log(
         "WARNING",
-        f"{done.service}: now rung {record.to_rung} ({record.to_model}), was "
-        f"rung {record.from_rung} ({record.from_model}): {record.reason}"
+        f"{done.service}: now rung {record.to_rung} ({record.to_model}"
+        f"{_with_options(record.to_options)}), was rung {record.from_rung} "
+        f"({record.from_model}{_with_options(record.from_options)}): {record.reason}"
         + (f" | gpu: {record.gpu}" if record.gpu else ""),
     )
     restarted = ", ".join(turn.config.services[done.service].restarted)
@@ -746,6 +747,12 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
             "transition": transition_json(record),
         }
         turn.effects.append(Reply(waiter.call, 200, body))
+
+
+def _with_options(options: Mapping[str, object] | None) -> str:
+    """`, context 8192` for a rung that sets options; nothing for one that sets none."""
+    text = describe_options(dict(options or {}))
+    return "" if text == "default options" else f", {text}"
 
 
 def _retry_later(turn: _Turn, service: str, model: str, error: str) -> None:

@@ -222,7 +222,7 @@ class ModelChange:
             self.abort.wait(READY_POLL_S)
 
 
-_OOM = "the new model ran out of VRAM while loading (see the log line above)"
+_OOM = "the new model ran out of memory while loading (see the log line above)"
 
 
 def measured_from_report(
