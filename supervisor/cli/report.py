@@ -74,6 +74,12 @@ def _options(s: ServicePlan, rung: int) -> dict[str, object]:
     return dict(s.service.ladder[min(rung, len(s.service.ladder) - 1)].options)
 
 
+def _shown_options(s: ServicePlan, rung: int) -> str:
+    """The options a rung sets, as people read them; "" where it sets none."""
+    text = describe_options(_options(s, rung))
+    return "" if text == "default options" else text
+
+
 def print_plan(plan: FleetPlan, console: Console) -> None:
     console.print(f"Plan for {plan.config.source}: budget {plan.config.budget:.0%} of each GPU")
     console.print()
@@ -133,7 +139,7 @@ def _service_table(plan: FleetPlan) -> Table:
             s.service.runtime.value,
             f"{s.rung} of {len(s.rungs)}",
             verdict.need.model,
-            describe_options(_options(s, s.rung)),
+            _shown_options(s, s.rung) or "-",
             format_size(verdict.need.need_bytes),
             verdict.need.source,
             ",".join(str(g) for g in s.gpus) or str(s.gpu),
@@ -146,8 +152,8 @@ def _print_ladder(s: ServicePlan, console: Console) -> None:
     for v in s.rungs:
         mark = {"chosen": "->", "rejected": " x", "not tried": "  "}[v.status]
         line = f"  {mark} {v.need.rung} {v.need.model:<24} {format_size(v.need.need_bytes):>9}  "
-        options = describe_options(_options(s, v.need.rung))
-        line += f"[{options}] {v.need.source}: {v.need.detail}"
+        options = _shown_options(s, v.need.rung)
+        line += (f"[{options}] " if options else "") + f"{v.need.source}: {v.need.detail}"
         console.print(line, highlight=False, markup=False, soft_wrap=True)
         if v.reason:
             console.print(

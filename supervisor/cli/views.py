@@ -39,6 +39,12 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _options_column(options: dict[str, Any] | None) -> str:
+    """The rung's options for the status table: `context 8192, kv_cache q8_0`, or `-`."""
+    text = describe_options(options)
+    return "-" if text == "default options" else text
+
+
 def _options_text(options: dict[str, Any] | None) -> str:
     """` [context 8192, kv_cache q8_0]`; nothing for a record without options."""
     return "" if options is None else f" [{describe_options(options)}]"
@@ -66,7 +72,7 @@ def print_status(report: dict[str, Any], console: Console) -> None:
         table.add_row(
             name,
             row["model"],
-            describe_options(row.get("options")),
+            _options_column(row.get("options")),
             f"{row['rung']}{rungs}",
             state_text,
             _health_text(row),

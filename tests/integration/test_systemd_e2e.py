@@ -364,7 +364,8 @@ def test_fleetctl_status_works_for_root_and_for_ordinary_users(host: SystemdHost
         argv = (FLEETCTL, "status")
         table = (host.run(*argv) if user is None else host.as_user(user, *argv)).stdout
         [row] = [line for line in table.splitlines() if line.startswith("coder ")]
-        assert row.split()[:5] == ["coder", "big", "0", "of", "5"], host.why(user, table)
+        # service, model, the rung's options ("-": none set), rung
+        assert row.split()[:6] == ["coder", "big", "-", "0", "of", "5"], host.why(user, table)
 
 
 def test_oom_lines_step_the_service_down_in_status_and_journal(
