@@ -268,3 +268,25 @@ def test_context_steps_with_one_declared_need_are_refused(tmp_path: Path) -> Non
                   - {model: big, vram: 4GiB, context: [8192, 4096]}
             """,
         )
+
+
+def test_a_rung_spanning_more_gpus_than_the_host_has_says_so(tmp_path: Path) -> None:
+    from supervisor.analyzer import analyze
+    from supervisor.core.gpus import Discovery, simulated_gpus
+
+    config = load(
+        tmp_path,
+        """\
+        services:
+          api:
+            runtime: vllm
+            containers: [api-1]
+            ladder:
+              - {model: org/big, vram: 10GiB, tensor_parallel: 2}
+              - {model: org/small, vram: 6GiB}
+        """,
+    )
+    plan = analyze(config, Discovery(gpus=simulated_gpus(["24GiB"])))
+    api = plan.services["api"]
+    assert (api.rung, api.gpus) == (1, (0,))
+    assert api.rungs[0].reason == "spans 2 GPUs (tensor_parallel), and this host has 1 it may use"

@@ -237,6 +237,9 @@ def _why_not(
     size = format_size(need.need_bytes)
     if not allowed:
         return _no_gpu_reason(service)
+    spans = service.ladder[min(need.rung, len(service.ladder) - 1)].tensor_parallel
+    if spans > len(allowed) and service.ensemble is None:
+        return f"spans {spans} GPUs (tensor_parallel), and this host has {len(allowed)} it may use"
     biggest = max(allowed, key=lambda g: g.budget_bytes)
     if need.need_bytes > biggest.budget_bytes:
         return (
