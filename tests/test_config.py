@@ -762,3 +762,57 @@ def test_a_bad_ensemble_is_explained(
 ) -> None:
     message = problems(write(tmp_path, ENSEMBLE.replace(*change)))
     assert "services.pipe" in message and expected in message, message
+
+
+def test_services_whose_model_variables_would_collide_are_refused(tmp_path: Path) -> None:
+    """`a-b` and `a_b` would both read FLEETD_A_B_MODEL from a generated .env: one would run
+    the other's model. Refused at the second one's line."""
+    path = tmp_path / "fleet.yaml"
+    service = (
+        "    runtime: generic\n    image: x/y:1\n    containers: [{c}]\n"
+        "    ladder: [{{model: m, vram: 1GiB}}]\n"
+    )
+    path.write_text(
+        "services:\n  a-b:\n" + service.format(c="c1") + "  A_b:\n" + service.format(c="c2")
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}:7: services.A_b: services 'a-b' and 'A_b' would share the variable "
+        "FLEETD_A_B_MODEL that hands a generated container its model (expected names that "
+        "differ in more than case and '-', '.', '_')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "wanted"),
+    [
+        ("policy.incident_window", "9" * 400 + "s", "longer than 10 years"),
+        ("policy.cooldown", 1e300, "longer than 10 years"),
+        ("ladder.vram", "9" * 400 + "GiB", "larger than 1 PiB"),
+        ("ladder.vram", 2**60, "larger than 1 PiB"),
+    ],
+)
+def test_durations_and_sizes_the_daemon_cannot_act_on_are_refused(
+    tmp_path: Path, key: str, value: object, wanted: str
+) -> None:
+    rung: dict[str, object] = {"model": "m", "vram": "1GiB"}
+    body: dict[str, object] = {}
+    if key.startswith("policy."):
+        body["policy"] = {key.split(".")[1]: value}
+    else:
+        rung["vram"] = value
+    body["services"] = {
+        "s": {"runtime": "generic", "image": "x/y:1", "containers": ["c"], "ladder": [rung]}
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=wanted):
+        load_config(path)
+
+
+def test_a_budget_of_four_hundred_digits_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("budget: 1" + "0" * 400 + "\nservices: {}\n")
+    with pytest.raises(ConfigError, match=r"fleet.yaml:1: budget: got 10000000000000000000\.\.\.;"):
+        load_config(path)

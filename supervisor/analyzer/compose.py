@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from supervisor import __version__
+from supervisor.core.config import model_env_var
 from supervisor.core.endpoints import host_ports
 from supervisor.core.errors import RenderError
 from supervisor.core.plan import FleetPlan, ServicePlan
@@ -133,11 +134,6 @@ def template_environment(template_dir: Path | None = None) -> jinja2.Environment
 _SAFE_ENV_VALUE = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:@+~-"
 )
-
-
-def model_env_var(service: str) -> str:
-    """The .env variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
-    return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
 
 
 def update_env_file(path: Path, service: str, model: str) -> bool:

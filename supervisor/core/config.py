@@ -71,6 +71,11 @@ def _check_runtime(value: object) -> object:
     return value
 
 
+def model_env_var(service: str) -> str:
+    """The `.env` variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
+    return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
+
+
 def _check_rung_options(
     spec: RuntimeSpec, index: int, rung: RungConfig, where: str = "ladder"
 ) -> None:
@@ -469,6 +474,25 @@ class FleetConfig(_Strict):
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))
 
     @model_validator(mode="after")
+    def _handoff_variables_distinct(self) -> FleetConfig:
+        """Each service's model reaches a generated `.env` under its own variable: names
+        that differ only in case or in '-', '.', '_' would share one (and run one
+        service's model in the other)."""
+        owner: dict[str, str] = {}
+        for name in self.services:
+            variable = model_env_var(name)
+            if variable in owner:
+                raise PydanticCustomError(
+                    "fleetd",
+                    f"services {owner[variable]!r} and {name!r} would share the variable "
+                    f"{variable} that hands a generated container its model (expected names "
+                    "that differ in more than case and '-', '.', '_')",
+                    {"at": ("services", name)},
+                )
+            owner[variable] = name
+        return self
+
+    @model_validator(mode="after")
     def _services_named(self) -> FleetConfig:
         for name, service in self.services.items():
             service._name = name
@@ -570,9 +594,13 @@ def _explain(error: ErrorDetails, at: KeyPath) -> str:
 
 
 def _show(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 1024**2:
-        return f"{value!r} ({format_size(value)})"
-    return repr(value)
+    """A value as the report quotes it: long ones cut, big byte counts also as a size."""
+    text = repr(value) if not isinstance(value, int) or value < 10**60 else f"{str(value)[:20]}..."
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if isinstance(value, int) and not isinstance(value, bool) and 1024**2 < value <= 2**50:
+        return f"{text} ({format_size(value)})"
+    return text
 
 
 def _allowed_keys(at: KeyPath) -> list[str]:

@@ -31,12 +31,34 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{value!r} is negative; expected {SIZE_EXPECTED}")
+        _within_size(value, value)
         return value
     match = _SIZE_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _SIZE_UNITS:
         raise ValueError(f"{value!r} is not {SIZE_EXPECTED}")
-    return round(float(match.group(1)) * _SIZE_UNITS[unit])
+    n_bytes = float(match.group(1)) * _SIZE_UNITS[unit]
+    return round(_within_size(value, n_bytes))
+
+
+# The largest size and duration a config may give: far above any GPU, host or wait, and
+# small enough for every computation the daemon makes with them.
+MAX_SIZE_BYTES = 2**50  # 1 PiB
+MAX_DURATION_S = 10 * 365 * 86400.0  # ten years
+
+
+def _within_size(value: object, n_bytes: float) -> float:
+    if not n_bytes <= MAX_SIZE_BYTES:  # also refuses inf and nan
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{shown} is larger than 1 PiB, the most fleetd accepts")
+    return n_bytes
+
+
+def _within_duration(value: object, seconds: float) -> float:
+    if not seconds <= MAX_DURATION_S:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{shown} is longer than 10 years, the most fleetd accepts")
+    return seconds
 
 
 def parse_duration(value: object) -> float:
@@ -48,11 +70,12 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"{value!r} is not {DURATION_EXPECTED}")
         if value < 0:
             raise ValueError(f"{value!r} is negative; expected {DURATION_EXPECTED}")
-        return float(value)
+        return _within_duration(value, float(value))
     text = value.strip().lower()
     if _DURATION_RE.sub("", text) != "" or not text:
         raise ValueError(f"{value!r} is not {DURATION_EXPECTED}")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
+    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
+    return _within_duration(value, seconds)
 
 
 def format_size(n_bytes: int) -> str:
