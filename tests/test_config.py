@@ -816,3 +816,35 @@ def test_a_budget_of_four_hundred_digits_is_a_clear_error(tmp_path: Path) -> Non
     path.write_text("budget: 1" + "0" * 400 + "\nservices: {}\n")
     with pytest.raises(ConfigError, match=r"fleet.yaml:1: budget: got 10000000000000000000\.\.\.;"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("volume", "wanted"),
+    [
+        ('x"], "privileged": true', "is not a volume"),
+        ("models:data", "'data' is not a path in the container"),
+        ("/srv/m:/models:rx", "'rx' is not an access mode"),
+        ("/a:/b:ro:extra", "is not a volume"),
+    ],
+)
+def test_a_volume_compose_would_refuse_is_refused_at_its_line(
+    tmp_path: Path, volume: str, wanted: str
+) -> None:
+    service = {"runtime": "generic", "image": "x/y:1", "containers": ["c"], "volumes": [volume],
+               "ladder": [{"model": "m", "vram": "1GiB"}]}  # fmt: skip
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"services": {"s": service}}))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"services.s.volumes[0]: {volume!r}" in str(raised.value)
+    assert wanted in str(raised.value) and "[SOURCE:]TARGET[:MODE]" in str(raised.value)
+
+
+def test_volumes_compose_accepts_pass(tmp_path: Path) -> None:
+    good = ["/srv/models:/models:ro", "cache:/root/.cache", "${MODELS:-/srv/m}:/models", "/data",
+            "/a:/b:ro,z"]  # fmt: skip
+    service = {"runtime": "generic", "image": "x/y:1", "containers": ["c"], "volumes": good,
+               "ladder": [{"model": "m", "vram": "1GiB"}]}  # fmt: skip
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"services": {"s": service}}))
+    assert load_config(path).services["s"].volumes == good

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from supervisor import __version__
-from supervisor.core.config import model_env_var
+from supervisor.core.config import check_volume, model_env_var
 from supervisor.core.endpoints import host_ports
 from supervisor.core.errors import RenderError
 from supervisor.core.plan import FleetPlan, ServicePlan
@@ -227,6 +227,11 @@ def _service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> Render
     own = {"FLEETD_MODEL_FILE": quote(f"{HANDOFF_DIR}/model")}
     if config.model_env:
         own[config.model_env] = quote_raw("${" + model_env_var(svc.name) + "}")
+    for volume in config.volumes:  # the config checks these; a config built in code too
+        try:
+            check_volume(volume)
+        except ValueError as e:
+            raise RenderError(f"service {svc.name!r}: volumes: {e}") from None
     clash = sorted(set(own) & set(config.environment))
     if clash:
         raise RenderError(

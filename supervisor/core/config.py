@@ -71,6 +71,53 @@ def _check_runtime(value: object) -> object:
     return value
 
 
+# Compose's short volume syntax: [SOURCE:]TARGET[:MODE], TARGET absolute, MODE a comma list.
+_VOLUME_MODES = frozenset({"ro", "rw", "z", "Z", "consistent", "cached", "delegated", "nocopy"})
+VOLUME_EXPECTED = (
+    "expected Compose's short syntax [SOURCE:]TARGET[:MODE], e.g. /srv/models:/models:ro, "
+    "with TARGET an absolute path in the container and MODE ro, rw, z, Z"
+)
+
+
+def _volume_parts(entry: str) -> list[str]:
+    """`entry` split at the colons that are not inside a `${...}` (Compose interpolates
+    those first: `${MODELS:-/srv/m}:/models` is a source and a target)."""
+    parts, current, depth = [], "", 0
+    i = 0
+    while i < len(entry):
+        if entry.startswith("${", i):
+            depth += 1
+            current += "${"
+            i += 2
+            continue
+        char = entry[i]
+        if char == "}" and depth:
+            depth -= 1
+        if char == ":" and not depth:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+        i += 1
+    return [*parts, current]
+
+
+def check_volume(entry: str) -> str:
+    """Refuse a `volumes:` entry that Compose would refuse (or read as something else)."""
+    parts = _volume_parts(entry)
+    bad_char = any(not c.isprintable() or c in "\"'\n" for c in entry)
+    if bad_char or not 1 <= len(parts) <= 3 or not all(parts[: len(parts)]):
+        raise ValueError(f"{entry!r} is not a volume ({VOLUME_EXPECTED})")
+    target = parts[0] if len(parts) == 1 else parts[1]
+    if not target.startswith("/") or any(c.isspace() for c in target):
+        raise ValueError(
+            f"{entry!r}: {target!r} is not a path in the container ({VOLUME_EXPECTED})"
+        )
+    if len(parts) == 3 and not set(parts[2].split(",")) <= _VOLUME_MODES:
+        raise ValueError(f"{entry!r}: {parts[2]!r} is not an access mode ({VOLUME_EXPECTED})")
+    return entry
+
+
 def model_env_var(service: str) -> str:
     """The `.env` variable that carries a service's model, e.g. FLEETD_ALPHA_MODEL."""
     return "FLEETD_" + "".join(c if c.isalnum() else "_" for c in service).upper() + "_MODEL"
@@ -275,6 +322,16 @@ class ServiceConfig(_Strict):
                 f"{value!r} is not a model name clients can call (expected letters, digits "
                 "and ._:/@+~- with no spaces)"
             )
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[str]) -> list[str]:
+        for i, entry in enumerate(value):
+            try:
+                check_volume(entry)
+            except ValueError as e:  # at its own line: `volumes[i]`
+                raise PydanticCustomError("fleetd", str(e), {"at": (i,)}) from None
         return value
 
     @field_validator("containers", "watch", "restart")
