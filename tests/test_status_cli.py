@@ -129,3 +129,27 @@ def test_history_lists_transitions_with_reason_and_evidence(state_dir: Path) -> 
     records = json.loads(fleetctl("history", "alpha", "--json", "--state-dir", state_dir).stdout)
     assert [(h["from_rung"], h["to_rung"]) for h in records] == [(0, 2)]
     assert json.loads(fleetctl("history", "gone", "--json", "--state-dir", state_dir).stdout) == []
+
+
+def test_text_from_containers_reaches_the_terminal_escaped_and_never_as_markup(
+    tmp_path: Path,
+) -> None:
+    """A log line carrying ANSI escapes, a bell and a bidi override, and a model name that
+    looks like Rich markup: shown escaped, as written, in `status` and `history`;
+    `--json` keeps them verbatim."""
+    evidence = "CUDA error: out of memory \x1b[2J\x1b[31mgotcha\x07 \u202eevil"
+    model = "[/]org/[bold]model"
+    state = FleetState(
+        services={"alpha": ServiceState(model=model, rung=1)},
+        history=[Transition(1.7e9, "alpha", 0, 1, "big", model, "3 vram_oom", evidence)],
+    )
+    StateStore(tmp_path).save(state)
+    for args in (("status",), ("history",)):
+        done = fleetctl(*args, "--state-dir", tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+        assert "\u202e" not in done.stdout
+        assert "\\x1b[2J\\x1b[31mgotcha\\x07 \\u202eevil" in done.stdout
+        assert model in done.stdout  # the brackets as written, not read as markup
+    raw = json.loads(fleetctl("history", "--state-dir", tmp_path, "--json").stdout)
+    assert raw[0]["evidence"] == evidence and raw[0]["to_model"] == model

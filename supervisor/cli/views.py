@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,31 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from supervisor.core.errors import FleetdError
 from supervisor.core.rungs import describe_options
 from supervisor.core.state import STATE_FILE, FleetState, StateError
 from supervisor.core.units import format_size
+
+# Control characters (a container's log line may carry ANSI escapes, a carriage return or a
+# bell) and the bidirectional overrides: shown escaped, never sent to the terminal raw.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """`text` with control characters written as escapes (`\\x1b`), for a terminal."""
+    return _UNSAFE.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
+        ),
+        str(text),
+    )
+
+
+def cell(text: object) -> Text:
+    """A table cell from text that is not fleetd's own: escaped, never read as markup."""
+    return Text(safe(text))
 
 
 def read_state(state_dir: Path) -> FleetState:
@@ -70,14 +91,14 @@ def print_status(report: dict[str, Any], console: Console) -> None:
         rungs = f" of {row['rungs']}" if row["rungs"] else ""
         state_text = row["state"] + (" (not in config)" if row["in_config"] is False else "")
         table.add_row(
-            name,
-            row["model"],
-            _options_column(row.get("options")),
+            cell(name),
+            cell(row["model"]),
+            cell(_options_column(row.get("options"))),
             f"{row['rung']}{rungs}",
-            state_text,
-            _health_text(row),
+            cell(state_text),
+            cell(_health_text(row)),
             str(row["incidents_in_window"]),
-            change,
+            cell(change),
         )
     console.print(table)
     _print_gpus(report, console)
@@ -91,23 +112,28 @@ def print_status(report: dict[str, Any], console: Console) -> None:
         if measured and measured.get("vram_bytes"):
             notes.append(_measured_text(measured))
         if notes:
-            console.print(f"{name}: {'; '.join(notes)}", markup=False, highlight=False)
+            console.print(safe(f"{name}: {'; '.join(notes)}"), markup=False, highlight=False)
         incident = row.get("last_incident")
         last = row["last_transition"]
         if incident and (last is None or incident["time"] > last["time"]):
             console.print(
-                f"{name}: last incident {incident['class']} ({incident['rule']}) at "
-                f"{_when(incident['time'])}: {incident['evidence']}",
+                safe(
+                    f"{name}: last incident {incident['class']} ({incident['rule']}) at "
+                    f"{_when(incident['time'])}: {incident['evidence']}"
+                ),
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
             )
         if last is not None and last["evidence"]:
             console.print(
-                f"{name}: {last['reason']}", markup=False, highlight=False, soft_wrap=True
+                safe(f"{name}: {last['reason']}"), markup=False, highlight=False, soft_wrap=True
             )
             console.print(
-                f"  evidence: {last['evidence']}", markup=False, highlight=False, soft_wrap=True
+                safe(f"  evidence: {last['evidence']}"),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
 
 
@@ -140,7 +166,7 @@ def _health_text(row: dict[str, Any]) -> str:
 
 def _print_gpus(report: dict[str, Any], console: Console) -> None:
     if report.get("gpu_problem"):
-        console.print(f"GPUs: {report['gpu_problem']}", markup=False, highlight=False)
+        console.print(safe(f"GPUs: {report['gpu_problem']}"), markup=False, highlight=False)
     if not report.get("gpus"):
         return
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
@@ -148,13 +174,15 @@ def _print_gpus(report: dict[str, Any], console: Console) -> None:
         table.add_column(column, no_wrap=True)
     for g in report["gpus"]:
         if g["error"]:
-            table.add_row(str(g["index"]), g["name"], "-", "-", "-", f"unusable: {g['error']}")
+            table.add_row(
+                str(g["index"]), cell(g["name"]), "-", "-", "-", cell(f"unusable: {g['error']}")
+            )
             continue
         used, budget = g["used_bytes"], g["budget_bytes"]
         share = f"{100 * used / budget:.0f}%" if used is not None and budget else "-"
         table.add_row(
             str(g["index"]),
-            g["name"],
+            cell(g["name"]),
             "-" if used is None else format_size(used),
             format_size(g["total_bytes"]),
             "-" if budget is None else format_size(budget),
@@ -162,6 +190,11 @@ def _print_gpus(report: dict[str, Any], console: Console) -> None:
         )
     console.print()
     console.print(table)
+
+
+def echo(text: str) -> None:
+    """One line for a person: control characters escaped (`--json` keeps them verbatim)."""
+    click.echo(safe(text))
 
 
 def print_history(transitions: list[dict[str, Any]], as_json: bool) -> None:
@@ -172,14 +205,14 @@ def print_history(transitions: list[dict[str, Any]], as_json: bool) -> None:
     if not transitions:
         click.echo("no transitions yet")
     for t in transitions:
-        click.echo(
+        echo(
             f"{_when(t['time'])}  {t['service']}: rung {t['from_rung']} {t['from_model']}"
             f"{_options_text(t.get('from_options'))} -> rung {t['to_rung']} {t['to_model']}"
             f"{_options_text(t.get('to_options'))} ({t['actor']})"
         )
-        click.echo(f"    reason: {t['reason']}")
+        echo(f"    reason: {t['reason']}")
         if t["evidence"]:
             rule = f"  [{t['rule']}]" if t["rule"] else ""
-            click.echo(f"    evidence: {t['evidence']}{rule}")
+            echo(f"    evidence: {t['evidence']}{rule}")
         if t.get("gpu"):
-            click.echo(f"    gpu: {t['gpu']}")
+            echo(f"    gpu: {t['gpu']}")
