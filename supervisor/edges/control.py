@@ -126,16 +126,41 @@ def resolve_group(group: str | None) -> int | None:
 # ---------------------------------------------------------------- server
 
 
+# Connections that wait to be accepted (socketserver's default is 5: an 8th simultaneous
+# fleetctl got "Resource temporarily unavailable"), handlers that run at once (each a
+# thread; the others wait in the backlog), and how long a silent client may hold one.
+BACKLOG = 1024
+MAX_HANDLERS = 64
+IDLE_TIMEOUT_S = 10.0
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    request_queue_size = BACKLOG
     submit: Callable[[Call], None]
+    _slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # at most MAX_HANDLERS threads; more callers wait to be taken
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = f"fleetd/{__version__}"
+    timeout = IDLE_TIMEOUT_S  # a client that sends nothing is dropped, its thread freed
 
     def address_string(self) -> str:  # a Unix peer has no host
         return "unix"
@@ -192,14 +217,21 @@ class _Handler(BaseHTTPRequestHandler):
             return Response(202, {"message": f"accepted; fleetd is still at it after {waited}"})
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        given = (self.headers.get("Content-Length") or "0").strip()
+        if not given.isascii() or not given.isdigit():
+            self.close_connection = True  # the body's end is unknown: nothing more is read
+            raise UsageError(f"Content-Length {given[:20]!r}: expected a number of bytes")
+        length = int(given)
         if length > MAX_BODY:
+            self.close_connection = True
             raise UsageError(f"request body of {length} bytes; the limit is {MAX_BODY}")
         raw = self.rfile.read(length) if length else b"{}"
         try:
             body = json.loads(raw or b"{}")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise UsageError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise UsageError("request body: expected a JSON object")
         return body
@@ -255,6 +287,7 @@ class ControlServer:
         except OSError as e:
             raise ControlError(f"cannot serve the control socket {path}: {e.strerror or e}") from e
         server.submit = self._submit
+        server._slots = threading.BoundedSemaphore(MAX_HANDLERS)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="control", daemon=True
