@@ -6,6 +6,7 @@ what was expected. Line numbers are found in the written text, never hard-coded.
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -848,3 +849,37 @@ def test_volumes_compose_accepts_pass(tmp_path: Path) -> None:
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump({"services": {"s": service}}))
     assert load_config(path).services["s"].volumes == good
+
+
+def _laughs() -> str:
+    text = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]\n"
+    return text + "services: {}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        (_laughs(), "expands to more than 100000 values"),
+        ("services: &a {x: *a}\n", "services.x: an alias that contains itself"),
+        ("[" * 10_000 + "\n", "nested too deeply"),
+        ("budget: 1" + "0" * 5000 + "\nservices: {}\n", "Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_hostile_yaml_is_a_clear_error_quickly(tmp_path: Path, text: str, wanted: str) -> None:
+    """A billion laughs, a recursive alias, 10,000 nested lists, a 5,000-digit number: each
+    an exit-2 error naming the file, not a hang, a memory blow-up or a traceback."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(wanted)) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(str(path))
+
+
+def test_a_fifo_or_a_device_as_the_config_is_refused_without_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "fleet.yaml"
+    os.mkfifo(fifo)  # reading it would block forever: nobody writes
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(path)

@@ -469,3 +469,22 @@ def test_lock_removes_old_temp_files_a_killed_writer_left(store: StateStore) -> 
     with store.lock():
         pass
     assert [t.exists() for t in old] == [False, False] and fresh.exists()
+
+
+_TRANSITION = (
+    '{"time": 1e20, "service": "a", "from_rung": 0, "to_rung": 1, "from_model": "x", '
+    '"to_model": "y", "reason": "r", "actor": "fleetd"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        ('{"version": 1, "measured": {"m": {"at": 1' + "0" * 5000 + "}}}", "not a state file"),
+        ("[" * 100_000, "nested too deeply"),
+        ('{"version": 1, "history": [' + _TRANSITION + "]}", "before the year 10000"),
+    ],
+)
+def test_a_state_file_python_cannot_take_is_a_state_error(text: str, wanted: str) -> None:
+    with pytest.raises(StateError, match=wanted):
+        FleetState.from_json(text)

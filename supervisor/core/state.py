@@ -199,6 +199,10 @@ class FleetState:
             document = json.loads(text)
         except json.JSONDecodeError as e:
             raise StateError(f"not valid JSON: {e}") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise StateError(f"not a state file: {e}") from None
+        except RecursionError:
+            raise StateError("not a state file: nested too deeply") from None
         return _decode_fleet(_Object(document, ""))
 
 
@@ -353,9 +357,15 @@ def _count(value: object, where: str) -> int:
     return value
 
 
+# The end of year 9999, the last time a calendar (and `fleetctl history`) can show.
+_LAST_SECOND = 253_402_300_799
+
+
 def _seconds(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _bad(where, value, "a time in epoch seconds (a number)")
+    if abs(value) > _LAST_SECOND:
+        raise _bad(where, value, "a time in epoch seconds before the year 10000")
     return float(value)
 
 

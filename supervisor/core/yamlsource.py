@@ -14,12 +14,7 @@ KeyPath = tuple[str | int, ...]
 
 def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     """Parse a YAML file; return the data and a map from key path to 1-based line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    text = _read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -28,13 +23,75 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     lines: dict[KeyPath, int] = {}
     if node is not None:
-        _index_node(node, (), lines, path)
+        _index_node(node, (), lines, path, [0], set())
     return data, lines
 
 
-def _index_node(node: yaml.Node, at: KeyPath, lines: dict[KeyPath, int], path: Path) -> None:
+# A config is a few kilobytes; these bound what a hostile or mistaken file can cost.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_VALUES = 100_000  # values after aliases are expanded (an alias bomb has billions)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_BYTES, in UTF-8 (a FIFO or a
+    device would block or never end)."""
+    try:
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise ConfigError(f"{path}: cannot read config ({what})")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a config is far smaller")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _index_node(
+    node: yaml.Node,
+    at: KeyPath,
+    lines: dict[KeyPath, int],
+    path: Path,
+    count: list[int],
+    open_nodes: set[int],
+) -> None:
+    count[0] += 1
+    if count[0] > MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_CONFIG_VALUES} values (through aliases?); "
+            "a config is far smaller"
+        )
+    if id(node) in open_nodes:
+        raise ConfigError(
+            f"{path}:{node.start_mark.line + 1}: {dotted(at)}: an alias that contains itself"
+        )
+    if len(at) > 50:
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: nested too deeply")
+    open_nodes.add(id(node))
+    try:
+        _index_children(node, at, lines, path, count, open_nodes)
+    finally:
+        open_nodes.discard(id(node))
+
+
+def _index_children(
+    node: yaml.Node,
+    at: KeyPath,
+    lines: dict[KeyPath, int],
+    path: Path,
+    count: list[int],
+    open_nodes: set[int],
+) -> None:
     lines.setdefault(at, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
@@ -48,10 +105,10 @@ def _index_node(node: yaml.Node, at: KeyPath, lines: dict[KeyPath, int], path: P
                 )
             seen.add(key)
             lines[(*at, key)] = key_node.start_mark.line + 1
-            _index_node(value_node, (*at, key), lines, path)
+            _index_node(value_node, (*at, key), lines, path, count, open_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_node(item, (*at, i), lines, path)
+            _index_node(item, (*at, i), lines, path, count, open_nodes)
 
 
 def dotted(at: KeyPath) -> str:
