@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +514,25 @@ def test_version(cli: Cli, prog: str) -> None:
     r = cli(prog, "--version")
     assert r.code == 0, r
     assert r.out.startswith(f"{prog}, version ")
+
+
+def test_generate_into_folders_it_cannot_make_is_a_clear_error_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    config = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    out, state = tmp_path / "out", tmp_path / "state"
+    for args, wanted in (
+        (["--out", str(blocker / "x"), "--state-dir", str(state)], f"cannot create {blocker}/x"),
+        (["--out", str(out), "--state-dir", str(blocker / "s")], f"cannot create {blocker}/s"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", "from supervisor.cli.fleetctl import main; main()",
+             "generate", "--config", str(config), "--gpu", "12GiB", *args],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert wanted in done.stderr
+    written = [p for p in (*out.rglob("*"), *state.rglob("*")) if p.is_file()]
+    assert written == []  # nothing half-written (the folders it could make may stay, empty)

@@ -161,8 +161,19 @@ def generate(
     from supervisor.analyzer.compose import build_project
 
     project = build_project(result, state, template_dir)  # raises before anything is written
-    atomic_write(out_dir / "compose.yml", project.compose_yaml)
-    atomic_write(out_dir / ".env", "".join(f"{k}={v}\n" for k, v in project.env.items()))
+    # Every folder first, so a folder that cannot be made leaves nothing half-written.
+    folders = [] if no_model_files else [state / "services" / n for n in project.setups]
+    folders.append(out_dir)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FleetdError(f"cannot create {folder}: {e.strerror or e}") from None
+    try:
+        atomic_write(out_dir / "compose.yml", project.compose_yaml)
+        atomic_write(out_dir / ".env", "".join(f"{k}={v}\n" for k, v in project.env.items()))
+    except OSError as e:
+        raise FleetdError(f"cannot write the project in {out_dir}: {e.strerror or e}") from None
     count = len(project.models)
     click.echo(
         f"wrote {out_dir / 'compose.yml'} ({count} service{'s' * (count != 1)}) "
@@ -172,8 +183,11 @@ def generate(
         folder = state / "services" / service
         if no_model_files or (folder / "model").exists():
             continue  # fleetd's own: it keeps the files of the rung it runs
-        for name, text in setup.files().items():
-            atomic_write(folder / name, text)
+        try:
+            for name, text in setup.files().items():
+                atomic_write(folder / name, text)
+        except OSError as e:
+            raise FleetdError(f"cannot write the hand-off in {folder}: {e.strerror or e}") from None
         click.echo(f"wrote {folder}/{{model,args,env}} ({setup.model}, {setup.describe()})")
     for service in project.skipped:
         click.echo(
