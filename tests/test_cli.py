@@ -536,3 +536,20 @@ def test_generate_into_folders_it_cannot_make_is_a_clear_error_and_writes_nothin
         assert wanted in done.stderr
     written = [p for p in (*out.rglob("*"), *state.rglob("*")) if p.is_file()]
     assert written == []  # nothing half-written (the folders it could make may stay, empty)
+
+
+def test_plan_shows_a_path_and_a_gpu_name_that_look_like_markup_as_written(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "br[/]x"  # a folder "br[" holding "]x"
+    folder.mkdir(parents=True)
+    config = folder / "fleet.yaml"
+    config.write_text((Path(__file__).resolve().parents[1] / "examples/fleet.yaml").read_text())
+    done = subprocess.run(
+        [sys.executable, "-c", "from supervisor.cli.fleetctl import main; main()",
+         "plan", "--config", str(config), "--gpu", "12GiB:GPU [/]bold \x1b[31m"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"Plan for {config}:" in done.stdout
+    assert "GPU [/]bold \\x1b[31m" in done.stdout and "\x1b" not in done.stdout

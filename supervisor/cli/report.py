@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from supervisor.cli.views import cell, safe
 from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
 from supervisor.core.rungs import describe_options
 from supervisor.core.units import format_size
@@ -81,7 +82,11 @@ def _shown_options(s: ServicePlan, rung: int) -> str:
 
 
 def print_plan(plan: FleetPlan, console: Console) -> None:
-    console.print(f"Plan for {plan.config.source}: budget {plan.config.budget:.0%} of each GPU")
+    console.print(
+        safe(f"Plan for {plan.config.source}: budget {plan.config.budget:.0%} of each GPU"),
+        markup=False,
+        highlight=False,
+    )
     console.print()
     console.print(_gpu_table(plan))
     console.print()
@@ -89,10 +94,10 @@ def print_plan(plan: FleetPlan, console: Console) -> None:
     for s in plan.services.values():
         _print_ladder(s, console)
     for note in plan.notes:
-        console.print(f"note: {note}")
+        console.print(safe(f"note: {note}"), markup=False, highlight=False)
     if not plan.all_placed:
         unplaced = ", ".join(n for n, s in plan.services.items() if s.rung is None)
-        console.print(f"NOT PLACED: {unplaced}")
+        console.print(safe(f"NOT PLACED: {unplaced}"), markup=False, highlight=False)
 
 
 def _table(*columns: str) -> Table:
@@ -108,13 +113,20 @@ def _gpu_table(plan: FleetPlan) -> Table:
     for g in plan.gpus:
         if not g.gpu.valid:
             table.add_row(
-                str(g.gpu.index), g.gpu.name, "-", "-", "-", "-", "-", f"unusable: {g.gpu.error}"
+                str(g.gpu.index),
+                cell(g.gpu.name),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                cell(f"unusable: {g.gpu.error}"),
             )
             continue
         share = f" ({g.headroom_bytes / g.budget_bytes:.0%})" if g.budget_bytes else ""
         table.add_row(
             str(g.gpu.index),
-            g.gpu.name,
+            cell(g.gpu.name),
             format_size(g.gpu.total_bytes),
             format_size(g.budget_bytes),
             format_size(g.unmanaged_bytes),
@@ -138,7 +150,7 @@ def _service_table(plan: FleetPlan) -> Table:
             s.name,
             s.service.runtime.value,
             f"{s.rung} of {len(s.rungs)}",
-            verdict.need.model,
+            cell(verdict.need.model),
             _shown_options(s, s.rung) or "-",
             format_size(verdict.need.need_bytes),
             verdict.need.source,
@@ -148,13 +160,13 @@ def _service_table(plan: FleetPlan) -> Table:
 
 
 def _print_ladder(s: ServicePlan, console: Console) -> None:
-    console.print(f"\n{s.name} ({s.service.runtime.value}) ladder:", highlight=False)
+    console.print(f"\n{s.name} ({s.service.runtime.value}) ladder:", highlight=False, markup=False)
     for v in s.rungs:
         mark = {"chosen": "->", "rejected": " x", "not tried": "  "}[v.status]
         line = f"  {mark} {v.need.rung} {v.need.model:<24} {format_size(v.need.need_bytes):>9}  "
         options = _shown_options(s, v.need.rung)
         line += (f"[{options}] " if options else "") + f"{v.need.source}: {v.need.detail}"
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        console.print(safe(line), highlight=False, markup=False, soft_wrap=True)
         if v.reason:
             console.print(
                 f"       not chosen: {v.reason}", highlight=False, markup=False, soft_wrap=True
