@@ -238,3 +238,21 @@ def test_check_fit_without_any_gpu_reading_says_it_cannot_check(config: FleetCon
     result = ops.check_fit(config, FleetState(), "web", 0, no_gpu, prices(config))
     assert not result.fits
     assert result.reason == "cannot check the VRAM: no NVIDIA GPU found: NVML: Driver Not Loaded"
+
+
+def test_a_saved_rung_past_the_ladders_end_is_refused_but_a_reset_mends_it(
+    config: FleetConfig,
+) -> None:
+    """The config lost rungs since fleetd saved rung 7: a downgrade, an upgrade or a pin
+    say so and point to reset (they used to raise IndexError); the reset goes to the top."""
+    state = FleetState(services={"web": at(7, "gone")})
+    for attempt in (
+        lambda: ops.downgrade(state, config, "web", 1.0, "by test"),
+        lambda: ops.upgrade(state, config, "web", 1.0, "by test", fits),
+        lambda: ops.pin(state, config, "web", "1", 1.0, "by test", fits),
+    ):
+        with pytest.raises(ops.Refused, match=r"rung 7 \(gone\), past the end of its 4-rung"):
+            attempt()
+    assert state.services["web"].pending is None  # nothing changed
+    outcome = ops.reset(state, config, "web", 1.0, "by test")
+    assert outcome.change is not None and outcome.change.to_rung == 0

@@ -157,8 +157,11 @@ def gpu_total_for(
     )
 
 
-def require_service(config: FleetConfig, state: FleetState, name: str) -> ServiceState:
-    """The service's state (top rung if fleetd has not run with it); UsageError if unknown."""
+def require_service(
+    config: FleetConfig, state: FleetState, name: str, off_ladder_ok: bool = False
+) -> ServiceState:
+    """The service's state (top rung if fleetd has not run with it); UsageError if unknown,
+    Refused if the saved rung is past the end of the config's ladder (unless a reset)."""
     if name not in config.services:
         known = ", ".join(sorted(config.services)) or "none"
         where = " (it is in the saved state only)" if name in state.services else ""
@@ -167,6 +170,13 @@ def require_service(config: FleetConfig, state: FleetState, name: str) -> Servic
     if current is None:  # fleetd has not run with it yet: it starts at the top
         top = config.services[name].ladder[0].model
         current = ServiceState(model=top, rung=0)
+    rungs = len(config.services[name].ladder)
+    if current.rung >= rungs and not off_ladder_ok:
+        raise Refused(
+            f"{name}: the saved state puts it on rung {current.rung} ({current.model}), past the "
+            f"end of its {rungs}-rung ladder (the config changed since); `fleetctl reset {name}` "
+            "puts it back on the top rung"
+        )
     return current
 
 
@@ -198,7 +208,7 @@ def parse_rung(config: FleetConfig, name: str, text: str) -> int:
 
 def reset(state: FleetState, config: FleetConfig, name: str, now: float, who: str) -> Outcome:
     """Back to the top rung with counters cleared and any pin removed."""
-    svc = require_service(config, state, name)
+    svc = require_service(config, state, name, off_ladder_ok=True)
     cleared = replace(
         svc,
         state=ServiceStatus.STEADY,
