@@ -9,7 +9,7 @@ from rich.table import Table
 
 from supervisor.cli.views import cell, safe
 from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
-from supervisor.core.rungs import describe_options
+from supervisor.core.rungs import set_options
 from supervisor.core.units import format_size
 
 
@@ -77,8 +77,7 @@ def _options(s: ServicePlan, rung: int) -> dict[str, object]:
 
 def _shown_options(s: ServicePlan, rung: int) -> str:
     """The options a rung sets, as people read them; "" where it sets none."""
-    text = describe_options(_options(s, rung))
-    return "" if text == "default options" else text
+    return set_options(_options(s, rung))
 
 
 def print_plan(plan: FleetPlan, console: Console) -> None:

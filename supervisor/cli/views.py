@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from supervisor.core.errors import FleetdError
-from supervisor.core.rungs import describe_options
+from supervisor.core.rungs import describe_options, set_options
 from supervisor.core.state import STATE_FILE, FleetState, StateError
 from supervisor.core.units import format_size
 
@@ -62,8 +62,7 @@ def _when(epoch: float | None) -> str:
 
 def _options_column(options: dict[str, Any] | None) -> str:
     """The rung's options for the status table: `context 8192, kv_cache q8_0`, or `-`."""
-    text = describe_options(options)
-    return "-" if text == "default options" else text
+    return set_options(options) or "-"
 
 
 def _options_text(options: dict[str, Any] | None) -> str:

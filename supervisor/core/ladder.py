@@ -24,7 +24,7 @@ from enum import StrEnum
 
 from supervisor.core.config import PolicyConfig, RungConfig, ServiceConfig
 from supervisor.core.rules import IncidentClass
-from supervisor.core.rungs import describe_options
+from supervisor.core.rungs import set_options
 from supervisor.core.state import Incident, PendingChange, ServiceState, ServiceStatus, Transition
 from supervisor.core.units import format_duration, format_size
 
@@ -333,8 +333,8 @@ def describe_rung(service: ServiceConfig, rung: int, need_bytes: int | None = No
     context 16384, kv_cache q8_0, 717 MiB)`."""
     size = "" if need_bytes is None else f", {format_size(need_bytes)}"
     entry = service.ladder[rung]
-    options = describe_options(entry.options)
-    shown = "" if options == "default options" else f", {options}"
+    options = set_options(entry.options)
+    shown = f", {options}" if options else ""
     return f"rung {rung} of {len(service.ladder)} ({entry.model}{shown}{size})"
 
 

@@ -125,9 +125,7 @@ def _trial(
         services[name] = svc.model_copy(update={"ladder": [svc.ladder[at]]})
         priced = needs[name]  # an ensemble is priced as one rung: its largest member
         trial_needs[name] = [replace(priced[min(at, len(priced) - 1)], rung=0)]
-    trial = config.model_copy(update={"services": services})
-    for name, svc in services.items():
-        svc._name = name
+    trial = config.model_copy(update={"services": services})  # each keeps its name
     return place(trial, discovery, trial_needs, managed_pids)
 
 

@@ -12,6 +12,7 @@ One `RungSetup` feeds both hand-off strategies, so they cannot drift apart:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from supervisor.core.config import FleetConfig, RungConfig
@@ -104,14 +105,20 @@ def setup_for(
     )
 
 
-def describe_options(options: dict[str, object] | None) -> str:
-    """A rung's options as a person reads them (`context 8192, kv_cache q8_0`)."""
+def set_options(options: Mapping[str, object] | None) -> str:
+    """The options a rung sets, as a person reads them (`context 8192, kv_cache q8_0`);
+    "" when it sets none (every one the runtime's default)."""
     shown = [
         f"{k} {v}"
         for k, v in (options or {}).items()
         if v is not None and (k, v) != ("tensor_parallel", 1)
     ]
-    return ", ".join(shown) or "default options"
+    return ", ".join(shown)
+
+
+def describe_options(options: Mapping[str, object] | None) -> str:
+    """A rung's options as a person reads them, `default options` when it sets none."""
+    return set_options(options) or "default options"
 
 
 def measured_key(rung: RungConfig) -> str:
