@@ -77,22 +77,8 @@ def _index_node(
         )
     if len(at) > 50:
         raise ConfigError(f"{path}:{node.start_mark.line + 1}: nested too deeply")
-    open_nodes.add(id(node))
-    try:
-        _index_children(node, at, lines, path, count, open_nodes)
-    finally:
-        open_nodes.discard(id(node))
-
-
-def _index_children(
-    node: yaml.Node,
-    at: KeyPath,
-    lines: dict[KeyPath, int],
-    path: Path,
-    count: list[int],
-    open_nodes: set[int],
-) -> None:
     lines.setdefault(at, node.start_mark.line + 1)
+    open_nodes.add(id(node))  # the nodes being indexed around this one: an alias cycle
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -109,6 +95,7 @@ def _index_children(
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _index_node(item, (*at, i), lines, path, count, open_nodes)
+    open_nodes.discard(id(node))  # shared again from here on: an alias, not a cycle
 
 
 def dotted(at: KeyPath) -> str:
