@@ -52,7 +52,7 @@ from supervisor.core.ladder import (
 )
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import IncidentClass, classify_event
-from supervisor.core.rungs import RungSetup, describe_options, measured_key, setup_for
+from supervisor.core.rungs import RungSetup, measured_key, set_options, setup_for
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
     FleetState,
@@ -410,8 +410,11 @@ class WriteModel:
     """Write the service's hand-off files (and the compose .env when it has one)."""
 
     service: str
-    model: str
     setup: RungSetup
+
+    @property
+    def model(self) -> str:
+        return self.setup.model
 
 
 @dataclass(frozen=True)
@@ -751,8 +754,8 @@ def _on_applied(turn: _Turn, done: Applied) -> None:
 
 def _with_options(options: Mapping[str, object] | None) -> str:
     """`, context 8192` for a rung that sets options; nothing for one that sets none."""
-    text = describe_options(dict(options or {}))
-    return "" if text == "default options" else f", {text}"
+    text = set_options(options)
+    return f", {text}" if text else ""
 
 
 def _retry_later(turn: _Turn, service: str, model: str, error: str) -> None:
@@ -1236,7 +1239,7 @@ def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
             current = replace(current, model=service.ladder[current.rung].model)
         turn.state.services[name] = current
         setup = rung_setup(turn.world, name, current.rung, turn.state)
-        turn.effects.append(WriteModel(name, current.model, setup))
+        turn.effects.append(WriteModel(name, setup))
     for name in sorted(set(turn.state.services) - set(turn.config.services)):
         turn.log("INFO", f"{name}: no longer in the config; its state is kept")
 
