@@ -1157,26 +1157,24 @@ def test_the_start_script_starts_the_server_with_the_rungs_hand_off(
     )
     fake.chmod(0o755)
     script = str(spec_of(runtime).start_script).replace("/run/fleetd", str(handoff))
-    out = subprocess.run(
-        ["/bin/sh", "-c", script, binary, "--port", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
-    ).stdout.splitlines()
+
+    def start() -> list[str]:  # the entrypoint with the compose file's own arguments
+        return subprocess.run(
+            ["/bin/sh", "-c", script, binary, "--port", "1"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        ).stdout.splitlines()
+
+    out = start()
     args = [line.removeprefix("arg:") for line in out if line.startswith("arg:")]
     assert args[-6:] == ["--port", "1", "-c", "8192", "--alias", "chat bot"]
     assert "/models/m.gguf" in args
     assert out[-1] == "env:0,1|a b"
     for name in ("args", "env"):
         (handoff / name).unlink()  # a hand-off folder of an older fleetd: no options
-    out = subprocess.run(
-        ["/bin/sh", "-c", script, binary, "--port", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
-    ).stdout.splitlines()
+    out = start()
     assert [line for line in out if line.startswith("arg:")][-2:] == ["arg:--port", "arg:1"]
 
 
