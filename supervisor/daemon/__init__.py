@@ -619,12 +619,20 @@ class Daemon:
         # event, or from now when fleetd meets it already running.
         cursor = self.state.log_cursors.get(name)
         known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
-        # Docker stamps a fast process's first lines a few ms before its start event, so a
-        # container never read before is read from a little earlier (nothing of it can
-        # have been counted yet).
-        since = known or (started_ns - FIRST_READ_MARGIN_NS if started_ns else 0)
-        since = since or int(self.clock() * 1e9)
         run_ns = started_ns or self._started_ns(name)
+        # A container never read before is read from its start when it started after
+        # fleetd did (its start event, or a reconcile that met it before that event came),
+        # else from fleetd's start: what it printed while fleetd was starting (the control
+        # socket already answers) is not lost, what it printed before is not fleetd's.
+        # Docker stamps a fast process's first lines a few ms before its start event: start
+        # a little earlier (nothing of this run can have been counted yet).
+        fleetd_started_ns = int(self.world.started_at * 1e9)
+        if known:
+            since = known
+        elif run_ns >= fleetd_started_ns:
+            since = run_ns - FIRST_READ_MARGIN_NS
+        else:
+            since = fleetd_started_ns
         detector = self.detectors[self.world.watched[name]]
         follower = LogFollower(
             self.client, name, container_id, since, self.queue, run_ns, detector.classify
