@@ -349,17 +349,34 @@ class DaemonError(FleetdError):
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+        self.unix_path, self.timeout_s = path, timeout
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.unix_path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = _connect_unix(self.unix_path, self.timeout_s)
+
+
+def _connect_unix(path: Path, timeout_s: float) -> socket.socket:
+    """A socket connected to `path`, each later operation bounded by timeout_s.
+
+    When more callers arrive at once than fleetd's listen backlog holds (the kernel caps it
+    at net.core.somaxconn: 128 before Linux 5.4), a non-blocking Unix connect fails at once
+    with EAGAIN where TCP would wait. So connect blocking, bounded by SO_SNDTIMEO: the
+    kernel holds the caller until fleetd accepts another, and wakes it then."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(None)
+        whole_s = int(timeout_s)
+        micro_s = max(1, int((timeout_s - whole_s) * 1_000_000))  # 0 would mean forever
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole_s, micro_s))
+        sock.connect(str(path))
+    except BlockingIOError:  # the backlog stayed full for timeout_s
+        sock.close()
+        raise TimeoutError from None
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(timeout_s)
+    return sock
 
 
 class ControlClient:
