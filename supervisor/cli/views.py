@@ -134,6 +134,16 @@ def print_status(report: dict[str, Any], console: Console) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+    _print_engine(report.get("daemon"), console)
+
+
+def _print_engine(daemon: dict[str, Any] | None, console: Console) -> None:
+    """A running fleetd that does not reach the Docker engine says so, and why."""
+    if not daemon or daemon.get("docker") is not False:
+        return
+    why = daemon.get("docker_error") or "not connected yet"
+    text = f"Docker engine: not answering ({why}); reading logs and restarts wait for it"
+    console.print(safe(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _measured_text(measured: dict[str, Any]) -> str:

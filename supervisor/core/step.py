@@ -127,6 +127,7 @@ class World:
     bursts: BurstGrouper = field(default_factory=BurstGrouper)
     expected_stops: Mapping[str, float] = field(default_factory=dict)  # container -> until
     docker_up: bool = False
+    docker_error: str | None = None  # why the engine is not reached (status shows it)
     started_at: float = 0.0
     daemon: Mapping[str, Any] = field(default_factory=dict)  # pid, version, config: status
     next_change: int = 1
@@ -189,6 +190,7 @@ class GpusRead:
 @dataclass(frozen=True)
 class DockerState:
     up: bool
+    error: str | None = None  # why not, when not up
 
 
 @dataclass(frozen=True)
@@ -1059,6 +1061,7 @@ def _gpu_problems(gpus: Sequence[Gpu], problem: str | None) -> dict[int, str | N
 
 def _on_docker(turn: _Turn, message: DockerState) -> None:
     turn.changes["docker_up"] = message.up
+    turn.changes["docker_error"] = None if message.up else message.error
 
 
 def _on_checkpoint(turn: _Turn, checkpoint: Checkpoint) -> None:
@@ -1180,7 +1183,7 @@ def status_report(world: World, service: str | None, now: float) -> dict[str, An
         # a service's health is known once a check has answered
         health={n: f.health.to_json() for n, f in flights if f.health.last_check_at},
         activity={n: f.activity for n, f in flights},
-        daemon={**world.daemon, "docker": world.docker_up},
+        daemon={**world.daemon, "docker": world.docker_up, "docker_error": world.docker_error},
     )
     report = status_json(world.state, world.config, now, service, live)
     discovery = Discovery(gpus=world.gpus, problem=world.gpu_problem)

@@ -4,13 +4,16 @@ Follower threads, the Docker event watcher, the scheduler's timers, the control 
 threads and the workers that restart containers only put records on one queue. The main
 loop turns each record into a message for `supervisor.core.step.step`, keeps the world it gets
 back and carries out the effects it returns: saving the state, starting workers, answering
-callers, counting metrics. Every decision is the step's; nothing here blocks the loop for
-long (Docker calls that take time run in workers). Signal handlers only set flags.
+callers, counting metrics. Every decision is the step's. Nothing here blocks the loop: a
+call to Docker or NVML runs in a worker or a lane (`offloop`), whose results come back
+through the queue, so a hung engine or driver never delays an answer, a watchdog ping or
+a stop. Signal handlers only set flags.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import queue
 import signal
@@ -43,9 +46,10 @@ from supervisor.core.state import FleetState, LogCursor
 from supervisor.core.step import ContainerEvent
 from supervisor.daemon.handoff import change_model, write_handoff
 from supervisor.daemon.lifecycle import ModelChange, Settled, measured_from_report
+from supervisor.daemon.offloop import Bounded, Lane, LoopTask
 from supervisor.edges import engine
 from supervisor.edges.control import Call, ControlServer
-from supervisor.edges.engine import DockerError
+from supervisor.edges.engine import DockerError, EngineNotAnswering
 from supervisor.edges.hostmem import device_reader
 from supervisor.edges.managed import container_names, managed_pids
 from supervisor.edges.metrics import FleetMetrics, build_snapshot, transition_kind
@@ -67,6 +71,11 @@ GPU_FRESH_S = 1.0  # a decision uses an NVML reading at most this old
 FIRST_READ_MARGIN_NS = 2_000_000_000
 CHECKPOINT_S = 5.0
 STEP_UP_CHECK_S = 60.0
+# How long a blocking read may hold up what waits for it: start-up for the engine, a
+# decision for a GPU reading. Past that, it goes on without (the read keeps its thread).
+ENGINE_WAIT_S = 2.0
+NVML_WAIT_S = 2.0
+NVML_START_WAIT_S = 10.0  # nvmlInit alone can take seconds without persistence mode
 
 
 class Daemon:
@@ -74,7 +83,7 @@ class Daemon:
         self,
         config_path: Path,
         state_dir: Path,
-        docker_factory: Callable[[], docker.DockerClient] = lambda: docker.from_env(),
+        docker_factory: Callable[[], docker.DockerClient] = engine.client_from_env,
         clock: Callable[[], float] = time.time,
         nvml: GpuReader | None = None,
         socket_path: Path | None = None,
@@ -109,6 +118,17 @@ class Daemon:
         self._reload = threading.Event()
         self._docker_retry_at = 0.0
         self._docker_failures = 0
+        # Docker calls the loop needs (connect, attach) run in order in one lane; GPU
+        # readings (NVML, and the fleet's PIDs from Docker) in another, ahead of the
+        # messages that wait for them, which keep their order (`_waiting` of them).
+        self.engine_lane = Lane("engine", self.queue)
+        self.reads = Lane("reads", self.queue)
+        self._waiting = 0
+        self._read_nvml: Bounded[Discovery] = Bounded("nvml", NVML_WAIT_S)
+        self._read_pids: Bounded[frozenset[int]] = Bounded("docker-pids", ENGINE_WAIT_S)
+        self._read_nvml_start: Bounded[Discovery] = Bounded("nvml-start", NVML_START_WAIT_S)
+        self._gpu_read_problem: str | None = None  # why the last GPU reading was missed
+        self._lane_read_at = float("-inf")  # when the reads lane last read NVML
         config = load_config(config_path)  # invalid: fail before anything
         self.nvml = nvml or device_reader(config)
         self.detectors = _detectors(config)
@@ -394,19 +414,43 @@ class Daemon:
             config, state, _needs(config, state), self.world.started_at, self.world.daemon
         )
         # Docker first, so the plan can tell the fleet's own GPU processes from others';
-        # followers only queue lines, which the loop handles once `run` starts.
-        self._connect_docker()
-        planned = self._plan(config)
+        # followers only queue lines, which the loop handles once `run` starts. Each read
+        # is waited for a bounded time: a hung engine or driver delays the start, never
+        # stops it.
+        self._connect_at_start()
+        discovery, pids, lost = self._read_for_plan(config, self.client, self._read_nvml_start)
+        if lost:
+            self._engine_lost(self.client, lost)
+        planned = self._planned(config, discovery, pids)
         self.feed(step.Reconfigure(config, self.world.needs, planned, starting=True))
         self.feed(step.Resume())
 
-    def _plan(self, config: FleetConfig) -> dict[str, int | None]:
-        """Read the GPUs (NVML, or the config's declared ones) into the world, and return
-        the planner's rung per service on them (empty without GPUs)."""
-        discovery = self._discover(config)
+    def _read_for_plan(
+        self, config: FleetConfig, client: docker.DockerClient | None, read_nvml: Bounded[Any]
+    ) -> tuple[Discovery, frozenset[int] | None, str | None]:
+        """The GPUs to plan on (NVML, or the config's declared ones), the fleet's PIDs, and
+        why the engine was lost if it did not answer; each read waited for a bounded time."""
+        if config.gpus != "auto":
+            return self._discover(config), None, None
+        done, found, _ = read_nvml(lambda: self._discover(config))
+        if not done or found is None:
+            why = f"NVML did not answer within {read_nvml.wait_s:g} s"
+            return Discovery(gpus=(), problem=why), None, None
+        pids, lost = None, None
+        if client is not None:
+            names = container_names(config)
+            done, pids, error = self._read_pids(lambda: managed_pids(client, names))
+            lost = str(error) if isinstance(error, EngineNotAnswering) else None
+        return found, pids, lost
+
+    def _planned(
+        self, config: FleetConfig, discovery: Discovery, pids: frozenset[int] | None
+    ) -> dict[str, int | None]:
+        """Put the GPUs read into the world, and return the planner's rung per service on
+        them (empty without GPUs)."""
         if discovery.problem:
             logger.info(discovery.problem)
-        pids = self._fleet_pids(config)
+        pids = pids or frozenset()
         self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
         self._gpus_read_at = time.monotonic()
         if not discovery.gpus:
@@ -419,10 +463,6 @@ class Daemon:
             return resolve_gpus(config, (), self.nvml)
         except FleetdError as e:
             return Discovery(gpus=(), problem=str(e))
-
-    def _fleet_pids(self, config: FleetConfig) -> frozenset[int]:
-        client = self.client
-        return (managed_pids(client, container_names(config)) if client else None) or frozenset()
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -484,7 +524,9 @@ class Daemon:
             logger.exception(f"BUG while handling {type(item).__name__}; please report it")
 
     def _handle(self, item: object) -> None:
-        if isinstance(item, LogLine):
+        if isinstance(item, LoopTask):
+            item.apply()
+        elif isinstance(item, LogLine):
             self._on_line(item)
         elif isinstance(item, ContainerEvent):
             self._on_event(item)
@@ -497,24 +539,26 @@ class Daemon:
             logger.warning(f"Docker event stream ended ({item.error}); reconnecting")
             self.events = None
             self.client = None
-            self.feed(step.DockerState(up=False))
+            self.feed(step.DockerState(up=False, error=f"event stream ended: {item.error}"))
         elif isinstance(item, step.Tick):
             self._on_tick(item)
         elif isinstance(item, Call):
             self._on_call(item)
         elif isinstance(item, step.SettleDone | step.MemberWarmed):
             self.aborts.pop(item.change, None)
-            self._fresh_gpus()
-            self.feed(item)
+            self._when_fresh(item)
         else:
             self.feed(item)  # type: ignore[arg-type]  # the workers' results are messages
 
     def drain(self, timeout_s: float = 0.0) -> None:
-        """Handle everything queued (tests and shutdown)."""
+        """Handle everything queued, and the messages waiting for a GPU reading (tests and
+        shutdown; those are given up after NVML_WAIT_S past `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
+        give_up = deadline + NVML_WAIT_S + 1.0
         while True:
             self._step(timeout_s=max(0.0, deadline - time.monotonic()) or 0.01)
-            if self.queue.empty() and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self.queue.empty() and now >= deadline and (self._waiting == 0 or now > give_up):
                 return
 
     def _on_line(self, line: LogLine) -> None:
@@ -522,9 +566,8 @@ class Daemon:
             return
         if not self.seen_ns.setdefault(line.container, RecentStamps()).add(line.time_ns):
             return  # already handled (a new follower re-reads a little)
-        self._fresh_gpus()
         rule = line.match.rule
-        self.feed(
+        self._when_fresh(
             step.LineMatched(
                 line.container,
                 line.container_id,
@@ -542,20 +585,81 @@ class Daemon:
         if event.action == "start":
             self._follow(event.container, event.container_id, event.time_ns)
             return
-        self._fresh_gpus()
-        self.feed(event)
+        self._when_fresh(event)
 
-    def _fresh_gpus(self, with_pids: bool = False) -> None:
-        """Read NVML before a message that may decide, at most once a second; the fleet's
-        own GPU processes (a Docker call) only when a fit is to be checked."""
+    # --- GPU readings: fresh before a decision, read off the loop -------------------------
+
+    def _when_fresh(self, message: step.Message, with_pids: bool = False) -> None:
+        """Feed `message` once the GPU reading is fresh: at most GPU_FRESH_S old, and with
+        the fleet's PIDs (a Docker call) when a fit is to be checked. At once when it is
+        (or the GPUs are declared); else after a read in the reads lane, behind the
+        messages already waiting there, so none overtakes another."""
         if self.config.gpus != "auto":
+            self._feed_checked(message)
             return
-        if not with_pids and time.monotonic() - self._gpus_read_at < GPU_FRESH_S:
+        fresh = time.monotonic() - self._gpus_read_at < GPU_FRESH_S
+        if fresh and not with_pids and self._waiting == 0:
+            self._feed_checked(message)
             return
-        discovery = self.nvml.discover()
-        pids = self._fleet_pids(self.config) if with_pids and self.client else None
-        self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
+        self._waiting += 1
+        client = self.client if with_pids else None
+        names = container_names(self.config)
+
+        def read_then_feed() -> list[object]:
+            records = self._read_gpus(client, names, force=with_pids)
+            return [*records, LoopTask(lambda: self._fed_when_fresh(message))]
+
+        self.reads.submit(read_then_feed)
+
+    def _fed_when_fresh(self, message: step.Message) -> None:
+        self._waiting -= 1
+        self._feed_checked(message)
+
+    def _feed_checked(self, message: step.Message) -> None:
+        """Feed a message; a caller's request that hits a bug still gets an answer."""
+        if not isinstance(message, step.Request):
+            self.feed(message)
+            return
+        try:
+            self.feed(message)
+        except Exception as e:  # a bug: the caller gets an answer, the log the traceback
+            logger.exception(f"BUG while answering {message.op}; please report it")
+            self._reply(step.fail(message.call, "failed", f"internal error: {e!r}"))
+
+    def _read_gpus(
+        self, client: docker.DockerClient | None, names: set[str], force: bool
+    ) -> list[object]:
+        """In the reads lane: NVML (and, given a client, the fleet's PIDs) as records for
+        the loop. None when this lane read NVML less than GPU_FRESH_S ago (unless forced),
+        or NVML did not answer within NVML_WAIT_S: the decision uses the last reading."""
+        if not force and time.monotonic() - self._lane_read_at < GPU_FRESH_S:
+            return []
+        done, discovery, error = self._read_nvml(self.nvml.discover)
+        if not done or discovery is None:
+            why = f"NVML did not answer within {NVML_WAIT_S:g} s" if not done else repr(error)
+            return [LoopTask(lambda: self._gpus_not_read(why))]
+        self._lane_read_at = time.monotonic()
+        records: list[object] = []
+        pids = None
+        if client is not None and any(g.valid for g in discovery.gpus):
+            _, pids, error = self._read_pids(lambda: managed_pids(client, names))
+            if isinstance(error, EngineNotAnswering):
+                lost = str(error)
+                records.append(LoopTask(lambda: self._engine_lost(client, lost)))
+        read = step.GpusRead(discovery.gpus, discovery.problem, pids)
+        return [*records, LoopTask(lambda: self._gpus_read(read))]
+
+    def _gpus_read(self, read: step.GpusRead) -> None:
+        if self._gpu_read_problem is not None:
+            logger.info("NVML answers again")
+            self._gpu_read_problem = None
+        self.feed(read)
         self._gpus_read_at = time.monotonic()
+
+    def _gpus_not_read(self, why: str) -> None:
+        if self._gpu_read_problem != why:
+            logger.warning(f"{why}; deciding on the last GPU reading")
+            self._gpu_read_problem = why
 
     # --- the control API (calls come from the socket's threads through the queue) ---------
 
@@ -567,25 +671,38 @@ class Daemon:
             self.apply_config(call_id)
             return
         who = f"with fleetctl by {call.peer.who}"
-        try:
-            self._fresh_gpus(with_pids=call.op in ("upgrade", "pin"))
-            self.feed(step.Request(call_id, call.op, call.service, dict(call.args), who))
-        except Exception as e:  # a bug: the caller gets an answer, the log the traceback
-            logger.exception(f"BUG while answering {call.op}; please report it")
-            self._reply(step.fail(call_id, "failed", f"internal error: {e!r}"))
+        request = step.Request(call_id, call.op, call.service, dict(call.args), who)
+        self._when_fresh(request, with_pids=call.op in ("upgrade", "pin"))
 
     # --- Docker connection, followers, periodic jobs --------------------------------------
 
     def _connect_docker(self) -> None:
+        """Try the engine (off the loop) unless connected or backing off."""
         if self.client is not None or time.monotonic() < self._docker_retry_at:
             return
+        self.engine_lane.submit(self._connect_job, key="connect")
+
+    def _connect_job(self) -> list[object]:
         try:
             client = engine.connect(self.docker_factory)
         except DockerError as e:
-            self._docker_failures += 1
-            wait_s = DOCKER_RECONNECT.delay_s(self._docker_failures)
-            logger.warning(f"{e}; next try in at least {wait_s:.0f} s")
-            self._docker_retry_at = time.monotonic() + wait_s
+            error = str(e)
+            return [LoopTask(lambda: self._engine_failed(error))]
+        return [LoopTask(lambda: self._engine_connected(client))]
+
+    def _connect_at_start(self) -> None:
+        """Connect before the first plan, waiting at most ENGINE_WAIT_S; an engine that
+        has not answered by then is tried again in the background."""
+        done, records, _ = Bounded[list[object]]("engine-start", ENGINE_WAIT_S)(self._connect_job)
+        if not done or records is None:
+            self._engine_failed(f"Docker is not reachable: no answer within {ENGINE_WAIT_S:g} s")
+            return
+        for record in records:
+            self._handle(record)
+
+    def _engine_connected(self, client: docker.DockerClient) -> None:
+        if self.client is not None:  # a late answer to an earlier try
+            client.close()
             return
         self.client, self._docker_failures = client, 0
         self.feed(step.DockerState(up=True))
@@ -593,23 +710,79 @@ class Daemon:
         self.events.start()
         self._attach_all()
 
-    def _attach_all(self) -> None:
+    def _engine_failed(self, error: str) -> None:
+        self._docker_failures += 1
+        wait_s = DOCKER_RECONNECT.delay_s(self._docker_failures)
+        logger.warning(f"{error}; next try in at least {wait_s:.0f} s")
+        self._docker_retry_at = time.monotonic() + wait_s
+        self.feed(step.DockerState(up=False, error=error))
+
+    def _engine_lost(self, client: docker.DockerClient | None, error: str) -> None:
+        """A call to the connected engine got no answer: ping it again before any other."""
+        if client is None or client is not self.client:
+            return
+        logger.warning(f"{error}; reconnecting")
+        self.client = None
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
+        self.feed(step.DockerState(up=False, error=error))
+
+    def _ping_engine(self) -> None:
+        """Ask the connected engine for a sign of life: a hung one is noticed (and shown
+        by `fleetctl status`) even when nothing else calls it."""
         client = self.client
         if client is None:
             return
-        for name in self.world.watched:
-            if name in self.followers and self.followers[name].is_alive():
-                continue
-            try:
-                found = engine.container_state(client, name)
-            except DockerError:
-                continue
-            if found is not None and found[1]:  # not created yet: its start event attaches it
-                self._follow(name, found[0], None)
 
-    def _follow(self, name: str, container_id: str, started_ns: int | None) -> None:
+        def ping() -> list[object]:
+            try:
+                engine.ping(client)
+            except DockerError as e:
+                error = str(e)
+                return [LoopTask(lambda: self._engine_lost(client, error))]
+            return []
+
+        self.engine_lane.submit(ping, key="ping")
+
+    def _attach_all(self) -> None:
+        """Follow every watched container that runs and has no follower yet; the engine is
+        asked off the loop. One not created yet is attached by its start event."""
+        client = self.client
+        names = [n for n in self.world.watched if not self._followed(n)]
+        if client is None or not names:
+            return
+
+        def find() -> list[object]:
+            found: list[tuple[str, str, int]] = []
+            for name in names:
+                try:
+                    run = engine.current_run(client, name)
+                except EngineNotAnswering as e:
+                    return [LoopTask(functools.partial(self._engine_lost, client, str(e)))]
+                except DockerError:
+                    continue
+                if run is not None:
+                    found.append((name, run[0], _stamp_ns(run[1])))
+            return [LoopTask(lambda: self._attach_found(client, found))]
+
+        self.engine_lane.submit(find, key="attach")
+
+    def _followed(self, name: str) -> bool:
+        follower = self.followers.get(name)
+        return follower is not None and follower.is_alive()
+
+    def _attach_found(self, client: docker.DockerClient, found: list[tuple[str, str, int]]) -> None:
+        if client is not self.client:
+            return
+        for name, container_id, started_ns in found:
+            if name in self.world.watched:
+                self._follow(name, container_id, started_ns)
+
+    def _follow(self, name: str, container_id: str, started_ns: int) -> None:
+        """Follow a container's current run (`started_ns`: when it started, 0 if unknown)."""
         old = self.followers.get(name)
-        same_run = old is not None and (started_ns is None or old.run_ns >= started_ns)
+        same_run = old is not None and old.run_ns >= started_ns
         if old is not None and old.is_alive() and old.container_id == container_id and same_run:
             return
         if self.client is None:
@@ -619,7 +792,7 @@ class Daemon:
         # event, or from now when fleetd meets it already running.
         cursor = self.state.log_cursors.get(name)
         known = max(cursor.since_ns if cursor else 0, old.since_ns if old else 0)
-        run_ns = started_ns or self._started_ns(name)
+        run_ns = started_ns
         # A container never read before is read from its start when it started after
         # fleetd did (its start event, or a reconcile that met it before that event came),
         # else from fleetd's start: what it printed while fleetd was starting (the control
@@ -657,12 +830,13 @@ class Daemon:
     def _on_tick(self, tick: step.Tick) -> None:
         if tick.job == "reconcile":
             self._connect_docker()
+            self._ping_engine()
             self._attach_all()
         elif tick.job in ("step_up", "step_up_window"):
-            self._fresh_gpus(with_pids=True)
+            self._when_fresh(tick, with_pids=True)
+            return
         elif tick.job == "gpus":
             self._sample_gpus()
-            self._publish()
             return
         elif tick.job == "checkpoint":
             for name, follower in self.followers.items():
@@ -674,15 +848,17 @@ class Daemon:
         self.feed(tick)
 
     def _sample_gpus(self) -> None:
-        """Read NVML; a GPU lost or found again is reported once (by the step), never a crash."""
+        """Read NVML (off the loop) and publish; a GPU lost or found again is reported once
+        (by the step), never a crash."""
         if self.config.gpus != "auto":
+            self._publish()
             return
-        discovery = self.nvml.discover()
-        pids = None
-        if self.client is not None and any(g.valid for g in discovery.gpus):
-            pids = managed_pids(self.client, container_names(self.config))
-        self.feed(step.GpusRead(discovery.gpus, discovery.problem, pids))
-        self._gpus_read_at = time.monotonic()
+        client, names = self.client, container_names(self.config)
+
+        def sample() -> list[object]:
+            return [*self._read_gpus(client, names, force=True), LoopTask(self._publish)]
+
+        self.reads.submit(sample, key="sample")
 
     def _scheduler(self) -> BackgroundScheduler:
         scheduler = BackgroundScheduler(daemon=True)
@@ -743,13 +919,13 @@ class Daemon:
         "reloading" meanwhile (systemd 253+ with Type=notify-reload also waits for it)."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
-        try:
-            self.apply_config()
-        finally:
-            self.notifier.send("READY=1", f"STATUS={self.summary()}")
+        self.apply_config(done=lambda: self.notifier.send("READY=1", f"STATUS={self.summary()}"))
 
-    def apply_config(self, call: int | None = None) -> None:
-        """Re-read the config and hand it to the step; an invalid one changes nothing."""
+    def apply_config(
+        self, call: int | None = None, done: Callable[[], None] = lambda: None
+    ) -> None:
+        """Re-read the config and hand it to the step (`done` once it is applied, or
+        refused); an invalid one changes nothing. The GPUs are read again off the loop."""
         try:
             config = load_config(self.config_path)
             detectors = _detectors(config)
@@ -758,15 +934,38 @@ class Daemon:
             if call is not None:
                 kind = "usage" if isinstance(e, UsageError) else "failed"
                 self._reply(step.fail(call, kind, str(e)))
+            done()
             return
+        if config.accelerator != self.config.accelerator:  # GPUs <-> host memory
+            self._close_nvml()
+            self.nvml = device_reader(config)
+        client = self.client
+
+        def read_then_apply() -> list[object]:
+            discovery, pids, lost = self._read_for_plan(config, client, self._read_nvml)
+            records = [LoopTask(lambda: self._engine_lost(client, lost))] if lost else []
+            apply = LoopTask(lambda: self._reconfigure(config, detectors, discovery, pids, call))
+            return [*records, apply, LoopTask(done)]
+
+        if config.gpus == "auto":
+            self.reads.submit(read_then_apply)
+        else:  # nothing to wait for
+            for record in read_then_apply():
+                self._handle(record)
+
+    def _reconfigure(
+        self,
+        config: FleetConfig,
+        detectors: dict[str, Detector],
+        discovery: Discovery,
+        pids: frozenset[int] | None,
+        call: int | None,
+    ) -> None:
         old = self.config
         self.detectors = detectors
-        if config.accelerator != old.accelerator:  # GPUs <-> host memory
-            self.nvml.shutdown()
-            self.nvml = device_reader(config)
         # GPUs are read again (the declared ones may have changed); a service added, or
         # changed (its ladder may have moved), is placed by the planner
-        planned = self._plan(config)
+        planned = self._planned(config, discovery, pids)
         moved = {n for n, svc in config.services.items() if svc != old.services.get(n)}
         planned = {n: r for n, r in planned.items() if n in moved}
         self.feed(step.Reconfigure(config, _needs(config, self.state), planned, call=call))
@@ -779,8 +978,14 @@ class Daemon:
         self._checkpoint(self.followers)
         if self.events is not None:
             self.events.stop()
-        self.nvml.shutdown()
+        self._close_nvml()
         logger.info("fleetd stopped")
+
+    def _close_nvml(self) -> None:
+        """nvmlShutdown, waited for at most NVML_WAIT_S: a hung driver never holds a stop."""
+        done, _, _ = Bounded[None]("nvml-shutdown", NVML_WAIT_S)(self.nvml.shutdown)
+        if not done:
+            logger.warning(f"NVML did not shut down within {NVML_WAIT_S:g} s; going on")
 
     def stop(self) -> None:
         self._stop.set()
@@ -839,6 +1044,14 @@ class RecentStamps:
         self._order.append(stamp)
         self._set.add(stamp)
         return True
+
+
+def _stamp_ns(stamp: str) -> int:
+    """Docker's StartedAt in epoch ns; 0 (unknown) for a stamp it should never write."""
+    try:
+        return parse_docker_time_ns(stamp)
+    except ValueError:
+        return 0
 
 
 def _needs(config: FleetConfig, state: FleetState | None) -> dict[str, list[RungNeed]]:

@@ -4,7 +4,8 @@ Every call fleetd makes to the engine goes through a function here (or, for the 
 strategy's container swap, through `recreate.py`, which uses `translated` too), so the
 SDK's exceptions (docker-py's, requests', a broken socket's OSError) are translated once,
 into `DockerError` with what was being done, chained with `from`. Callers decide by type:
-`NoSuchContainer` for a container that does not exist, `DockerError` for the rest.
+`NoSuchContainer` for a container that does not exist, `EngineNotAnswering` for an engine
+out of reach or out of time, `DockerError` for the rest.
 """
 
 from __future__ import annotations
@@ -32,17 +33,27 @@ class NoSuchContainer(DockerError):
     """The container named does not exist."""
 
 
+class EngineNotAnswering(DockerError):
+    """The engine could not be reached, or did not answer in time (not a refusal)."""
+
+
 @contextmanager
 def translated(
     what: str,
     error: type[DockerError] = DockerError,
     missing: type[DockerError] = NoSuchContainer,
 ) -> Iterator[None]:
-    """Docker calls inside raise `error` (`missing` for a 404) saying `what` failed."""
+    """Docker calls inside raise `error` (`missing` for a 404, EngineNotAnswering for an
+    engine out of reach when `error` is the default) saying `what` failed."""
     try:
         yield
     except docker.errors.NotFound as e:
         raise missing(f"{what}: {_explain(e)}") from e
+    except docker.errors.APIError as e:  # an answer: a refusal (an HTTPError, an OSError)
+        raise error(f"{what}: {_explain(e)}") from e
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        unreached = EngineNotAnswering if error is DockerError else error
+        raise unreached(f"{what}: {_explain(e)}") from e
     except SDK_ERRORS as e:
         raise error(f"{what}: {_explain(e)}") from e
 
@@ -59,10 +70,26 @@ def connect(factory: Callable[[], docker.DockerClient]) -> docker.DockerClient:
     return client
 
 
+# Every call of fleetd's own clients gives up after this long (docker-py's default is
+# 60 s); a stop or restart adds its stop timeout to it, and streams have none.
+CALL_TIMEOUT_S = 10
+
+
+def client_from_env() -> docker.DockerClient:
+    """A client of DOCKER_HOST (or the local socket) whose calls time out; not pinged."""
+    return docker.from_env(timeout=CALL_TIMEOUT_S)
+
+
 def from_env(timeout_s: int | None = None) -> docker.DockerClient:
     """The engine of DOCKER_HOST (or the local socket), pinged."""
     kwargs = {} if timeout_s is None else {"timeout": timeout_s}
     return connect(lambda: docker.from_env(**kwargs))
+
+
+def ping(client: docker.DockerClient) -> None:
+    """Raises EngineNotAnswering unless the engine answers within the client's timeout."""
+    with translated("Docker is not answering"):
+        client.ping()
 
 
 def container_state(client: docker.DockerClient, name: str) -> tuple[str, bool] | None:
@@ -73,6 +100,18 @@ def container_state(client: docker.DockerClient, name: str) -> tuple[str, bool] 
     except NoSuchContainer:
         return None
     return str(container.id), container.status == "running"
+
+
+def current_run(client: docker.DockerClient, name: str) -> tuple[str, str] | None:
+    """(id, State.StartedAt) of the container named `name` while it runs, else None."""
+    try:
+        with translated(f"cannot inspect container {name}"):
+            container = client.containers.get(name)
+    except NoSuchContainer:
+        return None
+    if container.status != "running":
+        return None
+    return str(container.id), str(container.attrs["State"]["StartedAt"])
 
 
 def started_ns(client: docker.DockerClient, name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from supervisor.core.config import FleetConfig
 from supervisor.edges import engine
-from supervisor.edges.engine import DockerError
+from supervisor.edges.engine import DockerError, EngineNotAnswering
 
 
 def container_names(config: FleetConfig) -> set[str]:
@@ -15,11 +15,15 @@ def container_names(config: FleetConfig) -> set[str]:
 
 
 def managed_pids(client: Any, names: Iterable[str]) -> frozenset[int]:
-    """Host PIDs of the running containers among `names`; a missing one is skipped."""
+    """Host PIDs of the running containers among `names`; one that is missing or refused
+    is skipped, an engine that does not answer raises EngineNotAnswering at once (not after
+    one timeout per name)."""
     pids: set[int] = set()
     for name in names:
         try:
             pids.update(engine.host_pids(client, name))
+        except EngineNotAnswering:
+            raise
         except DockerError:
             continue
     return frozenset(pids)
@@ -33,5 +37,7 @@ def managed_pids_if_reachable(config: FleetConfig) -> tuple[frozenset[int], str 
         return frozenset(), f"{e}; all GPU processes count as unmanaged"
     try:
         return managed_pids(client, container_names(config)), None
+    except DockerError as e:
+        return frozenset(), f"{e}; all GPU processes count as unmanaged"
     finally:
         client.close()

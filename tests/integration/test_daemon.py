@@ -244,6 +244,8 @@ def test_a_container_a_reconcile_meets_before_its_start_event_is_read_from_its_s
     fleet.write_config({"svc": fleet.service("llamacpp", name)})
     daemon = Daemon(fleet.config, fleet.state_dir, docker_factory=lambda: fleet.client)
     daemon.start()
+    assert daemon.events is not None
+    daemon.events.stop()  # its start event never comes: only the reconcile meets it
     try:
         container = fleet.client.containers.run(
             busybox_image,
@@ -256,7 +258,7 @@ def test_a_container_a_reconcile_meets_before_its_start_event_is_read_from_its_s
         while b"out of memory" not in container.logs() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)  # "now" is well past the line
-        daemon._attach_all()  # the reconcile, before the start event is handled
+        daemon._attach_all()  # the reconcile
         deadline = time.monotonic() + 10
         while not daemon.state.services["svc"].incidents and time.monotonic() < deadline:
             daemon.drain(0.2)

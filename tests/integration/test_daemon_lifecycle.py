@@ -32,6 +32,7 @@ from docker.models.containers import Container
 from supervisor.core.state import FleetState, ServiceState
 from supervisor.daemon import Daemon
 from supervisor.edges.watch import LogLine
+from tests.entrypoints import entry_point
 from tests.integration.fleet_harness import IMAGE, LADDER, SIZES
 
 WATCHDOG_USEC = 2_000_000
@@ -377,6 +378,71 @@ def test_docker_unreachable_starts_retries_and_stops(fleetd: Fleetd) -> None:
     assert took < 5.0
     assert notify.wait_for("STOPPING", timeout_s=1)
     assert "Traceback" not in fleetd.log_text()
+
+
+class HungEngine:
+    """A Docker socket that accepts every connection and never answers (an engine stuck
+    on a lock, a full disk or a dead containerd looks like this to its clients)."""
+
+    def __init__(self, directory: Path) -> None:
+        if len(os.fsencode(directory / "hung.sock")) > MAX_SUN_PATH:
+            directory = Path(tempfile.mkdtemp(prefix="fleetd-hung-"))
+        self.path = directory / "hung.sock"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(self.path))
+        self._sock.listen(64)
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)  # read nothing, answer nothing, keep it open
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_a_hung_engine_blocks_neither_status_nor_the_watchdog_nor_sigterm(
+    fleetd: Fleetd, tmp_path: Path
+) -> None:
+    engine = HungEngine(tmp_path)
+    try:
+        fleetd.write_config({"svc": fleetd.service(_absent())})
+        notify = fleetd.start(["svc"], DOCKER_HOST=f"unix://{engine.path}")
+
+        ready = fleetd.ready(timeout_s=10)
+        assert ready.snapshot["models"] == {"svc": "big\n"}
+        # At start it waits 2 s for the engine; the reconcile's next try times out (10 s).
+        fleetd.wait_for_log("Docker is not reachable", count=2, timeout_s=40)
+        assert engine.connections, "fleetd never tried the engine"
+
+        # While it hangs, fleetctl gets its answer from the running fleetd, which says so.
+        fleetctl = [entry_point("fleetctl"), "status", "--state-dir", str(fleetd.state_dir)]
+        shown = subprocess.run(fleetctl, capture_output=True, text=True, timeout=10)
+        assert shown.returncode == 0, shown.stderr
+        assert "Docker engine: not answering" in shown.stdout, shown.stdout
+        as_json = subprocess.run([*fleetctl, "--json"], capture_output=True, timeout=10)
+        daemon = json.loads(as_json.stdout)["daemon"]
+        assert daemon["docker"] is False
+        assert "Docker is not reachable" in daemon["docker_error"]
+
+        # The watchdog kept its rhythm the whole time.
+        pings = [m.at for m in notify.with_field("WATCHDOG") if m.at >= ready.at]
+        assert len(pings) >= 5, notify.messages
+        assert all(b - a < WATCHDOG_USEC / 1e6 for a, b in itertools.pairwise(pings))
+
+        code, took = fleetd.stop()
+        assert code == 0, fleetd.log_text()
+        assert took < 5.0, f"fleetd took {took:.1f} s to stop"
+        assert "Traceback" not in fleetd.log_text()
+    finally:
+        engine.close()
 
 
 # --- SIGHUP ------------------------------------------------------------------------------
