@@ -127,6 +127,19 @@ def test_reset_at_the_top_only_clears_counters(config: FleetConfig) -> None:
     assert "already at rung 0 of 4 (big)" in outcome.message
 
 
+def test_reset_at_the_top_replaces_a_recorded_change_so_its_handoff_follows(
+    config: FleetConfig,
+) -> None:
+    # A downgrade recorded but not applied (fleetd handed it off, then found no Docker):
+    # the reset must be handed off too, or the files keep naming the downgraded rung.
+    pending = ops.downgrade(FleetState(services={"web": at(0, "big")}), config, "web", NOW, WHO)
+    state = FleetState(services={"web": at(0, "big", pending=pending.change)})
+    outcome = ops.reset(state, config, "web", NOW, WHO)
+    assert outcome.change is not None and outcome.change.to_rung == 0
+    assert state.services["web"].pending == outcome.change
+    assert "instead of the recorded change to rung 1" in outcome.message
+
+
 def test_reset_of_an_exhausted_service_restarts_it_even_on_the_same_rung(
     config: FleetConfig,
 ) -> None:

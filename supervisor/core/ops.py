@@ -205,7 +205,11 @@ def parse_rung(config: FleetConfig, name: str, text: str) -> int:
 
 
 def reset(state: FleetState, config: FleetConfig, name: str, now: float, who: str) -> Outcome:
-    """Back to the top rung with counters cleared and any pin removed."""
+    """Back to the top rung with counters cleared and any pin removed.
+
+    A change recorded but not applied yet (its hand-off files may already name its rung)
+    is replaced by a change to the top rung, even when the service runs there, so that the
+    hand-off follows the reset."""
     svc = require_service(config, state, name, off_ladder_ok=True)
     cleared = replace(
         svc,
@@ -216,10 +220,13 @@ def reset(state: FleetState, config: FleetConfig, name: str, now: float, who: st
         restarts=0,
         last_restart_at=None,
     )
-    if svc.rung == 0 and svc.state is not ServiceStatus.EXHAUSTED:
+    exhausted = svc.state is ServiceStatus.EXHAUSTED
+    if svc.rung == 0 and not exhausted and svc.pending is None:
         state.services[name] = cleared
         return Outcome(name, f"{name}: counters cleared; already at {_rung_text(config, name, 0)}")
-    why = " (it was exhausted; its containers start again)" * (svc.state is ServiceStatus.EXHAUSTED)
+    why = " (it was exhausted; its containers start again)" * exhausted
+    if svc.pending is not None and svc.pending.to_rung != 0 and not exhausted:
+        why = f" (instead of the recorded change to rung {svc.pending.to_rung})"
     change = _change(config, name, 0, f"reset {who}{why}", now)
     state.services[name] = replace(cleared, pending=change)
     return Outcome(name, f"{name}: back to {_rung_text(config, name, 0)}{why}", change)
