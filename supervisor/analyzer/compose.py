@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -136,16 +137,28 @@ _SAFE_ENV_VALUE = frozenset(
 )
 
 
+# fleetd applies changes of several services at once, each in its own worker: without it,
+# two of them reading the .env before either writes it would lose one service's model.
+_ENV_FILE_LOCK = threading.Lock()
+
+
 def update_env_file(path: Path, service: str, model: str) -> bool:
     """Set FLEETD_<SERVICE>_MODEL in a generated .env, keeping every other line; False if
     the file does not exist (nothing was generated there)."""
-    if not path.is_file():
-        return False
+    with _ENV_FILE_LOCK:
+        if not path.is_file():
+            return False
+        atomic_write(path, env_file_text(path.read_text(), service, model))
+    return True
+
+
+def env_file_text(text: str, service: str, model: str) -> str:
+    """A generated .env's text with FLEETD_<SERVICE>_MODEL set to `model`, every other
+    line kept."""
     key = model_env_var(service)
     _check_env_value(f".env {key}", model)
-    lines = [line for line in path.read_text().splitlines() if not line.startswith(f"{key}=")]
-    atomic_write(path, "\n".join([*lines, f"{key}={model}"]) + "\n")
-    return True
+    lines = [line for line in text.splitlines() if not line.startswith(f"{key}=")]
+    return "\n".join([*lines, f"{key}={model}"]) + "\n"
 
 
 def build_project(
