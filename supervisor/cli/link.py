@@ -174,11 +174,62 @@ def _operate_locked(
             return ops.check_fit(config, state, name, target, discovery, needs, pids)
 
         outcome = ops.dispatch(op, state, config, service, now, who, fit, rung or "", force)
-        store.save(state)
+        setup = _save_and_hand_off(store, config, state, service)
         answer: dict[str, Any] = {**outcome.to_json(), "applied": outcome.change is None}
-        if outcome.change is not None:
-            answer.update(_apply_offline(store, config, state, service, outcome.message))
+        if outcome.change is not None and setup is not None:
+            answer.update(_apply_offline(store, config, state, setup, outcome.message))
     return answer
+
+
+def _save_and_hand_off(
+    store: StateStore, config: FleetConfig, state: FleetState, service: str
+) -> RungSetup | None:
+    """Save the state and hand off the rung it puts `service` on (a recorded change's,
+    before it is applied), all or nothing: the hand-off files and the compose `.env` go to
+    temp files, the state is saved, then the temp files replace them. So the files name
+    the state's rung whatever happens next (no Docker, a crash), and a full disk changes
+    nothing. Returns the rung's setup (None: the service is not in the state yet)."""
+    svc = state.services.get(service)
+    if svc is None:  # nothing decided about it (an unpin of a service fleetd never ran)
+        store.save(state)
+        return None
+    rung = svc.pending.to_rung if svc.pending is not None else svc.rung
+    setup = _offline_setup(config, state, service, rung)
+    saved = False
+
+    def save() -> None:
+        nonlocal saved
+        store.save(state)
+        saved = True
+
+    try:
+        store.write_handoff(setup, _env_file_update(config, setup), then=save)
+    except FleetdError as e:
+        if not saved:
+            raise FleetdError(f"{service}: {e}; nothing was changed") from None
+        raise FleetdError(
+            f"{service}: the change is recorded, but handing it off failed ({e}); "
+            "fleetd completes it when it starts"
+        ) from None
+    return setup
+
+
+def _env_file_update(config: FleetConfig, setup: RungSetup) -> dict[Path, str]:
+    """The compose `.env` (`compose_dir`) with the rung's model, so `docker compose up`
+    agrees; nothing when no `.env` was generated there."""
+    from supervisor.analyzer.compose import env_file_text
+
+    if config.compose_dir is None:
+        return {}
+    path = config.resolve(config.compose_dir) / ".env"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        click.echo(f"fleetctl: {setup.service}: {path} does not exist; not updated", err=True)
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise FleetdError(f"cannot read {path}: {e}") from None
+    return {path: env_file_text(text, setup.service, setup.model)}
 
 
 def _offline_setup(config: FleetConfig, state: FleetState, service: str, rung: int) -> RungSetup:
@@ -196,10 +247,10 @@ def _offline_setup(config: FleetConfig, state: FleetState, service: str, rung: i
 
 
 def _apply_offline(
-    store: StateStore, config: FleetConfig, state: FleetState, service: str, asked: str
+    store: StateStore, config: FleetConfig, state: FleetState, setup: RungSetup, asked: str
 ) -> dict[str, Any]:
-    """The daemon's change procedure (handoff.change_model), run here: hand off, pull and
-    unload where the runtime does that, restart, wait for health and warm up."""
+    """The daemon's change procedure (handoff.change_model), run here once `setup` is handed
+    off: pull and unload where the runtime does that, restart, wait for health and warm up."""
     import threading
 
     from supervisor.core.ladder import apply_change
@@ -208,6 +259,7 @@ def _apply_offline(
     from supervisor.edges import engine
     from supervisor.edges.engine import DockerError
 
+    service = setup.service
     svc = state.services[service]
     pending = svc.pending
     assert pending is not None
@@ -216,7 +268,9 @@ def _apply_offline(
     except DockerError as e:
         return {
             "applied": False,
-            "message": f"{asked}: recorded; {e}, so the change applies when fleetd starts",
+            "message": (
+                f"{asked}: recorded and handed off; {e}, so the change applies when fleetd starts"
+            ),
         }
 
     def restarted(settles: bool) -> None:  # the containers run the new model: record it
@@ -230,12 +284,11 @@ def _apply_offline(
     def report(text: str) -> None:
         click.echo(f"fleetctl: {service}: {text}", err=True)
 
-    setup = _offline_setup(config, state, service, pending.to_rung)
     new_rung = pending.to_rung != svc.rung or pending.to_model != svc.model
     try:
         result = change_model(
-            client, store, config, service, svc.model, setup,
-            report=report, abort=threading.Event(), restarted=restarted, new_rung=new_rung,
+            client, store, config, service, svc.model, setup, report=report,
+            abort=threading.Event(), restarted=restarted, handoff=False, new_rung=new_rung,
         )  # fmt: skip
     except FleetdError as e:
         raise FleetdError(

@@ -16,8 +16,9 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,18 +201,42 @@ class StateStore:
             raise StateError(f"cannot write {path}: {e.strerror or e}") from e
         return path
 
-    def write_handoff(self, setup: RungSetup) -> Path:
-        """Atomically write a rung's hand-off files (`args` and `env` first, `model` last)
-        to `<state_dir>/services/<service>/`; returns the model file's path."""
-        files = setup.files()
+    def write_handoff(
+        self,
+        setup: RungSetup,
+        also: Mapping[Path, str] | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> Path:
+        """Write a rung's hand-off files (`model`, `args`, `env` in
+        `<state_dir>/services/<service>/`) and `also` (other files that must name the same
+        rung, such as a compose `.env`), all or none; returns the model file's path.
+
+        Each file whose text changes is written to a synced temp file beside it first; then
+        `then()` runs (the caller saves the state there); then the temp files replace the
+        files, `model` last. A failure before the replacing (a full disk, `then` raising)
+        leaves every file as it was: StateError naming the file and the cause."""
         folder = self._model_path(setup.service).parent
+        model = setup.model
+        if not model or any(ch.isspace() or not ch.isprintable() for ch in model):
+            raise StateError(f"model {model!r} for {setup.service}: expected a name without spaces")
+        files = setup.files()
+        texts = {folder / "args": files["args"], folder / "env": files["env"], **(also or {})}
+        texts[folder / "model"] = files["model"]
+        staged: list[tuple[Path, Path]] = []
         try:
-            _make_dirs(folder)
-            for name in ("args", "env"):
-                atomic_write(folder / name, files[name], FILE_MODE)
-        except OSError as e:
-            raise StateError(f"cannot write {folder}: {e.strerror or e}") from e
-        return self.write_model_file(setup.service, setup.model)
+            _make_handoff_dir(folder)
+            for path, text in texts.items():
+                if _text_of(path) != text:
+                    staged.append((_stage(path, text), path))
+            if then is not None:
+                then()
+        except BaseException:
+            for temp, _ in staged:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+            raise
+        _replace_staged(staged)
+        return folder / "model"
 
     def read_model_file(self, service: str) -> str | None:
         """The model in a service's hand-off file, or None when it is missing or empty."""
@@ -259,6 +284,61 @@ class StateStore:
                 with contextlib.suppress(OSError):
                     if temp.stat().st_mtime < cutoff:
                         temp.unlink()
+
+
+def _make_handoff_dir(folder: Path) -> None:
+    try:
+        _make_dirs(folder)
+    except OSError as e:
+        raise StateError(f"cannot create {folder}: {e.strerror or e}") from e
+
+
+def _text_of(path: Path) -> str | None:
+    """A file's text, or None when it is missing or cannot be read (so it is written)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _stage(path: Path, text: str) -> Path:
+    """`text` in a synced temp file beside `path` (mode 0644), to replace it later."""
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, FILE_MODE)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(e, OSError):
+            raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+    return temp
+
+
+def _replace_staged(staged: list[tuple[Path, Path]]) -> None:
+    """Each temp file over its file, in order, then each folder synced (the renames last)."""
+    for index, (temp, path) in enumerate(staged):
+        try:
+            os.replace(temp, path)
+        except OSError as e:
+            for left, _ in staged[index:]:
+                with contextlib.suppress(OSError):
+                    left.unlink()
+            raise StateError(f"cannot replace {path}: {e.strerror or e}") from e
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _acquire(fd: int, blocking: bool) -> None:
