@@ -237,6 +237,7 @@ def test_recent_incidents_count_only_inside_the_policy_window(
         "host_oom": 0,
         "start_failure": 0,
         "crash": 0,
+        "crash_loop": 0,
     }
     assert value(metrics, "fleetd_policy_incidents_to_step_down") == 3
 

@@ -274,6 +274,57 @@ def test_a_server_that_exits_0_by_itself_is_a_crash_and_is_restarted(fleet: Worl
     assert "crash (docker.exit_0): it stopped by itself: restart, never step down" in logs(effects)
 
 
+def exited(at_s: float, code: int, *lines: str) -> step.ContainerEvent:
+    return step.ContainerEvent("svc-1", "c1", "die", int((T0 + at_s) * 1e9), code, lines)
+
+
+def test_an_unexplained_non_zero_exit_is_a_crash_loop_restarted_with_backoff(
+    fleet: World,
+) -> None:
+    run = Run(fleet)
+    effects = run(exited(1, 3, "loading weights", "Segmentation fault (core dumped)"), 1.1)
+
+    [incident] = run.svc.incidents
+    assert (incident.incident_class, incident.rule) == ("crash_loop", "docker.exit_unexplained")
+    assert incident.evidence == (
+        "container svc-1 exited 3; its last lines: loading weights | Segmentation fault (core "
+        "dumped)"
+    )
+    [restart] = of(effects, step.Restart)
+    assert (restart.model, run.svc.rung) == ("big", 0)
+    # It keeps crashing: restarts back off (1 s, 2 s, 4 s ...), and it never steps down.
+    run(step.Applied("svc", restart.change, None, settles=False), 1.2)
+    for at in (1.5, 2.0, 6.0, 6.5, 20.0):
+        for again in of(
+            run(exited(at, 3, "Segmentation fault (core dumped)"), at + 0.1), step.Restart
+        ):
+            run(step.Applied("svc", again.change, None, settles=False), at + 0.2)
+    assert len(run.svc.incidents) == 6
+    assert run.svc.rung == 0 and run.svc.pending is None
+    assert len(of(run.effects, step.Restart)) == 4  # two were held back by the backoff
+    assert "restart held back" in logs(run.effects)
+    assert "crash_loop (docker.exit_unexplained): 6 unexplained exits in 10m" in logs(run.effects)
+
+
+def test_an_expected_stop_ends_when_the_container_starts_again(fleet: World) -> None:
+    run = Run(fleet)
+    run(step.StopExpected("svc-1", T0 + 40), 1)  # fleetd restarts it
+    run(exited(1.2, 143), 1.3)  # the stop it expected
+    run(step.ContainerEvent("svc-1", "c1", "start", int((T0 + 1.5) * 1e9)), 1.6)
+    run(exited(3.5, 3, "boom"), 3.6)  # the new run crashes on its own
+    assert [i.evidence for i in run.svc.incidents] == [
+        "container svc-1 exited 3; its last lines: boom"
+    ]
+
+
+def test_an_exit_a_matched_line_explains_is_not_a_crash_loop(fleet: World) -> None:
+    run = Run(fleet)
+    run(oom(1), 1.1)
+    run(exited(3, 1, "cudaMalloc failed: out of memory"), 3.1)  # the OOM's own exit
+    run(exited(60, 1, "cudaMalloc failed: out of memory"), 60.1)  # long after: unexplained
+    assert [i.incident_class for i in run.svc.incidents] == ["vram_oom", "crash_loop"]
+
+
 def test_an_app_without_an_api_may_exit_0(tmp_path: Path) -> None:
     text = FLEET.replace("runtime: llamacpp", "runtime: generic\n    image: example/app:1")
     run = Run(make_world(tmp_path, text.replace("    port: 8080\n", "")))
@@ -305,7 +356,8 @@ def test_an_exit_137_of_fleetds_own_stop_is_not_an_incident(fleet: World) -> Non
 
 def test_other_events_and_unwatched_containers_are_not_incidents(fleet: World) -> None:
     run = Run(fleet)
-    run(step.ContainerEvent("svc-1", "c1", "die", int(T0 * 1e9), 1), 1)
+    run(step.ContainerEvent("svc-1", "c1", "destroy", int(T0 * 1e9)), 1)
+    run(step.ContainerEvent("svc-1", "c1", "die", int(T0 * 1e9), None), 1)  # no exit code
     run(step.ContainerEvent("stranger", "c9", "oom", int(T0 * 1e9)), 1)
     run(oom(1, container="stranger"), 1)
     assert run.effects == []

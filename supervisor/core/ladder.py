@@ -153,6 +153,14 @@ def transition(
         return svc, Decision(
             Action.RESTART, f"crash ({seen.rule}): it stopped by itself: restart, never step down"
         )
+    if seen.incident_class == IncidentClass.CRASH_LOOP:
+        exits = sum(i.incident_class == IncidentClass.CRASH_LOOP for i in svc.incidents)
+        return svc, Decision(
+            Action.RESTART,
+            f"crash_loop ({seen.rule}): {exits} unexplained exits in "
+            f"{format_duration(policy.window_s)}: restart (backing off), never step down; "
+            "its last lines are in the evidence, for a rule to explain them",
+        )
     if seen.incident_class == IncidentClass.START_FAILURE:
         return svc, Decision(
             Action.ALERT,

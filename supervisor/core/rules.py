@@ -23,6 +23,9 @@ class IncidentClass(StrEnum):
     # A server stopped by itself (exit 0, nobody asked): restarted with the decaying
     # backoff, never a step down.
     CRASH = "crash"
+    # A container exited non-zero with no line fleetd knows to explain it: restarted with
+    # the decaying backoff, never a step down; its last lines are kept for a rule to come.
+    CRASH_LOOP = "crash_loop"
 
 
 KNOWN_RUNTIMES = frozenset(r.value for r in Runtime)  # the registry's (supervisor.core.runtimes)
@@ -849,6 +852,17 @@ DOCKER_EVENT_RULES: tuple[EventRule, ...] = (
             " exits 0): a server never stops by itself; counted for runtimes with an API only"
         ),
         source="Docker Engine API, /events; vLLM's EngineDeadError exit (issue 12)",
+    ),
+    EventRule(
+        id="docker.exit_unexplained",
+        incident_class=IncidentClass.CRASH_LOOP,
+        action="die",
+        exit_code=None,
+        description=(
+            "the container exited non-zero (not 137) and no line of its log matched a rule "
+            "within 30 s before: a crash nobody explains; its last lines are the evidence"
+        ),
+        source="Docker Engine API, /events (die, Actor.Attributes.exitCode)",
     ),
 )
 

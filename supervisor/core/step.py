@@ -126,6 +126,8 @@ class World:
     managed: frozenset[int] = frozenset()  # host pids of the fleet's own containers
     bursts: BurstGrouper = field(default_factory=BurstGrouper)
     expected_stops: Mapping[str, float] = field(default_factory=dict)  # container -> until
+    # container -> when its latest lines that matched a rule were stamped (the newest few)
+    matched_at: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     docker_up: bool = False
     docker_error: str | None = None  # why the engine is not reached (status shows it)
     started_at: float = 0.0
@@ -169,6 +171,7 @@ class ContainerEvent:
     action: str  # start, die, oom, destroy, health_status ...
     time_ns: int
     exit_code: int | None = None
+    last_lines: tuple[str, ...] = ()  # a non-zero exit: what the run printed last
 
 
 @dataclass(frozen=True)
@@ -540,6 +543,8 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
         )
         return
     at = line.time_ns / 1e9
+    recent = turn.world.matched_at.get(line.container, ())
+    turn.changes["matched_at"] = {**turn.world.matched_at, line.container: (*recent[-7:], at)}
     if not turn.bursts.opens_incident(line.container, line.incident_class, at, line.run_ns or None):
         return  # a later line of a burst already counted
     # The cursor goes into the same save as the incident: a kill -9 right after it never
@@ -581,6 +586,9 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
     service = turn.world.watched.get(event.container)
     if service is None:
         return
+    if event.action == "start":  # a new run: the stop that was expected is over
+        turn.expected_stops.pop(event.container, None)
+        return
     if event.action == "kill":  # someone stops it (`docker stop`, `docker kill`): its exit
         until = turn.now + PERSON_STOP_S  # that follows is neither a RAM kill nor a crash
         turn.expected_stops[event.container] = max(
@@ -595,9 +603,16 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
     runtime = spec_of(turn.config.services[service].runtime)
     if rule.incident_class == IncidentClass.CRASH and runtime.api is None:
         return  # an app may finish its work and exit 0; only a server never does
-    if not turn.bursts.opens_incident(event.container, rule.incident_class, event.time_ns / 1e9):
+    if rule.incident_class == IncidentClass.CRASH_LOOP and _explained(turn, event):
+        return  # a line already told why (and counted as what it is)
+    crash_loop = rule.incident_class == IncidentClass.CRASH_LOOP  # each exit is its own run
+    opens = turn.bursts.opens_incident(event.container, rule.incident_class, event.time_ns / 1e9)
+    if not (opens or crash_loop):
         return  # one kill: Docker's `oom` event, then its `die` with exit 137
     text = f"container {event.container} {event.action} (exit {event.exit_code})"
+    if crash_loop:
+        last = " | ".join(line.strip() for line in event.last_lines) or "(nothing)"
+        text = f"container {event.container} exited {event.exit_code}; its last lines: {last}"
     seen = Observed(
         event.time_ns / 1e9,
         rule.incident_class,
@@ -607,6 +622,21 @@ def _on_event(turn: _Turn, event: ContainerEvent) -> None:
         text,
     )
     _incident(turn, service, seen)
+
+
+# A non-zero exit this soon after a line that matched a rule is that line's doing.
+EXPLAINED_S = 30.0
+
+
+def _explained(turn: _Turn, event: ContainerEvent) -> bool:
+    """Whether a line of the container's log matched a rule shortly before it exited (or
+    the exit code is unknown: nothing to go on)."""
+    if event.exit_code is None:
+        return True
+    died = event.time_ns / 1e9
+    return any(
+        died - EXPLAINED_S <= at <= died for at in turn.world.matched_at.get(event.container, ())
+    )
 
 
 def _incident(turn: _Turn, service: str, seen: Observed) -> None:

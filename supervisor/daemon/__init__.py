@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -75,6 +76,8 @@ STEP_UP_CHECK_S = 60.0
 # decision for a GPU reading. Past that, it goes on without (the read keeps its thread).
 ENGINE_WAIT_S = 2.0
 NVML_WAIT_S = 2.0
+EXIT_TAIL_LINES = 5  # lines of an unexplained exit kept as its evidence
+EXIT_TAIL_CHARS = 300  # of each
 NVML_START_WAIT_S = 10.0  # nvmlInit alone can take seconds without persistence mode
 
 
@@ -124,6 +127,8 @@ class Daemon:
         self.engine_lane = Lane("engine", self.queue)
         self.reads = Lane("reads", self.queue)
         self._waiting = 0
+        # container -> its events that came while its exit waits for its last lines
+        self._held_events: dict[str, list[ContainerEvent]] = {}
         self._read_nvml: Bounded[Discovery] = Bounded("nvml", NVML_WAIT_S)
         self._read_pids: Bounded[frozenset[int]] = Bounded("docker-pids", ENGINE_WAIT_S)
         self._read_nvml_start: Bounded[Discovery] = Bounded("nvml-start", NVML_START_WAIT_S)
@@ -582,10 +587,38 @@ class Daemon:
     def _on_event(self, event: ContainerEvent) -> None:
         if event.container not in self.world.watched:
             return
+        held = self._held_events.get(event.container)
+        if held is not None:  # its exit waits for its last lines: keep the order
+            held.append(event)
+            return
         if event.action == "start":
             self._follow(event.container, event.container_id, event.time_ns)
+        elif event.action == "die" and event.exit_code not in (None, 0, 137) and self.client:
+            self._with_last_lines(self.client, event)
             return
         self._when_fresh(event)
+
+    def _with_last_lines(self, client: docker.DockerClient, event: ContainerEvent) -> None:
+        """A non-zero exit goes to the step with the lines its run printed last (read in a
+        worker): if nothing explains it, they are the evidence a person writes a rule from.
+        The container's later events wait for it."""
+        self._held_events[event.container] = []
+
+        def read() -> None:
+            try:
+                lines = engine.last_lines(client, event.container_id, EXIT_TAIL_LINES)
+            except DockerError:
+                lines = []
+            kept = tuple(line[:EXIT_TAIL_CHARS] for line in lines)
+            self.queue.put(LoopTask(lambda: self._exit_read(replace(event, last_lines=kept))))
+
+        threading.Thread(target=read, name=f"tail-{event.container}", daemon=True).start()
+
+    def _exit_read(self, event: ContainerEvent) -> None:
+        held = self._held_events.pop(event.container, [])
+        self._when_fresh(event)
+        for later in held:
+            self._on_event(later)
 
     # --- GPU readings: fresh before a decision, read off the loop -------------------------
 

@@ -132,6 +132,13 @@ def run_log(client: docker.DockerClient, name: str, limit: int = 20_000) -> list
     return raw.decode("utf-8", "replace").splitlines()[:limit]
 
 
+def last_lines(client: docker.DockerClient, container_id: str, count: int) -> list[str]:
+    """The last `count` lines the container printed (stdout and stderr), oldest first."""
+    with translated(f"cannot read the log of container {container_id[:12]}"):
+        raw: bytes = client.api.logs(container_id, stdout=True, stderr=True, tail=count)
+    return raw.decode("utf-8", "replace").splitlines()[-count:]
+
+
 def restart(client: docker.DockerClient, name: str, timeout_s: int) -> None:
     with translated(f"cannot restart container {name}"):
         client.containers.get(name).restart(timeout=timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -13,6 +14,7 @@ import docker
 import pytest
 
 from supervisor.daemon import Daemon
+from tests.entrypoints import entry_point
 from tests.integration.fleet_harness import Fleet, at_rung
 
 
@@ -312,3 +314,37 @@ def _wait_log(container: Any, text: bytes) -> None:
     while text not in container.logs() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert text in container.logs()
+
+
+def test_a_crash_loop_nothing_explains_is_restarted_and_shown_never_stepped_down(
+    fleet: Fleet, busybox_image: str
+) -> None:
+    name = f"loop-{uuid.uuid4().hex[:8]}"
+    script = "echo 'loading weights'; echo 'fatal: something nobody wrote a rule for' >&2; exit 3"
+    container = fleet.client.containers.run(
+        busybox_image, ["sh", "-c", f"sleep 2; {script}"], name=name, detach=True,
+        labels=fleet.labels,
+    )  # fmt: skip
+    fleet.write_config({"svc": fleet.service("llamacpp", name)})
+    fleet.start()
+
+    def loops(state: dict[str, Any]) -> list[dict[str, Any]]:
+        incidents = state["services"].get("svc", {}).get("incidents", [])
+        return [i for i in incidents if i["class"] == "crash_loop"]
+
+    state = fleet.wait_for("three crash_loop incidents", lambda s: len(loops(s)) >= 3, 40)
+    svc = state["services"]["svc"]
+    assert (svc["rung"], svc["pending"], svc["restarts"] >= 2) == (0, None, True)
+    assert loops(state)[0]["evidence"] == (
+        f"container {name} exited 3; its last lines: loading weights | "
+        "fatal: something nobody wrote a rule for"
+    )
+    container.reload()
+    shown = subprocess.run(
+        [entry_point("fleetctl"), "status", "--state-dir", str(fleet.state_dir)],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert "last incident crash_loop (docker.exit_unexplained)" in shown.stdout, shown.stdout
+    assert "fatal: something nobody wrote a rule for" in shown.stdout
+    assert "unexplained exits" in fleet.log.read_text()
+    assert fleet.stop() == 0
