@@ -351,11 +351,6 @@ def test_changes_of_two_services_applied_at_once_both_reach_the_env_file(clean: 
     clean.check_agreement(ONLINE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/step.py _settle hands off each service's current rung on a reload, not "
-    "the rung of its recorded change (the change's next retry hands that off again)",
-)
 def test_a_reload_keeps_handing_off_a_recorded_change(clean: Fleet) -> None:
     for op in (("downgrade", "web"), ONLINE, ("reload",)):
         assert run(clean, op), op

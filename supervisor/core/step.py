@@ -1261,7 +1261,8 @@ def _on_reconfigure(turn: _Turn, message: Reconfigure) -> None:
 
 
 def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
-    """Each service on its persisted rung, else the plan's, else the top; hand each off."""
+    """Each service on its persisted rung, else the plan's, else the top; hand each off
+    (a recorded change's rung, when there is one)."""
     for name, service in turn.config.services.items():
         current = turn.state.services.get(name)
         if current is None or current.rung >= len(service.ladder):
@@ -1271,7 +1272,11 @@ def _settle(turn: _Turn, planned: Mapping[str, int | None]) -> None:
         elif current.model != service.ladder[current.rung].model:
             current = replace(current, model=service.ladder[current.rung].model)
         turn.state.services[name] = current
-        setup = rung_setup(turn.world, name, current.rung, turn.state)
+        # The rung the state names: a recorded change's (which its apply hands off first
+        # anyway), else the current one; a reload never hands the old rung back.
+        pending = current.pending
+        named = pending.to_rung if pending and pending.to_rung < len(service.ladder) else None
+        setup = rung_setup(turn.world, name, current.rung if named is None else named, turn.state)
         turn.effects.append(WriteModel(name, setup))
     for name in sorted(set(turn.state.services) - set(turn.config.services)):
         turn.log("INFO", f"{name}: no longer in the config; its state is kept")
