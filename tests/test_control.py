@@ -460,3 +460,23 @@ def test_a_backlog_that_never_drains_is_a_timeout_not_a_hang(short_dir: Path) ->
             first.connect(str(path))
             with pytest.raises(FleetdError, match=r"did not answer in 1 s"):
                 ControlClient(path, timeout_s=1).call("GET", "/v1/status")
+
+
+def test_control_characters_in_a_request_reach_the_log_escaped(short_dir: Path) -> None:
+    """A caller's bytes are logged as text, never as terminal escapes (`journalctl`, a tty)."""
+    from loguru import logger
+
+    path = short_dir / "fleetd.sock"
+    server, _ = serve(path, lambda call: (200, {}))
+    logged: list[str] = []
+    sink = logger.add(lambda m: logged.append(str(m)), level="DEBUG", format="{message}")
+    try:
+        answer = _raw(path, b"GET /version\x1b[2J\x07 HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 404")
+        assert ControlClient(path).hello()["api"] == API_VERSION  # every line is logged by now
+    finally:
+        logger.remove(sink)
+        server.stop()
+    lines = [m.rstrip("\n") for m in logged]
+    assert any("/version\\x1b[2J\\x07 HTTP/1.1" in m for m in lines), lines
+    assert not any(c in m for m in lines for c in "\x1b\x07"), lines

@@ -134,6 +134,12 @@ MAX_HANDLERS = 64
 IDLE_TIMEOUT_S = 10.0
 
 
+# A caller's bytes reach the log as text: control characters (a terminal's escapes) and
+# the backslash that would make an escape look like one are written out, as http.server's
+# own log_message does (overridden here to log through loguru).
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x5C: "\\\\"}
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
@@ -168,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         from loguru import logger  # the server's side only: fleetctl never imports it
 
-        logger.debug("control: " + format % args)
+        logger.debug("control: " + (format % args).translate(_ESCAPED))
 
     def do_GET(self) -> None:
         self._dispatch("GET")
