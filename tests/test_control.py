@@ -480,3 +480,29 @@ def test_control_characters_in_a_request_reach_the_log_escaped(short_dir: Path) 
     lines = [m.rstrip("\n") for m in logged]
     assert any("/version\\x1b[2J\\x07 HTTP/1.1" in m for m in lines), lines
     assert not any(c in m for m in lines for c in "\x1b\x07"), lines
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        (b"\x00", b"400"),
+        (b"garbage", b"400"),
+        (b"GET", b"400"),
+        (b"POST /v1/reload", b"400"),
+        (b"GET /version HTTP/0.9", b"505"),
+        (b"G ET /version HTTP/0.9", b"505"),
+    ],
+)
+def test_every_answer_has_a_status_line(
+    short_dir: Path, request_line: bytes, status: bytes
+) -> None:
+    """http.server answers a line without a version, or naming HTTP/0.9, as HTTP/0.9 would:
+    a bare page with no status line, which no client of fleetd's can read."""
+    path = short_dir / "fleetd.sock"
+    server, loop = serve(path, lambda call: (200, {}))
+    try:
+        answer = _raw(path, request_line + b"\r\n\r\n")
+        assert answer.startswith((b"HTTP/1.1 " + status, b"HTTP/1.0 " + status)), answer[:80]
+        assert loop.seen == []
+    finally:
+        server.stop()

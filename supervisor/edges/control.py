@@ -37,6 +37,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,24 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # What a request line without a version is taken for: http.server's HTTP/0.9 would
+    # answer it with a bare page and no status line.
+    default_request_version = "HTTP/1.0"
     server_version = f"fleetd/{__version__}"
     timeout = IDLE_TIMEOUT_S  # a client that sends nothing is dropped, its thread freed
+    raw_requestline: bytes  # set by handle_one_request before parse_request
+
+    def parse_request(self) -> bool:
+        # http.server answers a request naming HTTP/0.9 as that version would: a bare body,
+        # no status line. Refuse it with a status, as it refuses HTTP/2.
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) < 3 or words[-1] != "HTTP/0.9":
+            return super().parse_request()
+        self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
+        self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not spoken here")
+        return False
+
 
     def address_string(self) -> str:  # a Unix peer has no host
         return "unix"
