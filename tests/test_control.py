@@ -363,6 +363,8 @@ def _raw(path: Path, request: bytes, timeout_s: float = 5.0) -> bytes:
         ("Content-Length: abc", b"{}", b"expected a number of bytes"),
         ("Content-Length: 99999999", b"{}", b"the limit is 65536"),
         ("Content-Length: 40000", b"[" * 40000, b"nested too deeply"),
+        # More digits than Python turns into an int: json.loads raises a plain ValueError.
+        ("Content-Length: 5010", b'{"rung": ' + b"1" * 5000 + b"}", b"body is not JSON"),
     ],
 )
 def test_malformed_requests_get_a_400_and_never_reach_the_loop(
@@ -503,6 +505,18 @@ def test_every_answer_has_a_status_line(
     try:
         answer = _raw(path, request_line + b"\r\n\r\n")
         assert answer.startswith((b"HTTP/1.1 " + status, b"HTTP/1.0 " + status)), answer[:80]
+        assert loop.seen == []
+    finally:
+        server.stop()
+
+
+def test_a_request_target_that_is_no_url_gets_a_400(short_dir: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server, loop = serve(path, lambda call: (200, {}))
+    try:
+        answer = _raw(path, b"GET http://[x/v1/status HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+        assert b"request target 'http://[x/v1/status'" in answer
         assert loop.seen == []
     finally:
         server.stop()

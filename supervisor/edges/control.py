@@ -184,7 +184,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not spoken here")
         return False
 
-
     def address_string(self) -> str:  # a Unix peer has no host
         return "unix"
 
@@ -201,10 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
-            url = urlsplit(self.path)
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            path, query = _target(self.path)
             body = self._body() if method == "POST" else {}
-            response = self._route(method, url.path, query, body)
+            response = self._route(method, path, query, body)
         except UsageError as e:
             response = Response(400, {"error": str(e), "kind": "usage"})
         self._send(response)
@@ -251,10 +249,10 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b"{}"
         try:
             body = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"request body is not JSON: {e}") from None
         except RecursionError:
             raise UsageError("request body is nested too deeply") from None
+        except ValueError as e:  # not UTF-8, not JSON, or an int of more digits than Python takes
+            raise UsageError(f"request body is not JSON: {e}") from None
         if not isinstance(body, dict):
             raise UsageError("request body: expected a JSON object")
         return body
@@ -266,6 +264,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def _target(target: str) -> tuple[str, dict[str, str]]:
+    """The request target's path, and its query (the last value of each name)."""
+    try:
+        url = urlsplit(target)
+    except ValueError as e:  # an absolute URL with a broken host: `http://[x/`
+        raise UsageError(f"request target {target[:80]!r}: {e}") from None
+    return url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}
 
 
 def _not_allowed(method: str, path: str) -> Response:
