@@ -19,6 +19,7 @@ import io
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -40,10 +41,11 @@ from supervisor.cli.common import run_cli
 from supervisor.core.config import FleetConfig, load_config, model_env_var
 from supervisor.core.ladder import apply_change
 from supervisor.core.rungs import setup_for
-from supervisor.core.state import FleetState
+from supervisor.core.state import FleetState, StateError
 from supervisor.daemon import Daemon
+from supervisor.daemon.handoff import write_handoff
+from supervisor.edges import store as store_module
 from supervisor.edges.control import Call, Peer, Response
-from supervisor.edges.fsutil import atomic_write
 from supervisor.edges.store import StateStore
 
 GIB = 1024**3
@@ -339,16 +341,29 @@ def test_state_handoff_and_env_agree_after_any_sequence(
 def test_changes_of_two_services_applied_at_once_both_reach_the_env_file(clean: Fleet) -> None:
     # Found by the property test (a flaky failure): fleetd applies each service's change
     # in its own worker, and two workers updating the .env at once lost one model.
-    for op in (("pin", "web", "3"), ("pin", "chat", "2")):  # recorded: no Docker here
-        assert run(clean, op), op
+    store = StateStore(clean.state_dir)
+    setups = [
+        setup_for(clean.config, "web", 3, 0, None),
+        setup_for(clean.config, "chat", 2, 0, None),
+    ]
+    real_stage = store_module._stage
 
-    def slow_write(path: Path, text: str, mode: int = 0o644) -> None:
+    def slow_stage(path: Path, text: str) -> Path:
         time.sleep(0.2)  # both workers have read the .env by now, unless they take turns
-        atomic_write(path, text, mode)
+        return real_stage(path, text)
 
-    with mock.patch("supervisor.analyzer.compose.atomic_write", slow_write):
-        clean.start_fleetd()  # it completes both recorded changes at once
-    clean.check_agreement(ONLINE)
+    with mock.patch("supervisor.edges.store._stage", slow_stage):
+        workers = [
+            threading.Thread(target=write_handoff, args=(store, clean.config, setup))
+            for setup in setups
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    text = clean.env_file.read_text()
+    for setup in setups:
+        assert f"{model_env_var(setup.service)}={setup.model}\n" in text
 
 
 def test_a_reload_keeps_handing_off_a_recorded_change(clean: Fleet) -> None:
@@ -439,3 +454,13 @@ def test_a_handoff_that_fails_after_the_state_is_saved_says_so_and_fleetd_comple
     assert not list(clean.root.rglob(".*.tmp")), "a temp file was left behind"
     assert run(clean, ONLINE)  # fleetd hands the recorded change off again
     clean.check_agreement(("pin", "web", "3"))
+
+
+def test_fleetd_hands_off_all_or_nothing_when_the_env_file_cannot_be_written(
+    clean: Fleet,
+) -> None:
+    before = clean.files()
+    setup = setup_for(clean.config, "web", 3, 0, None)
+    with disk_full_at(clean.env_file), pytest.raises(StateError, match="No space left"):
+        write_handoff(StateStore(clean.state_dir), clean.config, setup)
+    assert clean.files() == before  # not the model file either: it would disagree with .env

@@ -26,7 +26,6 @@ from supervisor.core.errors import RenderError
 from supervisor.core.plan import FleetPlan, ServicePlan
 from supervisor.core.rungs import RungSetup, setup_for
 from supervisor.core.runtimes import RungOptions, RuntimeSpec, spec_of
-from supervisor.edges.fsutil import atomic_write
 
 if TYPE_CHECKING:  # jinja2 loads when a compose file is rendered, not before
     import jinja2
@@ -137,19 +136,10 @@ _SAFE_ENV_VALUE = frozenset(
 )
 
 
-# fleetd applies changes of several services at once, each in its own worker: without it,
-# two of them reading the .env before either writes it would lose one service's model.
-_ENV_FILE_LOCK = threading.Lock()
-
-
-def update_env_file(path: Path, service: str, model: str) -> bool:
-    """Set FLEETD_<SERVICE>_MODEL in a generated .env, keeping every other line; False if
-    the file does not exist (nothing was generated there)."""
-    with _ENV_FILE_LOCK:
-        if not path.is_file():
-            return False
-        atomic_write(path, env_file_text(path.read_text(), service, model))
-    return True
+# Held while a generated .env is read and rewritten: fleetd applies changes of several
+# services at once, each in its own worker, and two of them reading the .env before either
+# writes it would lose one service's model.
+ENV_FILE_LOCK = threading.Lock()
 
 
 def env_file_text(text: str, service: str, model: str) -> str:

@@ -215,7 +215,11 @@ class Daemon:
         self.feed(step.Repriced(_needs(self.config, self.state)))
 
     def _write_model(self, effect: step.WriteModel) -> None:
-        warning = write_handoff(self.store, self.config, effect.setup)
+        try:
+            warning = write_handoff(self.store, self.config, effect.setup)
+        except FleetdError as e:  # a full disk: the files stay as they were, all of them
+            logger.error(f"{effect.service}: cannot hand off rung {effect.setup.rung}: {e}")
+            return
         if warning:
             logger.warning(f"{effect.service}: {warning}")
 

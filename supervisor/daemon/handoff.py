@@ -10,10 +10,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from supervisor.analyzer.compose import update_env_file
+from supervisor.analyzer.compose import ENV_FILE_LOCK, env_file_text
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError
 from supervisor.core.rungs import RungSetup
+from supervisor.core.state import StateError
 from supervisor.edges import engine
 from supervisor.edges.engine import NoSuchContainer
 from supervisor.edges.store import StateStore
@@ -28,15 +29,22 @@ STOP_GRACE_S = 5
 
 
 def write_handoff(store: StateStore, config: FleetConfig, setup: RungSetup) -> str | None:
-    """Write the rung's hand-off files: model, args, env (and the compose `.env` when
-    `compose_dir` is set); returns a warning for a person when the `.env` could not be
-    kept in step."""
-    store.write_handoff(setup)
+    """Write the rung's hand-off files: model, args, env, and the compose `.env` when
+    `compose_dir` is set, all or none (StateError naming the file otherwise); returns a
+    warning for a person when there is no `.env` to keep in step."""
     if config.compose_dir is None:
+        store.write_handoff(setup)
         return None
     env_file = config.resolve(config.compose_dir) / ".env"  # so `docker compose up` agrees
-    if not update_env_file(env_file, setup.service, setup.model):
-        return f"{env_file} does not exist; compose_dir is not updated"
+    with ENV_FILE_LOCK:
+        try:
+            text = env_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            store.write_handoff(setup)
+            return f"{env_file} does not exist; compose_dir is not updated"
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read {env_file}: {e}") from None
+        store.write_handoff(setup, {env_file: env_file_text(text, setup.service, setup.model)})
     return None
 
 
