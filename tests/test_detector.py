@@ -314,6 +314,7 @@ def test_a_rule_without_literals_runs_on_every_line() -> None:
         (("", "vram_oom", "oom"), "rule id '' is not a name"),
         (("my rule", "vram_oom", "oom"), "rule id 'my rule' is not a name"),
         (("torch.cuda_oom", "vram_oom", "oom"), "is already a built-in rule"),
+        (("my.deep", "vram_oom", "(" * 2000 + "x" + ")" * 2000), "nests its groups too deeply"),
     ],
 )
 def test_compile_rule_errors_say_what_is_wrong(args: tuple[str, str, str], message: str) -> None:

@@ -168,6 +168,12 @@ def _compile(rule_id: str, pattern: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as e:
         raise ValueError(f"rule {rule_id!r}: pattern {pattern!r} is not a valid regex: {e}") from e
+    except RecursionError:  # Python's regex parser recurses once per nested group
+        shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+        raise ValueError(
+            f"rule {rule_id!r}: pattern {shown!r} nests its groups too deeply to compile "
+            "(expected a regex of a few levels)"
+        ) from None
 
 
 def _shortest_cover(needles: Iterable[str]) -> tuple[str, ...]:
