@@ -863,10 +863,13 @@ def _laughs() -> str:
     [
         (_laughs(), "expands to more than 100000 values"),
         ("services: &a {x: *a}\n", "services.x: an alias that contains itself"),
-        ("[" * 10_000 + "\n", "nested too deeply"),
-        ("budget: 1" + "0" * 5000 + "\nservices: {}\n", "Exceeds the limit (4300 digits)"),
+        ("[" * 10_000 + "\n", ":1: invalid YAML: exceeded maximum nesting depth"),
+        ("[" * 60 + "\n", ":1: nested more than 50 levels deep"),
+        ("budget: 1" + "0" * 5000 + "\nservices: {}\n", ":1: budget: a number of 5001 digits"),
+        ("services:\n  a: {ladder: [{vram: 1" + "0" * 5000 + "}]}\n",
+         ":2: services.a.ladder[0].vram: a number of 5001 digits (10000000000000000000...)"),
     ],
-)
+)  # fmt: skip
 def test_hostile_yaml_is_a_clear_error_quickly(tmp_path: Path, text: str, wanted: str) -> None:
     """A billion laughs, a recursive alias, 10,000 nested lists, a 5,000-digit number: each
     an exit-2 error naming the file, not a hang, a memory blow-up or a traceback."""
@@ -877,9 +880,47 @@ def test_hostile_yaml_is_a_clear_error_quickly(tmp_path: Path, text: str, wanted
     assert str(raised.value).startswith(str(path))
 
 
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        ("[" * 60 + "\n", ":1: nested more than 50 levels deep"),
+        ('gpus: [{name: "GPU\\ud800", memory: 12GiB}]\n',
+         ":1: gpus[0].name: 'GPU\\ud800' holds a lone surrogate, which is not a character"),
+        ('services: {"a\\udc80": {}}\n', ":1: services: 'a\\udc80' holds a lone surrogate"),
+    ],
+)  # fmt: skip
+def test_without_libyaml_nesting_and_lone_surrogates_are_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, wanted: str
+) -> None:
+    """PyYAML built without libyaml reads `"\\ud800"` as a lone surrogate (libyaml refuses
+    the escape): no part of fleetd could print, log or write such a name."""
+    from supervisor.core import yamlsource
+
+    monkeypatch.setattr(yamlsource, "_Loader", yaml.SafeLoader)
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(wanted)):
+        load_config(path)
+
+
+def test_a_lone_surrogate_in_the_config_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text('budget: 0.85\ngpus: [{name: "\\ud800", memory: 12GiB}]\nservices: {}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:2: ")):
+        load_config(path)
+
+
+def test_a_date_yaml_reads_but_python_cannot_build_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("budget: 2026-13-45\nservices: {}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: invalid YAML: ")):
+        load_config(path)
+
+
 def test_a_fifo_or_a_device_as_the_config_is_refused_without_reading(tmp_path: Path) -> None:
     fifo = tmp_path / "fleet.yaml"
     os.mkfifo(fifo)  # reading it would block forever: nobody writes
     for path in (fifo, Path("/dev/zero")):
         with pytest.raises(ConfigError, match="is not a regular file"):
             load_config(path)
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,18 @@ KeyPath = tuple[str | int, ...]
 def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     """Parse a YAML file; return the data and a map from key path to 1-based line."""
     text = _read_text(path)
+    _check_depth(text, path)
+    node = _parse(lambda: yaml.compose(text, Loader=_Loader), path)
+    lines: dict[KeyPath, int] = {}
+    if node is not None:  # every value is checked here, before any is built
+        _index_node(node, (), lines, path, [0], set())
+    return _parse(lambda: yaml.load(text, Loader=_Loader), path), lines
+
+
+def _parse(read: Callable[[], Any], path: Path) -> Any:
+    """`read()` (compose or load the text), with YAML's errors as ConfigErrors."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return read()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -25,17 +36,19 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from e
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    except ValueError as e:  # an integer of more digits than Python converts
+    except ValueError as e:  # a value YAML reads but Python cannot build (`2026-13-45`)
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    lines: dict[KeyPath, int] = {}
-    if node is not None:
-        _index_node(node, (), lines, path, [0], set())
-    return data, lines
 
 
 # A config is a few kilobytes; these bound what a hostile or mistaken file can cost.
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_VALUES = 100_000  # values after aliases are expanded (an alias bomb has billions)
+MAX_CONFIG_DEPTH = 50  # nested mappings and lists; the schema itself needs 5
+MAX_INT_DIGITS = 4300  # Python's own limit for turning text into an int
+# libyaml's parser where PyYAML has it: ten times faster, and it never recurses, so the
+# nesting is measured before the composer (which recurses per level) runs.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _read_text(path: Path) -> str:
@@ -57,6 +70,29 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse nesting past MAX_CONFIG_DEPTH from the parser's events, before PyYAML's
+    composer, which recurses per level and takes seconds on thousands of `[`; the syntax
+    errors are the parser's too."""
+
+    def walk() -> None:
+        depth = 0
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    mark = event.start_mark
+                    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                    raise ConfigError(
+                        f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep; "
+                        "a config is far flatter"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+
+    _parse(walk, path)
+
+
 def _index_node(
     node: yaml.Node,
     at: KeyPath,
@@ -75,13 +111,17 @@ def _index_node(
         raise ConfigError(
             f"{path}:{node.start_mark.line + 1}: {dotted(at)}: an alias that contains itself"
         )
-    if len(at) > 50:
+    if len(at) > MAX_CONFIG_DEPTH:
         raise ConfigError(f"{path}:{node.start_mark.line + 1}: nested too deeply")
     lines.setdefault(at, node.start_mark.line + 1)
+    if isinstance(node, yaml.ScalarNode):
+        _check_scalar(node, at, path)
     open_nodes.add(id(node))  # the nodes being indexed around this one: an alias cycle
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                _check_scalar(key_node, at, path)
             key = str(key_node.value)
             if key in seen:
                 # safe_load silently keeps the last duplicate; an ops tool must not.
@@ -96,6 +136,28 @@ def _index_node(
         for i, item in enumerate(node.value):
             _index_node(item, (*at, i), lines, path, count, open_nodes)
     open_nodes.discard(id(node))  # shared again from here on: an alias, not a cycle
+
+
+def _check_scalar(node: yaml.ScalarNode, at: KeyPath, path: Path) -> None:
+    """Refuse what no part of fleetd could use: text that is not Unicode (a lone surrogate
+    written as an escape, `"\\ud800"`, cannot be printed, logged or written as UTF-8), and
+    an integer of more digits than Python converts."""
+    where = f"{path}:{node.start_mark.line + 1}: {dotted(at)}"
+    value = node.value
+    if _SURROGATE.search(value):  # repr() writes it as an escape: the message is printable
+        raise ConfigError(
+            f"{where}: {_cut(repr(value))} holds a lone surrogate, which is not a character "
+            "(expected Unicode text)"
+        )
+    if node.tag == "tag:yaml.org,2002:int" and len(value) > MAX_INT_DIGITS:
+        raise ConfigError(
+            f"{where}: a number of {len(value)} digits ({value[:20]}...); expected at most "
+            f"{MAX_INT_DIGITS}"
+        )
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 60 else text[:56] + "...'"
 
 
 def dotted(at: KeyPath) -> str:
