@@ -924,3 +924,27 @@ def test_a_fifo_or_a_device_as_the_config_is_refused_without_reading(tmp_path: P
         with pytest.raises(ConfigError, match="is not a regular file"):
             load_config(path)
 
+
+def _services(count: int) -> str:
+    rows = [f"  s{i}: {{runtime: ollama, containers: [c{i}], ladder: [{{model: m, vram: 1GiB}}]}}"
+            for i in range(count)]  # fmt: skip
+    return "services:\n" + "\n".join(rows) + "\n"
+
+
+def test_more_services_than_the_planner_takes_are_refused_before_each_is_checked(
+    tmp_path: Path,
+) -> None:
+    """1,000 services made the planner recurse past Python's limit (a traceback)."""
+    from supervisor.core.config import MAX_SERVICES
+
+    assert len(load_config(write(tmp_path, _services(MAX_SERVICES))).services) == MAX_SERVICES
+    path = write(tmp_path, "budget: 0.85\n" + _services(1000))
+    assert problems(path) == f"{path}:2: services: 1000 services; expected at most {MAX_SERVICES}"
+
+
+def test_more_declared_gpus_than_any_host_has_are_refused(tmp_path: Path) -> None:
+    from supervisor.core.config import MAX_GPUS
+
+    gpus = "gpus: [" + ", ".join(["{memory: 12GiB}"] * (MAX_GPUS + 1)) + "]\n"
+    path = write(tmp_path, gpus + _services(1))
+    assert problems(path) == f"{path}:1: gpus: {MAX_GPUS + 1} GPUs; expected at most {MAX_GPUS}"

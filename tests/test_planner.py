@@ -261,6 +261,25 @@ def test_nothing_fits_leaves_every_service_unplaced() -> None:
     assert solution.optimal
 
 
+def test_a_fleet_of_the_most_services_a_config_allows_is_planned_within_the_work_limit() -> None:
+    """A node bounds every service still to place: the work limit, not the node limit, ends
+    the search of a fleet far beyond a real host (1,000 services used to recurse past
+    Python's limit; 256 took 45 s)."""
+    from supervisor.core.config import MAX_SERVICES
+    from supervisor.core.planner import DEFAULT_WORK_LIMIT
+
+    gpus = [gpu(i, 20_000, instance_limit=4) for i in range(8)]
+    demands = [
+        demand(f"s{k}", 3000 + 7 * k, 1500 + 5 * k, limited=k % 2 == 0) for k in range(MAX_SERVICES)
+    ]
+
+    solution = solve(gpus, demands, work_limit=DEFAULT_WORK_LIMIT // 20)
+
+    assert not solution.optimal and solution.nodes < 25_000
+    assert violations(gpus, demands, solution.choices) == []
+    assert sum(c is not None for c in solution.choices.values()) >= 8 * 4
+
+
 def test_no_gpus_or_zero_budget_places_nothing() -> None:
     for gpus in ([], [gpu(0, 0)]):
         solution = solve(gpus, [demand("a", 1)])

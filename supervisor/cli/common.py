@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from supervisor.cli.paths import default_config_path
-from supervisor.core.errors import FleetdError
+from supervisor.core.errors import FleetdError, UsageError
 
 if TYPE_CHECKING:
     from supervisor.core.config import FleetConfig
@@ -64,8 +64,19 @@ def gpu_option(func: F) -> F:
         "gpu_specs",
         multiple=True,
         metavar="SIZE[:NAME]",
+        callback=_at_most_gpus,
         help="Plan for a simulated GPU instead of the config's (repeatable), e.g. 24GiB:RTX 4090.",
     )(func)
+
+
+def _at_most_gpus(
+    _ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]
+) -> tuple[str, ...]:
+    from supervisor.core.config import MAX_GPUS  # the same bound as a config's `gpus:`
+
+    if len(specs) > MAX_GPUS:
+        raise UsageError(f"--gpu given {len(specs)} times; expected at most {MAX_GPUS} GPUs")
+    return specs
 
 
 def json_option(func: F) -> F:

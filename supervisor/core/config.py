@@ -48,6 +48,24 @@ ListenAddress = Annotated[str, BeforeValidator(lambda v: _check_address(v))]  # 
 # A name from the registry of runtimes; the error lists every accepted one.
 RuntimeName = Annotated[Runtime, BeforeValidator(lambda v: _check_runtime(v))]
 
+# The most services and declared GPUs a config may list: far above any host (NVML hosts
+# have at most 16 GPUs), and small enough for the planner, which recurses once per service
+# and bounds every remaining service at each step, and for one log follower per container.
+MAX_SERVICES = 256
+MAX_GPUS = 64
+
+
+def _at_most(limit: int, what: str) -> BeforeValidator:
+    """Refuse a list or mapping longer than `limit` before its items are validated."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(f"{len(value)} {what}; expected at most {limit}")
+        return value
+
+    return BeforeValidator(check)
+
+
 # Compose service/container names and model names: refused here rather than escaped
 # later, because no runtime accepts whitespace, quotes or `$` in them anyway.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -522,12 +540,12 @@ class FleetConfig(_Strict):
     # What runs the models: NVIDIA GPUs, or the CPUs (a CPU-only host: fleetd plans against
     # host memory and generates containers without GPU reservations; docs/runtimes.md).
     accelerator: Literal["nvidia", "cpu"] = "nvidia"
-    gpus: Literal["auto"] | list[GpuDeclaration] = "auto"
+    gpus: Annotated[Literal["auto"] | list[GpuDeclaration], _at_most(MAX_GPUS, "GPUs")] = "auto"
     ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
     compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current
     policy: PolicyConfig = PolicyConfig()
     metrics: MetricsConfig = MetricsConfig()
-    services: dict[ServiceName, ServiceConfig]
+    services: Annotated[dict[ServiceName, ServiceConfig], _at_most(MAX_SERVICES, "services")]
     _source: Path = PrivateAttr(default=Path("fleet.yaml"))
 
     @model_validator(mode="after")
