@@ -222,6 +222,9 @@ CORRUPT = {
     "rung two": _with_rung_two().encode(),
     "empty": b"",
     "not utf-8": b'{"version": 1, "services": {"\xff": 1}}',
+    # JSON escapes for lone surrogates: saving them again raised UnicodeEncodeError
+    "surrogate in a model": b'{"version": 1, "services": {"a": {"model": "x\\ud800", "rung": 0}}}',
+    "surrogate in a name": b'{"version": 1, "services": {"a\\udc80": {"model": "x", "rung": 0}}}',
 }
 
 
@@ -457,18 +460,23 @@ def test_lock_is_released_when_the_holder_is_killed(
         pass
 
 
-def test_lock_removes_old_temp_files_a_killed_writer_left(store: StateStore) -> None:
+def test_lock_removes_the_temp_files_a_killed_writer_left(store: StateStore) -> None:
+    """state.json's temp files go at once (only the lock's holder writes it, and a new holder
+    means the old one is gone); hand-off temp files, which fleetd and `fleetctl generate`
+    write without the lock, once they are old. The hand-off's args and env temp files used
+    to stay for ever."""
     store.save(FleetState())
-    model = store.write_model_file("alpha", "m")
-    old = [store.state_dir / ".state.json.x1.tmp", model.parent / ".model.x2.tmp"]
-    fresh = store.state_dir / ".state.json.x3.tmp"  # a writer may be using it right now
-    for temp in [*old, fresh]:
+    folder = store.write_model_file("alpha", "m").parent
+    state_temps = [store.state_dir / ".state.json.x1.tmp", store.state_dir / ".state.json.x3.tmp"]
+    old = [folder / ".model.x2.tmp", folder / ".args.x4.tmp", folder / ".env.x5.tmp"]
+    fresh = folder / ".args.x6.tmp"  # `fleetctl generate` may be writing it right now
+    for temp in [*state_temps, *old, fresh]:
         temp.write_text("partial")
-    for temp in old:
+    for temp in [state_temps[0], *old]:
         os.utime(temp, (time.time() - 3600, time.time() - 3600))
     with store.lock():
         pass
-    assert [t.exists() for t in old] == [False, False] and fresh.exists()
+    assert [t.name for t in [*state_temps, *old] if t.exists()] == [] and fresh.exists()
 
 
 _TRANSITION = (
@@ -480,11 +488,109 @@ _TRANSITION = (
 @pytest.mark.parametrize(
     ("text", "wanted"),
     [
-        ('{"version": 1, "measured": {"m": {"at": 1' + "0" * 5000 + "}}}", "not a state file"),
+        (
+            '{"version": 1, "services": {"a": {"model": "x\\ud800", "rung": 0}}}',
+            'services.a.model is "x\\ud800", expected text (no lone surrogate such as \\ud800)',
+        ),
+        (
+            '{"version": 1, "services": {"a\\udc80": {"model": "x", "rung": 0}}}',
+            'services: key "a\\udc80", expected text',
+        ),
+        (
+            '{"version": 1, "measured": {"m": {"at": 1' + "0" * 5000 + "}}}",
+            "not a state file: a number of 5001 digits (10000000000000000000...), expected at most",
+        ),
         ("[" * 100_000, "nested too deeply"),
         ('{"version": 1, "history": [' + _TRANSITION + "]}", "before the year 10000"),
     ],
 )
 def test_a_state_file_python_cannot_take_is_a_state_error(text: str, wanted: str) -> None:
-    with pytest.raises(StateError, match=wanted):
+    with pytest.raises(StateError, match=re.escape(wanted)):
         FleetState.from_json(text)
+
+
+def test_state_bytes_that_are_not_utf8_are_a_state_error() -> None:
+    """What `fleetctl status` and `plan --state-dir` read with: a decode error, not a
+    UnicodeDecodeError traceback."""
+    with pytest.raises(StateError, match=re.escape("not UTF-8: invalid start byte at byte 29")):
+        FleetState.from_bytes(b'{"version": 1, "services": {"\xff": 1}}')
+    assert FleetState.from_bytes(FleetState().to_json().encode()) == FleetState()
+
+
+# ---------------------------------------------------------------- a full disk
+
+ENOSPC = OSError(28, "No space left on device")
+
+
+def _no_space(*_args: object, **_kwargs: object) -> None:
+    raise ENOSPC
+
+
+def test_a_full_disk_under_the_lock_is_a_state_error_and_the_file_is_intact(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fleetctl downgrade` and `reset` on a full disk: writing the holder's pid into
+    state.lock raised a bare OSError (a traceback); the pid only names the holder."""
+    from supervisor.edges import store as store_module
+
+    store.save(full_state())
+    before = store.path.read_bytes()
+    monkeypatch.setattr(store_module, "_write_pid", _no_space)
+    monkeypatch.setattr(os, "fsync", _no_space)  # every write runs out of room
+    wanted = f"cannot write {re.escape(str(store.path))}: No space"
+    with store.lock(), pytest.raises(StateError, match=wanted):
+        store.save(FleetState())
+    assert store.path.read_bytes() == before
+    assert [p.name for p in store.state_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_daemon_lock_that_cannot_be_written_is_a_state_error(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fleetctl finds the running fleetd's socket in daemon.lock: fleetd must not run
+    without it (it used to exit with an OSError traceback)."""
+    store.save(FleetState())
+    monkeypatch.setattr(os, "pwrite", _no_space)
+    with pytest.raises(StateError, match=r"cannot write .*daemon\.lock: No space left on device"):
+        store.hold_daemon_lock(None)
+    assert store.running_daemon() is None  # the lock was let go
+
+
+def test_write_all_writes_every_file_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.edges import fsutil
+
+    first, second = tmp_path / "compose.yml", tmp_path / "sub" / ".env"
+    second.parent.mkdir()
+    first.write_text("old compose\n")
+    real_stage = fsutil._stage
+
+    def stage_then_fill_up(path: Path, text: str, mode: int) -> Path:
+        if path == second:
+            raise ENOSPC
+        return real_stage(path, text, mode)
+
+    monkeypatch.setattr(fsutil, "_stage", stage_then_fill_up)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        fsutil.write_all({first: "new compose\n", second: "A=1\n"})
+    assert raised.value.filename == str(second)
+    assert first.read_text() == "old compose\n" and not second.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["compose.yml"]
+    monkeypatch.setattr(fsutil, "_stage", real_stage)
+    fsutil.write_all({first: "new compose\n", second: "A=1\n"})
+    assert (first.read_text(), second.read_text()) == ("new compose\n", "A=1\n")
+
+
+def test_remove_temps_takes_only_the_named_files_temps(tmp_path: Path) -> None:
+    from supervisor.edges.fsutil import remove_temps
+
+    names = [".compose.yml.a1.tmp", "..env.b2.tmp", ".other.c3.tmp", ".compose.yml.d4.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("partial")
+    os.utime(tmp_path / names[0], (time.time() - 3600, time.time() - 3600))
+    os.utime(tmp_path / names[1], (time.time() - 3600, time.time() - 3600))
+    remove_temps(tmp_path, "compose.yml", ".env", older_than_s=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".compose.yml.d4.tmp", ".other.c3.tmp"]
+    remove_temps(tmp_path, "compose.yml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.c3.tmp"]

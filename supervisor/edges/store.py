@@ -31,7 +31,7 @@ from supervisor.core.state import (
     NewerStateError,
     StateError,
 )
-from supervisor.edges.fsutil import atomic_write
+from supervisor.edges.fsutil import atomic_write, remove_temps
 
 if TYPE_CHECKING:
     from supervisor.core.rungs import RungSetup
@@ -41,6 +41,7 @@ DAEMON_LOCK_FILE = "daemon.lock"  # held by a running fleetd for its whole life
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 STALE_TEMP_S = 300.0  # a temp file this old belongs to a writer that was killed
+HANDOFF_FILES = ("model", "args", "env")  # in <state-dir>/services/<service>/
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,7 @@ class StateStore:
         except OSError as e:
             raise StateError(f"cannot read {self.path}: {e.strerror or e}") from e
         try:
-            return LoadResult(FleetState.from_json(data.decode("utf-8")))
-        except UnicodeDecodeError as e:
-            return self._set_aside("corrupt", f"was corrupt (not UTF-8: {e.reason})")
+            return LoadResult(FleetState.from_bytes(data))
         except NewerStateError as e:
             detail = f"was written by a newer fleetd (schema version {e.version}, this one reads "
             return self._set_aside(f"newer-v{e.version}", f"{detail}{SCHEMA_VERSION})")
@@ -117,7 +116,8 @@ class StateStore:
         fd = self._open_lock_file()
         try:
             _acquire(fd, blocking)
-            _write_pid(fd)
+            with contextlib.suppress(OSError):  # a full disk: the pid only names the holder
+                _write_pid(fd)
             self._remove_stale_temps()
             try:
                 yield
@@ -151,8 +151,12 @@ class StateStore:
                     ) from None
                 time.sleep(0.05)
         info = DaemonInfo(os.getpid(), str(socket_path) if socket_path else None)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.to_bytes(), 0)
+        try:  # fleetctl finds the daemon's socket here: it must be written
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.to_bytes(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise StateError(f"cannot write {path}: {e.strerror or e}") from e
         return fd
 
     def running_daemon(self) -> DaemonInfo | None:
@@ -275,15 +279,13 @@ class StateStore:
             raise StateError(f"cannot open {self.lock_path}: {e.strerror or e}") from e
 
     def _remove_stale_temps(self) -> None:
-        """Drop temp files a killed writer left behind (old enough that no write is using them)."""
-        # `fleetctl generate` writes hand-off files without the lock: age, not the lock, is
-        # what makes a temp file safe to remove.
-        cutoff = time.time() - STALE_TEMP_S
-        for pattern in (f".{STATE_FILE}.*.tmp", "services/*/.model.*.tmp"):
-            for temp in self.state_dir.glob(pattern):
-                with contextlib.suppress(OSError):
-                    if temp.stat().st_mtime < cutoff:
-                        temp.unlink()
+        """Drop the temp files a killed writer left behind (the lock is held)."""
+        # Only the lock's holder writes state.json: any temp file of it is a dead writer's.
+        remove_temps(self.state_dir, STATE_FILE)
+        # fleetd and `fleetctl generate` write hand-off files without the lock: age, not
+        # the lock, is what makes one of those safe to remove.
+        for folder in self.state_dir.glob("services/*/"):
+            remove_temps(folder, *HANDOFF_FILES, older_than_s=STALE_TEMP_S)
 
 
 def _make_handoff_dir(folder: Path) -> None:
