@@ -22,6 +22,7 @@ from supervisor.core.ladder import apply_change
 from supervisor.core.rules import IncidentClass
 from supervisor.core.state import (
     Actor,
+    Cordon,
     FleetState,
     Incident,
     PendingChange,
@@ -550,3 +551,13 @@ def test_measured_vram_and_warmup_speed_sit_beside_the_estimates(
         source="estimated",
     ) is not None  # fmt: skip
     assert value(metrics, "fleetd_warmup_tokens_per_second", service="coder", model="big") == 42.0
+
+
+def test_a_cordoned_gpu_is_a_gauge_with_its_reason(
+    metrics: FleetMetrics, config: FleetConfig
+) -> None:
+    state = replace(fresh_state(), cordoned={0: Cordon(NOW, "Xid 79", "NVRM: Xid ...", "fleetd")})
+    publish(metrics, config, state)
+    assert value(metrics, "fleetd_gpu_cordoned", gpu="0", reason="Xid 79") == 1.0
+    publish(metrics, config, fresh_state())  # uncordoned
+    assert samples(metrics, "fleetd_gpu_cordoned") == {}

@@ -101,6 +101,7 @@ def print_status(report: dict[str, Any], console: Console) -> None:
         )
     console.print(table)
     _print_gpus(report, console)
+    _print_cordons(report, console)
     for name, row in report["services"].items():
         notes = []
         if row.get("activity"):
@@ -199,6 +200,18 @@ def _print_gpus(report: dict[str, Any], console: Console) -> None:
         )
     console.print()
     console.print(table)
+
+
+def _print_cordons(report: dict[str, Any], console: Console) -> None:
+    """Each cordoned GPU: why, since when, by whom (`fleetctl uncordon GPU` lifts it)."""
+    for index, cordon in (report.get("cordoned") or {}).items():
+        evidence = f" | evidence: {cordon['evidence']}" if cordon.get("evidence") else ""
+        text = (
+            f"GPU {index} cordoned {_when(cordon['time'])} by {cordon['by']}: "
+            f"{cordon['reason']}; fleetd plans nothing on it until `fleetctl uncordon "
+            f"{index}`{evidence}"
+        )
+        console.print(safe(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def echo(text: str) -> None:

@@ -41,6 +41,7 @@ class RungSetup:
     memory_share: float | None  # of each GPU, where the runtime takes a share (vLLM)
     args: tuple[str, ...]  # the runtime's arguments for the rung, after its own
     env: tuple[tuple[str, str], ...]  # the runtime's variables for the rung
+    gpus: tuple[int, ...] | None = None  # moving to these GPUs (off a cordoned one)
 
     @property
     def option_map(self) -> dict[str, object]:

@@ -13,7 +13,8 @@ crash or `kill -9` at any instant leaves either the previous or the new content:
                   "from_options", "to_options"}],
      "log_cursors": {"<container name>": {"container_id", "since_ns"}},
      "measured": {"<model> [<options>]": {"vram_bytes", "load_s", "tokens_per_s", "at",
-                              "parts", "context", "parallel", "version", "estimate_bytes"}}}
+                              "parts", "context", "parallel", "version", "estimate_bytes"}},
+     "cordoned": {"<GPU index>": {"time", "reason", "evidence", "by", "uuid"}}}
 
 Decoding is strict: an unknown key, a wrong type or a negative count is a schema problem
 reported with its key path, the value and what was expected (the store moves such a
@@ -166,6 +167,18 @@ class LogCursor:
     since_ns: int
 
 
+@dataclass(frozen=True)
+class Cordon:
+    """A GPU fleetd no longer plans on: it faulted (Xid, off the bus, lost), or a person
+    cordoned it; it stays so until `fleetctl uncordon`."""
+
+    time: float
+    reason: str  # "Xid 79", "GPU lost", "cordoned by a person"
+    evidence: str | None = None  # the kernel line, the NVML event or error
+    by: str = "fleetd"  # fleetd, or who ran fleetctl cordon
+    uuid: str | None = None  # the GPU's UUID when known (its index may change at boot)
+
+
 @dataclass
 class FleetState:
     """Everything in state.json; `FleetState()` is the empty state."""
@@ -175,6 +188,7 @@ class FleetState:
     history: list[Transition] = field(default_factory=list)
     log_cursors: dict[str, LogCursor] = field(default_factory=dict)
     measured: dict[str, Measured] = field(default_factory=dict)  # by model name
+    cordoned: dict[int, Cordon] = field(default_factory=dict)  # by GPU index
 
     def to_json(self) -> str:
         """The file's text: indent 2, services sorted, the newest HISTORY_LIMIT transitions."""
@@ -189,41 +203,22 @@ class FleetState:
                 for name, c in sorted(self.log_cursors.items())
             },
             "measured": {name: measured_json(m) for name, m in sorted(self.measured.items())},
+            "cordoned": {str(i): cordon_json(c) for i, c in sorted(self.cordoned.items())},
         }
         return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> FleetState:
-        """Decode the file's bytes: UTF-8 text, then as `from_json`."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise StateError(f"not UTF-8: {e.reason} at byte {e.start}") from None
-        return cls.from_json(text)
 
     @classmethod
     def from_json(cls, text: str) -> FleetState:
         """Decode the file's text; a StateError names the key, the value and what was expected."""
         try:
-            document = json.loads(text, parse_int=_int)
+            document = json.loads(text)
         except json.JSONDecodeError as e:
             raise StateError(f"not valid JSON: {e}") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise StateError(f"not a state file: {e}") from None
         except RecursionError:
             raise StateError("not a state file: nested too deeply") from None
         return _decode_fleet(_Object(document, ""))
-
-
-_MAX_INT_DIGITS = 4300  # Python's own limit for turning text into an int
-
-
-def _int(digits: str) -> int:
-    """An integer of the file, refused when it has more digits than Python converts."""
-    if len(digits) > _MAX_INT_DIGITS:
-        raise StateError(
-            f"not a state file: a number of {len(digits)} digits ({digits[:20]}...), "
-            f"expected at most {_MAX_INT_DIGITS}"
-        )
-    return int(digits)
 
 
 # ---------------------------------------------------------------- encoding
@@ -244,6 +239,10 @@ def _service_json(s: ServiceState) -> dict[str, object]:
         "step_up_failures": s.step_up_failures,
         "step_up_not_before": s.step_up_not_before,
     }
+
+
+def cordon_json(c: Cordon) -> dict[str, object]:
+    return {"time": c.time, "reason": c.reason, "evidence": c.evidence, "by": c.by, "uuid": c.uuid}
 
 
 def measured_json(m: Measured) -> dict[str, object]:
@@ -328,21 +327,12 @@ def _bad(where: str, value: object, expected: str) -> StateError:
     return StateError(f"{where or 'the top level'} is {_shown(value)}, expected {expected}")
 
 
-# JSON's `"\ud800"` decodes to a lone surrogate: not a character, so nothing could print,
-# log or save it again.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_TEXT = "text (no lone surrogate such as \\ud800)"
-
-
 class _Object:
     """A JSON object being decoded: typed reads by key, each error naming the key path."""
 
     def __init__(self, value: object, where: str) -> None:
         if not isinstance(value, dict):
             raise _bad(where, value, "an object")
-        for key in value:
-            if _SURROGATE.search(key):
-                raise StateError(f"{where or 'the top level'}: key {_shown(key)}, expected {_TEXT}")
         self.data: dict[str, object] = value
         self.where = where
         self._read: set[str] = set()
@@ -376,8 +366,6 @@ class _Object:
 def _str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise _bad(where, value, "a string")
-    if _SURROGATE.search(value):
-        raise _bad(where, value, _TEXT)
     return value
 
 
@@ -460,9 +448,32 @@ def _decode_fleet(o: _Object) -> FleetState:
         history=o.opt("history", _list_of(_decode_transition), []),
         log_cursors=o.opt("log_cursors", _map_of(_decode_cursor), {}),
         measured=o.opt("measured", _map_of(_decode_measured), {}),
+        cordoned=_gpu_keys(o.opt("cordoned", _map_of(_decode_cordon), {}), o.where),
     )
     o.done()
     return state
+
+
+def _gpu_keys(found: dict[str, Cordon], where: str) -> dict[int, Cordon]:
+    """`cordoned` is keyed by GPU index, written as a string (JSON keys are)."""
+    cordoned = {}
+    for key, cordon in found.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 4:
+            raise _bad(f"{where + '.' if where else ''}cordoned.{key}", key, "a GPU index")
+        cordoned[int(key)] = cordon
+    return cordoned
+
+
+def _decode_cordon(o: _Object) -> Cordon:
+    cordon = Cordon(
+        time=o.get("time", _seconds),
+        reason=o.get("reason", _str),
+        evidence=o.opt("evidence", _nullable(_str), None),
+        by=o.get("by", _str),
+        uuid=o.opt("uuid", _nullable(_str), None),
+    )
+    o.done()
+    return cordon
 
 
 def _decode_service(o: _Object) -> ServiceState:

@@ -20,6 +20,7 @@ from supervisor.core.state import (
     Incident,
     ServiceState,
     Transition,
+    cordon_json,
     measured_json,
     transition_json,
 )
@@ -96,6 +97,8 @@ def status_json(
         "services": services,
         "gpus": [],
         "gpu_problem": None,
+        # GPUs fleetd plans on no more (a fault, or `fleetctl cordon`), by index
+        "cordoned": {str(i): cordon_json(c) for i, c in sorted(state.cordoned.items())},
         "daemon": dict(live.daemon) if live else None,
     }
 

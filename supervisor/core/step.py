@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.core import ops
 from supervisor.core.backoff import APPLY_RETRY, GPU_FAULT_RESTART
 from supervisor.core.config import FleetConfig
+from supervisor.core.cordons import Move, moves_off, usable
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError, UsageError, http_status
 from supervisor.core.gpus import Gpu
@@ -55,10 +56,12 @@ from supervisor.core.rules import IncidentClass, classify_event
 from supervisor.core.rungs import RungSetup, measured_key, set_options, setup_for
 from supervisor.core.runtimes import spec_of
 from supervisor.core.state import (
+    Cordon,
     FleetState,
     Incident,
     LogCursor,
     Measured,
+    PendingChange,
     ServiceState,
     ServiceStatus,
     transition_json,
@@ -128,6 +131,8 @@ class World:
     expected_stops: Mapping[str, float] = field(default_factory=dict)  # container -> until
     # container -> when its latest lines that matched a rule were stamped (the newest few)
     matched_at: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # service -> the GPUs it is being moved to, off a cordoned one (its next restarts)
+    moving: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     docker_up: bool = False
     docker_error: str | None = None  # why the engine is not reached (status shows it)
     started_at: float = 0.0
@@ -212,6 +217,18 @@ class Request:
     service: str | None
     args: Mapping[str, Any]
     who: str  # who asked, for the history
+
+
+@dataclass(frozen=True)
+class GpuFault:
+    """A GPU failed (a critical Xid, off the bus, lost to NVML): cordon it, move its
+    services to healthy GPUs."""
+
+    gpu: int
+    reason: str  # "Xid 79", "fallen off the bus", "GPU lost"
+    evidence: str
+    source: str  # where it was seen: nvml-event, kernel-log, nvml
+    uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +335,7 @@ Message = (
     | Repriced
     | Resume
     | Reconfigure
+    | GpuFault
 )
 
 
@@ -485,6 +503,7 @@ class _Turn:
             history=world.state.history,  # shared: a turn that adds a record copies it
             log_cursors=dict(world.state.log_cursors),
             measured=dict(world.state.measured),
+            cordoned=dict(world.state.cordoned),
         )
         self.flights = dict(world.flights)
         self.expected_stops = dict(world.expected_stops)
@@ -722,22 +741,31 @@ def _restart(
     )
     svc = turn.state.services.get(service)
     at = rung if rung is not None else (svc.rung if svc is not None else 0)
-    setup = rung_setup(turn.world, service, at, turn.state)
+    moving = turn.changes.get("moving", turn.world.moving).get(service)
+    setup = rung_setup(turn.world, service, at, turn.state, moving)
     turn.effects.append(Restart(service, change, old, model, rung is not None, setup, new_rung))
 
 
-def rung_setup(world: World, service: str, rung: int, state: FleetState | None = None) -> RungSetup:
+def rung_setup(
+    world: World,
+    service: str,
+    rung: int,
+    state: FleetState | None = None,
+    gpus: tuple[int, ...] | None = None,
+) -> RungSetup:
     """What `service` on `rung` hands its container, sized by the plan on the GPUs as
-    last read (vLLM's share of its GPU follows the rung)."""
+    last read (vLLM's share of its GPU follows the rung); `gpus` when it moves to them."""
     from supervisor.core.gpus import Discovery
 
     needs = world.needs.get(service) or ()
     need = needs[min(rung, len(needs) - 1)].need_bytes if needs else 0
-    discovery = Discovery(gpus=world.gpus, problem=world.gpu_problem)
+    state = state or world.state
+    discovery = Discovery(gpus=usable(world.gpus, state.cordoned), problem=world.gpu_problem)
     total = ops.gpu_total_for(
-        world.config, state or world.state, service, rung, discovery, world.needs, world.managed
+        world.config, state, service, rung, discovery, world.needs, world.managed
     )
-    return setup_for(world.config, service, rung, need, total)
+    setup = setup_for(world.config, service, rung, need, total)
+    return setup if gpus is None else replace(setup, gpus=gpus)
 
 
 def _on_applied(turn: _Turn, done: Applied) -> None:
@@ -1027,8 +1055,8 @@ def _try_step_up(turn: _Turn, window_open: bool) -> None:
 def _fit(turn: _Turn, service: str, rung: int) -> ops.Fit:
     from supervisor.core.gpus import Discovery
 
-    discovery = Discovery(gpus=turn.world.gpus, problem=turn.world.gpu_problem)
     world = turn.world
+    discovery = Discovery(gpus=usable(world.gpus, turn.state.cordoned), problem=world.gpu_problem)
     return ops.check_fit(
         turn.config, turn.state, service, rung, discovery, world.needs, world.managed
     )
@@ -1126,6 +1154,8 @@ def _answer(turn: _Turn, request: Request) -> None:
         turn.effects.append(Reply(request.call, 200, [transition_json(t) for t in records]))
     elif request.op == "warm":
         _warm_member(turn, request)
+    elif request.op in ("cordon", "uncordon"):
+        _cordon_request(turn, request)
     elif request.op in _OPS:
         _operate(turn, request)
     else:
@@ -1216,7 +1246,8 @@ def status_report(world: World, service: str | None, now: float) -> dict[str, An
         daemon={**world.daemon, "docker": world.docker_up, "docker_error": world.docker_error},
     )
     report = status_json(world.state, world.config, now, service, live)
-    discovery = Discovery(gpus=world.gpus, problem=world.gpu_problem)
+    gpus = usable(world.gpus, world.state.cordoned)
+    discovery = Discovery(gpus=gpus, problem=world.gpu_problem)
     report["gpus"] = gpus_json(discovery, world.config, world.managed)
     report["gpu_problem"] = world.gpu_problem
     return report
@@ -1313,6 +1344,87 @@ def watched_by(config: FleetConfig) -> Mapping[str, str]:
     return {c: n for n, svc in config.services.items() for c in svc.watched}
 
 
+# --- cordoned GPUs ---------------------------------------------------------------------------
+
+
+def _on_gpu_fault(turn: _Turn, fault: GpuFault) -> None:
+    """A GPU failed: cordon it (once) and move what ran on it; never a step-down."""
+    if fault.gpu in turn.state.cordoned:
+        return
+    uuid = fault.uuid or next((g.uuid for g in turn.world.gpus if g.index == fault.gpu), None)
+    cordon = Cordon(turn.now, fault.reason, fault.evidence, f"fleetd ({fault.source})", uuid)
+    _cordon(turn, fault.gpu, cordon)
+
+
+def _cordon(turn: _Turn, gpu: int, cordon: Cordon) -> list[Move]:
+    turn.state.cordoned[gpu] = cordon
+    turn.save()
+    evidence = f" | evidence: {cordon.evidence}" if cordon.evidence else ""
+    turn.log("CRITICAL", f"GPU {gpu} cordoned ({cordon.reason}, by {cordon.by}){evidence}")
+    world = turn.world
+    moves = moves_off(turn.config, turn.state, gpu, world.gpus, world.needs, world.managed)
+    for move in moves:
+        _move(turn, move, f"GPU {gpu} cordoned ({cordon.reason})", cordon.evidence)
+    turn.effects.append(Publish())
+    return moves
+
+
+def _move(turn: _Turn, move: Move, why: str, evidence: str | None) -> None:
+    name = move.service
+    if move.rung is None:
+        turn.log("ERROR", f"{name}: {why}; {move.reason}: stopping its containers")
+        _stop_containers(turn, name)
+        return
+    moving = dict(turn.changes.get("moving", turn.world.moving))
+    moving[name] = move.gpus
+    turn.changes["moving"] = moving
+    svc = turn.state.services[name]
+    if move.rung == svc.rung:
+        turn.log("WARNING", f"{name}: {why}: {move.reason}")
+        if not turn.flight(name).busy:
+            _restart(turn, name, svc.model, svc.model)
+        return
+    to_model = turn.config.services[name].ladder[move.rung].model
+    pending = PendingChange(
+        move.rung, to_model, f"{why}: {move.reason}", turn.now, evidence, actor="fleetd"
+    )
+    turn.state.services[name] = replace(svc, pending=pending)
+    turn.save()
+    turn.log("WARNING", f"{name}: {pending.reason}")
+    _apply(turn, name)
+
+
+def _cordon_request(turn: _Turn, request: Request) -> None:
+    gpu = request.args.get("gpu")
+    known = {g.index for g in turn.world.gpus}
+    if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu not in known:
+        listed = ", ".join(map(str, sorted(known))) or "none"
+        raise UsageError(f"GPU {gpu!r}: expected the index of a GPU fleetd knows ({listed})")
+    if request.op == "uncordon":
+        if turn.state.cordoned.pop(gpu, None) is None:
+            raise ops.Refused(f"GPU {gpu} is not cordoned")
+        turn.save()
+        turn.log("WARNING", f"GPU {gpu} uncordoned ({request.who}); it is planned on again")
+        turn.effects.append(Publish())
+        turn.effects.append(Reply(request.call, 200, {"gpu": gpu, "cordoned": False}))
+        return
+    if gpu in turn.state.cordoned:
+        raise ops.Refused(f"GPU {gpu} is already cordoned ({turn.state.cordoned[gpu].reason})")
+    reason = str(request.args.get("reason") or "cordoned by a person")
+    uuid = next((g.uuid for g in turn.world.gpus if g.index == gpu), None)
+    moves = _cordon(turn, gpu, Cordon(turn.now, reason, None, request.who, uuid))
+    body = {
+        "gpu": gpu,
+        "cordoned": True,
+        "moves": [
+            {"service": m.service, "from_rung": m.from_rung, "rung": m.rung,
+             "gpus": list(m.gpus), "reason": m.reason}
+            for m in moves
+        ],
+    }  # fmt: skip
+    turn.effects.append(Reply(request.call, 200, body))
+
+
 # --- helpers shared with the daemon --------------------------------------------------------
 
 
@@ -1360,4 +1472,5 @@ _HANDLERS: dict[type, Any] = {
     Repriced: _on_repriced,
     Resume: _on_resume,
     Reconfigure: _on_reconfigure,
+    GpuFault: _on_gpu_fault,
 }

@@ -64,16 +64,30 @@ def restart_service(
     for name in svc.restarted:
         expect_stop(name, timeout + STOP_GRACE_S)
         try:
-            if svc.model_env:
-                from supervisor.edges.recreate import recreate_with_env
-
-                variables = setup.variables(svc.model_env)
-                model = variables.pop(svc.model_env) or setup.model
-                recreate_with_env(client, name, svc.model_env, model, timeout, variables)
+            if svc.model_env or setup.gpus is not None:
+                _recreate(client, name, svc.model_env, setup, timeout)
             else:
                 engine.restart(client, name, timeout)
         except NoSuchContainer as e:
             raise NoSuchContainer(f"container {name} does not exist (is the fleet up?)") from e
+
+
+def _recreate(
+    client: docker.DockerClient, name: str, model_env: str | None, setup: RungSetup, timeout: int
+) -> None:
+    """Recreate a container with the rung's variables (env strategy) and, for a move off a
+    cordoned GPU, on the GPUs it moves to (FLEETD_GPUS names them)."""
+    from supervisor.edges.recreate import recreate_with_env
+
+    variables: dict[str, str | None] = {}
+    if model_env:
+        variables = dict(setup.variables(model_env))
+    devices = None if setup.gpus is None else [str(i) for i in setup.gpus]
+    if devices is not None:
+        variables["FLEETD_GPUS"] = ",".join(devices)
+    env_name = model_env or "FLEETD_GPUS"
+    value = variables.pop(env_name) or setup.model
+    recreate_with_env(client, name, env_name, value, timeout, variables, devices)
 
 
 def change_model(

@@ -144,6 +144,7 @@ class FleetSnapshot:
     gpus: tuple[GpuSnapshot, ...] = ()
     incidents_to_step_down: int | None = None
     docker_up: bool | None = None  # None: not known yet
+    cordoned: tuple[tuple[int, str], ...] = ()  # (GPU index, reason)
 
 
 def build_snapshot(
@@ -168,6 +169,7 @@ def build_snapshot(
         gpus=tuple(_gpu_snapshot(g, budgets_bytes.get(g.index)) for g in gpus if g.valid),
         incidents_to_step_down=config.policy.incidents_to_step_down,
         docker_up=docker_up,
+        cordoned=tuple((i, c.reason) for i, c in sorted(state.cordoned.items())),
     )
 
 
@@ -358,7 +360,14 @@ def _fleet(snapshot: FleetSnapshot) -> Iterator[Metric]:
         docker_up.add_metric([], 1.0 if snapshot.docker_up else 0.0)
     if snapshot.published_at is not None:
         published.add_metric([], snapshot.published_at)
-    yield from (threshold, docker_up, published)
+    cordoned = GaugeMetricFamily(
+        "fleetd_gpu_cordoned",
+        "1 for each GPU fleetd plans on no more (a fault, or fleetctl cordon), with why.",
+        labels=["gpu", "reason"],
+    )
+    for index, reason in snapshot.cordoned:
+        cordoned.add_metric([str(index), reason], 1.0)
+    yield from (threshold, docker_up, published, cordoned)
 
 
 class _SnapshotCollector(Collector):

@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -305,6 +305,7 @@ def build_create_args(
     env_name: str,
     value: str,
     others: Mapping[str, str | None] | None = None,
+    device_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``APIClient.create_container`` for a copy of ``inspect``.
 
@@ -315,6 +316,8 @@ def build_create_args(
     Raises ConfigError for an unusable variable name, ContainerError for a container that
     cannot be recreated faithfully (:func:`refusal_reason`).
     The other networks are connected separately (:func:`plan_networks`).
+    With ``device_ids``, the copy's GPU device requests name those GPUs instead (a move
+    off a cordoned GPU); a container that names no GPU that way is refused.
     """
     _check_env(env_name, value)
     reason = refusal_reason(inspect)
@@ -324,6 +327,11 @@ def build_create_args(
 
     config: dict[str, Any] = inspect.get("Config") or {}
     host_config: dict[str, Any] = copy.deepcopy(inspect.get("HostConfig") or {})
+    environment = set_env(replace_env(list(config.get("Env") or []), env_name, value), others or {})
+    if device_ids is not None:
+        _move_devices(inspect, host_config, device_ids)
+        if any(item.startswith("NVIDIA_VISIBLE_DEVICES=") for item in environment):
+            environment = replace_env(environment, "NVIDIA_VISIBLE_DEVICES", ",".join(device_ids))
     networks = plan_networks(inspect)
     if networks.network_mode != host_config.get("NetworkMode", ""):
         host_config["NetworkMode"] = networks.network_mode
@@ -341,9 +349,7 @@ def build_create_args(
         "image": config["Image"],
         "command": config.get("Cmd"),
         "entrypoint": config.get("Entrypoint"),
-        "environment": set_env(
-            replace_env(list(config.get("Env") or []), env_name, value), others or {}
-        ),
+        "environment": environment,
         "labels": dict(config.get("Labels") or {}),
         "working_dir": config.get("WorkingDir") or None,
         "user": config.get("User") or None,
@@ -364,6 +370,28 @@ def build_create_args(
         # Never let docker-py add the client's proxy settings to the copied env.
         "use_config_proxy": False,
     }
+
+
+def _move_devices(
+    inspect: dict[str, Any], host_config: dict[str, Any], device_ids: Sequence[str]
+) -> None:
+    """Point the container's GPU device requests at `device_ids` (in place)."""
+    requests = host_config.get("DeviceRequests") or []
+    gpu_requests = [
+        r
+        for r in requests
+        if ["gpu"] in (r.get("Capabilities") or []) or r.get("Driver") == "nvidia"
+    ]
+    if not gpu_requests:
+        name = str(inspect.get("Name", "")).lstrip("/")
+        raise ContainerError(
+            f"will not move container {name!r} to GPU {', '.join(device_ids)}: it names no GPU "
+            "(no device request; give it deploy.resources.reservations.devices with device_ids, "
+            "as `fleetctl generate` does)"
+        )
+    for request in gpu_requests:
+        request["DeviceIDs"] = list(device_ids)
+        request["Count"] = 0
 
 
 # --- Docker calls ------------------------------------------------------------------------
@@ -474,6 +502,7 @@ def recreate_with_env(
     value: str,
     stop_timeout_s: float = 10.0,
     others: Mapping[str, str | None] | None = None,
+    device_ids: Sequence[str] | None = None,
 ) -> RecreateResult:
     """Recreate the container ``name`` with ``env_name=value`` and everything else kept
     (but ``others``: more variables set, or removed where None: a rung's options).
@@ -490,7 +519,7 @@ def recreate_with_env(
     api = client.api
     old, recovered = _clear_leftovers(api, name)
     old_id = str(old["Id"])
-    create_args = build_create_args(old, env_name, value, others)
+    create_args = build_create_args(old, env_name, value, others, device_ids)
     dependents = _dependents(api, old_id)
     if dependents:
         raise ContainerError(

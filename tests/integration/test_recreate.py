@@ -354,6 +354,46 @@ def test_build_create_args_keeps_device_requests(
     assert "MODEL=small" in inspect(docker_client, copy_id)["Config"]["Env"]
 
 
+def test_a_move_off_a_cordoned_gpu_names_the_new_gpus_to_the_engine(
+    docker_client: docker.DockerClient, busybox_image: str, cleanup: Cleanup
+) -> None:
+    """The payload of a move (fleetd recreates a service off a cordoned GPU) asks the
+    engine for the GPU it moves to, and says so in FLEETD_GPUS; every other request kept."""
+    api = docker_client.api
+    gpu = DeviceRequest(driver="nvidia", device_ids=["0"], capabilities=[["gpu"]])
+    name = f"fleetd-rc-move-{cleanup.run_id[:8]}"
+    created = api.create_container(
+        busybox_image, ["sh", "-c", IDLE], name=name, labels=cleanup.labels,
+        environment=["MODEL=big", "NVIDIA_VISIBLE_DEVICES=0"],
+        host_config=api.create_host_config(device_requests=[gpu]),
+    )  # fmt: skip
+    old = inspect(docker_client, created["Id"])
+
+    args = build_create_args(old, "FLEETD_GPUS", "1", device_ids=["1"])
+    copy_id = api.create_container(name=name + "-copy", **args)["Id"]
+    new = inspect(docker_client, copy_id)
+    [request] = new["HostConfig"]["DeviceRequests"]
+    assert (request["DeviceIDs"], request["Driver"], request["Capabilities"]) == (
+        ["1"],
+        "nvidia",
+        [["gpu"]],
+    )
+    env = new["Config"]["Env"]
+    assert {"MODEL=big", "FLEETD_GPUS=1", "NVIDIA_VISIBLE_DEVICES=1"} <= set(env)
+
+
+def test_a_container_that_names_no_gpu_is_not_moved(
+    docker_client: docker.DockerClient, busybox_image: str, cleanup: Cleanup
+) -> None:
+    api = docker_client.api
+    name = f"fleetd-rc-nogpu-{cleanup.run_id[:8]}"
+    created = api.create_container(
+        busybox_image, ["sh", "-c", IDLE], name=name, labels=cleanup.labels
+    )
+    with pytest.raises(ContainerError, match="it names no GPU"):
+        build_create_args(inspect(docker_client, created["Id"]), "FLEETD_GPUS", "1", None, ["1"])
+
+
 @pytest.fixture
 def rich_container(
     docker_client: docker.DockerClient, busybox_image: str, cleanup: Cleanup, tmp_path: Path
