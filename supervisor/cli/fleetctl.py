@@ -30,13 +30,16 @@ from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.runtimes import Runtime
 from supervisor.core.state import FleetState, Measured, transition_json
 from supervisor.edges.control import SOCKET_ENV
-from supervisor.edges.fsutil import atomic_write
+from supervisor.edges.fsutil import remove_temps, write_all
+from supervisor.edges.store import HANDOFF_FILES, STALE_TEMP_S
 
 # The planner (numpy, gguf), compose rendering and NVML load in the commands that use
 # them, so that `fleetctl status` and `history` start quickly.
 if TYPE_CHECKING:
+    from supervisor.analyzer.compose import ComposeProject
     from supervisor.core.config import FleetConfig
     from supervisor.core.plan import FleetPlan
+    from supervisor.core.rungs import RungSetup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +78,10 @@ def _measured(state_dir: Path, quiet: bool) -> dict[str, Measured] | None:
     that cannot be read leaves the estimates, with a note."""
     path = state_dir / "state.json"
     try:
-        return FleetState.from_json(path.read_text()).measured
+        return FleetState.from_bytes(path.read_bytes()).measured
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, FleetdError) as e:
+    except (OSError, FleetdError) as e:
         if not quiet:
             click.echo(f"fleetctl: {path}: not read ({e}); pricing by estimates", err=True)
         return None
@@ -169,25 +172,28 @@ def generate(
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FleetdError(f"cannot create {folder}: {e.strerror or e}") from None
+    remove_temps(out_dir, "compose.yml", ".env", older_than_s=STALE_TEMP_S)  # a killed run's
+    texts = {
+        out_dir / "compose.yml": project.compose_yaml,
+        out_dir / ".env": "".join(f"{k}={v}\n" for k, v in project.env.items()),
+    }
+    handed_off = [] if no_model_files else _new_handoffs(project, state)
+    for folder, setup in handed_off:
+        remove_temps(folder, *HANDOFF_FILES, older_than_s=STALE_TEMP_S)
+        files = setup.files()  # `model` last: a container that sees it finds args and env
+        texts.update({folder / name: files[name] for name in ("args", "env", "model")})
     try:
-        atomic_write(out_dir / "compose.yml", project.compose_yaml)
-        atomic_write(out_dir / ".env", "".join(f"{k}={v}\n" for k, v in project.env.items()))
+        write_all(texts)  # all or nothing: a full disk leaves the old files, every one
     except OSError as e:
-        raise FleetdError(f"cannot write the project in {out_dir}: {e.strerror or e}") from None
+        raise FleetdError(
+            f"cannot write {e.filename}: {e.strerror or e} (no file was changed)"
+        ) from None
     count = len(project.models)
     click.echo(
         f"wrote {out_dir / 'compose.yml'} ({count} service{'s' * (count != 1)}) "
         f"and {out_dir / '.env'}"
     )
-    for service, setup in project.setups.items():
-        folder = state / "services" / service
-        if no_model_files or (folder / "model").exists():
-            continue  # fleetd's own: it keeps the files of the rung it runs
-        try:
-            for name, text in setup.files().items():
-                atomic_write(folder / name, text)
-        except OSError as e:
-            raise FleetdError(f"cannot write the hand-off in {folder}: {e.strerror or e}") from None
+    for folder, setup in handed_off:
         click.echo(f"wrote {folder}/{{model,args,env}} ({setup.model}, {setup.describe()})")
     for service in project.skipped:
         click.echo(
@@ -196,6 +202,13 @@ def generate(
             err=True,
         )
     return EXIT_OK if not project.skipped else EXIT_FAILURE
+
+
+def _new_handoffs(project: ComposeProject, state: Path) -> list[tuple[Path, RungSetup]]:
+    """The hand-off folders to write, with their rungs: those without a model file (one
+    that exists is fleetd's own: it keeps the files of the rung it runs)."""
+    folders = [(state / "services" / name, setup) for name, setup in project.setups.items()]
+    return [(folder, setup) for folder, setup in folders if not (folder / "model").exists()]
 
 
 @cli.command()
