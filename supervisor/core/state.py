@@ -208,17 +208,37 @@ class FleetState:
         return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 
     @classmethod
+    def from_bytes(cls, data: bytes) -> FleetState:
+        """Decode the file's bytes: UTF-8 text, then as `from_json`."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise StateError(f"not UTF-8: {e.reason} at byte {e.start}") from None
+        return cls.from_json(text)
+
+    @classmethod
     def from_json(cls, text: str) -> FleetState:
         """Decode the file's text; a StateError names the key, the value and what was expected."""
         try:
-            document = json.loads(text)
+            document = json.loads(text, parse_int=_int)
         except json.JSONDecodeError as e:
             raise StateError(f"not valid JSON: {e}") from e
-        except ValueError as e:  # an integer of more digits than Python converts
-            raise StateError(f"not a state file: {e}") from None
         except RecursionError:
             raise StateError("not a state file: nested too deeply") from None
         return _decode_fleet(_Object(document, ""))
+
+
+_MAX_INT_DIGITS = 4300  # Python's own limit for turning text into an int
+
+
+def _int(digits: str) -> int:
+    """An integer of the file, refused when it has more digits than Python converts."""
+    if len(digits) > _MAX_INT_DIGITS:
+        raise StateError(
+            f"not a state file: a number of {len(digits)} digits ({digits[:20]}...), "
+            f"expected at most {_MAX_INT_DIGITS}"
+        )
+    return int(digits)
 
 
 # ---------------------------------------------------------------- encoding
@@ -327,12 +347,21 @@ def _bad(where: str, value: object, expected: str) -> StateError:
     return StateError(f"{where or 'the top level'} is {_shown(value)}, expected {expected}")
 
 
+# JSON's `"\ud800"` decodes to a lone surrogate: not a character, so nothing could print,
+# log or save it again.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TEXT = "text (no lone surrogate such as \\ud800)"
+
+
 class _Object:
     """A JSON object being decoded: typed reads by key, each error naming the key path."""
 
     def __init__(self, value: object, where: str) -> None:
         if not isinstance(value, dict):
             raise _bad(where, value, "an object")
+        for key in value:
+            if _SURROGATE.search(key):
+                raise StateError(f"{where or 'the top level'}: key {_shown(key)}, expected {_TEXT}")
         self.data: dict[str, object] = value
         self.where = where
         self._read: set[str] = set()
@@ -366,6 +395,8 @@ class _Object:
 def _str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise _bad(where, value, "a string")
+    if _SURROGATE.search(value):
+        raise _bad(where, value, _TEXT)
     return value
 
 
