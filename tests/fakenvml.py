@@ -2,12 +2,14 @@
 NVMLErrors.
 
 `pynvml.NVMLError(code)` builds the code's own subclass (`NVMLError_GpuIsLost`, ...), so the
-code under test sees exactly what the real library raises. Scenarios are named after the
-failure they reproduce.
+code under test sees exactly what the real library raises. Like NVML, initialisation is
+counted: each nvmlInit needs its nvmlShutdown. The event API is fed by the test
+(`emit_xid`, `emit_wait_error`). Scenarios are named after the failure they reproduce.
 """
 
 from __future__ import annotations
 
+import queue
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -21,8 +23,8 @@ NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE_ulonglong, as some drivers
 
 @dataclass
 class FakeDevice:
-    """One GPU; `fail` maps a query (`handle`, `memory`, `name`, `uuid`, `processes`) to an
-    NVML error code that query raises."""
+    """One GPU; `fail` maps a query (`handle`, `memory`, `name`, `uuid`, `processes`, `pci`,
+    `events`: registering for events) to an NVML error code that query raises."""
 
     total: int
     used: int = 0
@@ -30,6 +32,7 @@ class FakeDevice:
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     fail: dict[str, int] = field(default_factory=dict)
+    bus_id: str = "00000000:01:00.0"  # as NVML's nvmlPciInfo_t.busId writes it
 
     def check(self, query: str) -> None:
         if query in self.fail:
@@ -48,8 +51,13 @@ class FakeNvml:
         self.devices = devices or []
         self.init_error = init_error
         self.driver = driver
-        self.ready = False
+        self.inits = 0  # NVML counts initialisations; shutdown happens when none is left
         self.calls: Counter[str] = Counter()
+        self.event_sets: list[FakeEventSet] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.inits > 0
 
     def _call(self, name: str) -> None:
         self.calls[name] += 1
@@ -60,11 +68,11 @@ class FakeNvml:
         self.calls["nvmlInit"] += 1
         if self.init_error is not None:
             raise pynvml.NVMLError(self.init_error)
-        self.ready = True
+        self.inits += 1
 
     def nvmlShutdown(self) -> None:
         self._call("nvmlShutdown")
-        self.ready = False
+        self.inits -= 1
 
     def nvmlSystemGetDriverVersion(self) -> str:
         self._call("nvmlSystemGetDriverVersion")
@@ -103,6 +111,77 @@ class FakeNvml:
         handle.check("processes")
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in handle.processes]
 
+    def nvmlDeviceGetPciInfo(self, handle: FakeDevice) -> SimpleNamespace:
+        self._call("nvmlDeviceGetPciInfo")
+        handle.check("pci")
+        return SimpleNamespace(busId=handle.bus_id, busIdLegacy=handle.bus_id[4:])
+
+    # --- the event API ---------------------------------------------------------------------
+
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        self._call("nvmlEventSetCreate")
+        event_set = FakeEventSet()
+        self.event_sets.append(event_set)
+        return event_set
+
+    def nvmlDeviceRegisterEvents(
+        self, handle: FakeDevice, event_types: int, event_set: FakeEventSet
+    ) -> None:
+        self._call("nvmlDeviceRegisterEvents")
+        handle.check("events")
+        event_set.registered[id(handle)] = event_types
+
+    def nvmlEventSetWait_v2(self, event_set: FakeEventSet, timeoutms: int) -> SimpleNamespace:
+        self._call("nvmlEventSetWait_v2")
+        if event_set.freed:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        try:
+            item = event_set.pending.get(timeout=timeoutms / 1000)
+        except queue.Empty:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT) from None
+        if isinstance(item, int):
+            raise pynvml.NVMLError(item)
+        return item
+
+    def nvmlEventSetWait(self, event_set: FakeEventSet, timeoutms: int) -> SimpleNamespace:
+        return self.nvmlEventSetWait_v2(event_set, timeoutms)
+
+    def nvmlEventSetFree(self, event_set: FakeEventSet) -> None:
+        self._call("nvmlEventSetFree")
+        event_set.freed = True
+
+    def emit_xid(
+        self, index: int, xid: int, event_type: int = pynvml.nvmlEventTypeXidCriticalError
+    ) -> None:
+        """GPU `index` reports Xid `xid`: every open set registered for it gets the event."""
+        device = self.devices[index]
+        for event_set in self.event_sets:
+            if event_set.registered.get(id(device), 0) & event_type and not event_set.freed:
+                # Like pynvml's c_nvmlEventData_t; `device` is the handle itself here.
+                event = SimpleNamespace(
+                    device=device,
+                    eventType=event_type,
+                    eventData=xid,
+                    gpuInstanceId=0xFFFFFFFF,
+                    computeInstanceId=0xFFFFFFFF,
+                )
+                event_set.pending.put(event)
+
+    def emit_wait_error(self, code: int) -> None:
+        """The next wait on every open set raises NVML error `code` (GPU_IS_LOST, ...)."""
+        for event_set in self.event_sets:
+            if not event_set.freed:
+                event_set.pending.put(code)
+
+
+@dataclass
+class FakeEventSet:
+    """An nvmlEventSet_t: which devices are registered (by identity) for which event types."""
+
+    registered: dict[int, int] = field(default_factory=dict)
+    pending: queue.Queue[SimpleNamespace | int] = field(default_factory=queue.Queue)
+    freed: bool = False
+
 
 # --- scenarios ------------------------------------------------------------------------------
 
@@ -134,6 +213,7 @@ def two_gpus_with_processes() -> FakeNvml:
                 used=5 * GIB,
                 uuid="GPU-aaaa",
                 processes=[(1001, 3 * GIB), (2002, 2 * GIB)],
+                bus_id="00000000:3B:00.0",
             ),
             FakeDevice(
                 total=12 * GIB,
@@ -141,16 +221,36 @@ def two_gpus_with_processes() -> FakeNvml:
                 name="NVIDIA GeForce RTX 4070 SUPER",
                 uuid="GPU-bbbb",
                 processes=[(3003, 1 * GIB)],
+                bus_id="00000000:AF:00.0",
             ),
         ]
     )
 
 
+def three_good_gpus() -> FakeNvml:
+    """An 8-GPU server's first three slots: distinct UUIDs and bus ids."""
+    return FakeNvml(
+        devices=[
+            FakeDevice(total=80 * GIB, uuid=f"GPU-good{i}", bus_id=f"00000000:{bus}:00.0")
+            for i, bus in enumerate(("18", "3B", "86"))
+        ]
+    )
+
+
 def lost_gpu_among_good_ones(query: str = "handle") -> FakeNvml:
-    """GPU 1 fell off the bus (Xid 79): its `query` raises GPU_IS_LOST, GPUs 0 and 2 work."""
-    good = [FakeDevice(total=24 * GIB, uuid=f"GPU-good{i}") for i in (0, 2)]
-    lost = FakeDevice(total=24 * GIB, uuid="GPU-lost", fail={query: pynvml.NVML_ERROR_GPU_IS_LOST})
-    return FakeNvml(devices=[good[0], lost, good[1]])
+    """GPU 1 fell off the bus (Xid 79): its `query` raises GPU_IS_LOST, GPUs 0 and 2 work.
+
+    The same GPUs as `three_good_gpus`, after GPU 1 was lost."""
+    fake = three_good_gpus()
+    fake.devices[1].fail[query] = pynvml.NVML_ERROR_GPU_IS_LOST
+    return fake
+
+
+def events_not_supported_on_one() -> FakeNvml:
+    """GPU 0 answers NOT_SUPPORTED to event registration (a vGPU, an old board); 1 and 2 work."""
+    fake = three_good_gpus()
+    fake.devices[0].fail["events"] = pynvml.NVML_ERROR_NOT_SUPPORTED
+    return fake
 
 
 def name_and_uuid_unreadable() -> FakeNvml:

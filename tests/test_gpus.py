@@ -11,7 +11,7 @@ import pytest
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import UsageError
 from supervisor.core.gpus import Gpu, GpuProcess, resolve_gpus, simulated_gpus
-from supervisor.edges.nvml import Nvml
+from supervisor.edges.nvml import Nvml, normalise_bus_id
 from tests import fakenvml
 from tests.fakenvml import GIB, NOT_AVAILABLE, FakeDevice, FakeNvml
 
@@ -161,6 +161,62 @@ def test_unreadable_driver_version_is_none() -> None:
 
 def _raise_not_supported() -> str:
     raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+
+# --- PCI bus ids ----------------------------------------------------------------------------
+
+
+def test_each_gpu_carries_its_pci_bus_id_in_one_form() -> None:
+    gpus = Nvml(fakenvml.two_gpus_with_processes()).discover().gpus
+
+    assert [g.pci_bus_id for g in gpus] == ["00000000:3b:00.0", "00000000:af:00.0"]
+
+
+def test_unreadable_pci_info_leaves_a_valid_record_without_a_bus_id() -> None:
+    fake = FakeNvml(devices=[FakeDevice(total=GIB, fail={"pci": pynvml.NVML_ERROR_UNKNOWN})])
+
+    (gpu,) = Nvml(fake).discover().gpus
+
+    assert gpu.valid and gpu.pci_bus_id is None
+
+
+def test_a_lost_gpu_has_no_bus_id() -> None:
+    _, lost, _ = Nvml(fakenvml.lost_gpu_among_good_ones()).discover().gpus
+
+    assert not lost.valid and lost.pci_bus_id is None
+
+
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [
+        ("00000000:3B:00.0", "00000000:3b:00.0"),  # NVML's nvmlPciInfo_t.busId
+        ("0000:3B:00.0", "00000000:3b:00.0"),  # NVML's busIdLegacy
+        ("PCI:0000:3b:00", "00000000:3b:00.0"),  # the kernel's `NVRM: Xid (PCI:...)`
+        ("0000:01:00", "00000000:01:00.0"),  # older drivers' `NVRM: Xid (0000:01:00)`
+        ("0000:2b:00.0", "00000000:2b:00.0"),  # `NVRM: GPU 0000:2b:00.0: ...`
+        ("3b:00.0", "00000000:3b:00.0"),  # lspci's short form
+        ("0001:c1:00.1", "00000001:c1:00.1"),
+    ],
+)
+def test_bus_ids_from_nvml_and_the_kernel_compare_equal(text: str, normal: str) -> None:
+    assert normalise_bus_id(text) == normal
+
+
+@pytest.mark.parametrize("text", ["", "GPU-aaaa", "3b", "0000:3b:00.9", "0000:3b:00:0"])
+def test_what_is_not_a_bus_id_is_none(text: str) -> None:
+    assert normalise_bus_id(text) is None
+
+
+def test_fake_counts_initialisations_like_nvml() -> None:
+    fake = fakenvml.one_gpu()
+    fake.nvmlInit()
+    fake.nvmlInit()
+
+    fake.nvmlShutdown()
+    assert fake.nvmlDeviceGetCount() == 1  # one initialisation is still held
+    fake.nvmlShutdown()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        fake.nvmlDeviceGetCount()
 
 
 # --- memory other programs hold -------------------------------------------------------------

@@ -34,6 +34,7 @@ class Gpu:
     free_bytes: int | None = None
     processes: tuple[GpuProcess, ...] | None = ()  # None: NVML could not list them
     error: str | None = None  # set on an invalid record (lost GPU, NVML error)
+    pci_bus_id: str | None = None  # NVML's, as `00000000:3b:00.0` (edges.nvml.normalise_bus_id)
 
     @property
     def valid(self) -> bool:
