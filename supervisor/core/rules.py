@@ -60,16 +60,19 @@ GPU_FAULT_RULES: tuple[Rule, ...] = (
     Rule(
         id="nvidia.xid",
         incident_class=IncidentClass.GPU_FAULT,
-        pattern=r"NVRM: Xid \(PCI:[0-9A-Fa-f:.]+\): \d+",
+        # Not the NVLink events the driver itself calls Nonfatal (Xid 144-150 carry the word).
+        pattern=r"NVRM: Xid \(PCI:[0-9A-Fa-f:.]+\): \d+(?!\d|, \S+ Nonfatal )",
         runtimes=None,
-        description="NVIDIA kernel driver Xid report (any code) in a kernel log",
+        description="NVIDIA kernel driver Xid report (any code but a non-fatal NVLink event)",
         examples=(
             "NVRM: Xid (PCI:0000:44:00): 79, GPU has fallen off the bus",
             "[ 1399.140323] NVRM: Xid (PCI:0000:01:00): 32, Channel ID 00000009 intr 00800000",
+            "NVRM: Xid (PCI:0019:01:00): 149, NETIR Fatal XC0 i0 Link -1 (0x000fe406 0x00000000"
+            " 0x00000000 0x00000000 0x00000000 0x00000000)",
         ),
         source=(
             f"{_GH}/NVIDIA/NVSentinel/issues/155; Ubuntu forum post 'gnome-shell freezes'"
-            " (2019-03-31); NVIDIA Xid catalogue (docs.nvidia.com)"
+            f" (2019-03-31); NVIDIA Xid catalogue (docs.nvidia.com); {_GH}/leptonai/gpud/pull/1174"
         ),
     ),
     Rule(
@@ -166,6 +169,43 @@ GPU_FAULT_RULES: tuple[Rule, ...] = (
         source=f"{_GH}/abetlen/llama-cpp-python/issues/1890; {_GH}/NVIDIA/TensorRT-LLM/issues/1556",
     ),
     Rule(
+        id="llamacpp.cuda_init_failed",
+        incident_class=IncidentClass.GPU_FAULT,
+        pattern=r"ggml_cuda_init: failed to initialize CUDA: ",
+        runtimes=_LLAMACPP,
+        description="ggml could not initialise CUDA (any reason): the server runs without the GPU",
+        examples=("llama-cpp    | ggml_cuda_init: failed to initialize CUDA: unknown error",),
+        source=f"{_GH}/ggml-org/llama.cpp/issues/1866",
+    ),
+    Rule(
+        id="vulkan.device_lost",
+        incident_class=IncidentClass.GPU_FAULT,
+        pattern=r"vk::DeviceLostError",
+        runtimes=None,
+        description="the Vulkan device was lost (llama.cpp's Vulkan backend): its context is dead",
+        examples=("terminate called after throwing an instance of 'vk::DeviceLostError'",),
+        source=f"{_GH}/ggml-org/llama.cpp/issues/13248",
+    ),
+    Rule(
+        id="docker.gpu_driver_missing",
+        incident_class=IncidentClass.GPU_FAULT,
+        pattern=r'could not select device driver (?:"[^"]*" )?with capabilities: \[\[gpu\]\]',
+        runtimes=None,
+        description="Docker cannot give the container a GPU (no NVIDIA container runtime)",
+        examples=(
+            'docker: Error response from daemon: could not select device driver "" with'
+            " capabilities: [[gpu]].",
+            'Error response from daemon: could not select device driver "nvidia" with capabilities:'
+            " [[gpu]]",
+            "docker: Error response from daemon: could not select device driver with capabilities:"
+            " [[gpu]].",
+        ),
+        source=(
+            f"{_GH}/NVIDIA/nvidia-docker/issues/1352; {_GH}/infiniflow/ragflow/issues/9573;"
+            f" {_GH}/NVIDIA/nvidia-docker/issues/1642"
+        ),
+    ),
+    Rule(
         id="ollama.no_gpu",
         incident_class=IncidentClass.GPU_FAULT,
         pattern=r'msg="no compatible GPUs were discovered"|msg="no nvidia devices detected"',
@@ -185,7 +225,10 @@ HOST_OOM_RULES: tuple[Rule, ...] = (
     Rule(
         id="kernel.oom_kill",
         incident_class=IncidentClass.HOST_OOM,
-        pattern=r"(?:Memory cgroup out|Out) of memory: Kill(?:ed)? process \d+",
+        pattern=(
+            r"(?:Memory cgroup out|Out) of memory: Kill(?:ed)? process \d+"
+            r"|oom_reaper: reaped process \d+"
+        ),
         runtimes=None,
         description="the kernel OOM killer (global or cgroup) killed a process",
         examples=(
@@ -197,6 +240,8 @@ HOST_OOM_RULES: tuple[Rule, ...] = (
             " shmem-rss:0kB",
             "May 07 21:43:54 doom kernel: Out of memory: Kill process 27438 (R) score 31 or"
             " sacrifice child",
+            "May 15 23:09:27 ubuntu-s-1vcpu-2gb-ams3-01 kernel: [  514.686093] oom_reaper: reaped"
+            " process 15617 (python3), now anon-rss:0kB, file-rss:0kB, shmem-rss:0kB",
         ),
         source=f"{_GH}/docker/for-linux/issues/1001; {_GH}/genular/pandora/issues/49",
     ),
@@ -224,6 +269,18 @@ HOST_OOM_RULES: tuple[Rule, ...] = (
             "user-21417.slice/user@21417.service,task=perl,pid=1440763,uid=21417",
         ),
         source=f"{_GH}/equinor/ert/issues/7797",
+    ),
+    Rule(
+        id="dockerd.task_oom",
+        incident_class=IncidentClass.HOST_OOM,
+        pattern=r"topic=/tasks/oom\b",
+        runtimes=None,
+        description="dockerd's log of a container's cgroup OOM (the engine's `oom` event)",
+        examples=(
+            'Jun 13 23:04:43 kir-ce75-gd dockerd[9931]: time="2019-06-13T23:04:43.101748600Z"'
+            " level=debug msg=event module=libcontainerd namespace=moby topic=/tasks/oom",
+        ),
+        source=f"{_GH}/moby/moby/issues/38613",
     ),
     Rule(
         id="systemd.oom_kill",
@@ -321,9 +378,9 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
     Rule(
         id="torch.cuda_oom",
         incident_class=IncidentClass.VRAM_OOM,
-        pattern=r"CUDA out of memory\. |would exceed allowed memory\. \(out of memory\)",
+        pattern=r"(?:CUDA|HIP) out of memory\. |would exceed allowed memory\. \(out of memory\)",
         runtimes=None,
-        description="PyTorch's CUDA caching allocator ran out of VRAM",
+        description="PyTorch's caching allocator (CUDA, or HIP on ROCm) ran out of VRAM",
         examples=(
             "(VllmWorker rank=1 pid=194255) ERROR 05-08 14:46:12 [multiproc_executor.py:435]"
             " torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 270.00 MiB. GPU 1"
@@ -345,9 +402,16 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
             " GiB\\nFree (according to CUDA): 11.12 MiB\\nPyTorch limit (set by user-supplied"
             " memory fraction)\\n                        : 22.20 GiB\")', router/src/main.rs:"
             "216:18",
+            "torch.OutOfMemoryError: HIP out of memory. Tried to allocate 16.00 GiB. GPU 0 has a"
+            " total capacity of 15.24 GiB of which 15.09 GiB is free. Of the allocated memory 0"
+            " bytes is allocated by PyTorch, and 0 bytes is reserved by PyTorch but unallocated. If"
+            " reserved but unallocated memory is large try setting"
+            " PYTORCH_HIP_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See"
+            " documentation for Memory Management "
+            " (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
         ),
         source=(
-            f"{_GH}/vllm-project/vllm/issues/17835;"
+            f"{_GH}/ROCm/TheRock/issues/1054; {_GH}/vllm-project/vllm/issues/17835;"
             f" {_GH}/huggingface/text-generation-inference/issues/866;"
             f" {_GH}/huggingface/text-generation-inference/issues/563"
         ),
@@ -355,11 +419,14 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
     Rule(
         id="cuda.error_oom",
         incident_class=IncidentClass.VRAM_OOM,
-        pattern=r"CUDA error: out of memory",
+        pattern=r"CUDA error(?: \d+ at \S+)?: out of memory",
         runtimes=None,
         description="a CUDA call failed with out of memory (PyTorch, ggml CUDA_CHECK)",
-        examples=("Error: llama runner process has terminated: CUDA error: out of memory",),
-        source=f"{_GH}/ollama/ollama/issues/9782",
+        examples=(
+            "Error: llama runner process has terminated: CUDA error: out of memory",
+            "CUDA error 2 at /data/llama.cpp/ggml-cuda.cu:5509: out of memory",
+        ),
+        source=f"{_GH}/ollama/ollama/issues/9782; {_GH}/ggml-org/llama.cpp/issues/3199",
     ),
     Rule(
         id="cublas.alloc_failed",
@@ -372,6 +439,93 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
             " `cublasCreate(handle)`",
         ),
         source=f"{_GH}/QwenLM/Qwen3/issues/873",
+    ),
+    Rule(
+        id="cudnn.alloc_failed",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"CUDNN_STATUS_ALLOC_FAILED",
+        runtimes=None,
+        description="cuDNN could not allocate its handle or workspace in VRAM",
+        examples=(
+            "Could not create cudnn handle: CUDNN_STATUS_ALLOC_FAILED",
+            "mxnet.base.MXNetError: [16:26:09] src/operator/nn/./cudnn/cudnn_convolution-inl.h:713:"
+            " Check failed: e == CUDNN_STATUS_SUCCESS (2 vs. 0) cuDNN: CUDNN_STATUS_ALLOC_FAILED",
+        ),
+        source=f"{_GH}/tensorflow/tensorflow/issues/39989; {_GH}/ElegantGod/SSHA/issues/5",
+    ),
+    Rule(
+        id="onnxruntime.cuda_failure_oom",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"CUDA failure 2: out of memory",
+        runtimes=None,
+        description="ONNX Runtime's (and CNTK's) CUDA call check: cudaErrorMemoryAllocation",
+        examples=(
+            "Processing:  99%|▉| 1732/1744 [08:43<00:03,  3.79frame/s,"
+            " execution_providers=['CUDAExecutionProvider'], execution_thre[ONNXRuntimeError] : 1 :"
+            " FAIL : D:\\a\\_work\\1\\s\\onnxruntime\\core\\providers\\cuda\\cuda_call.cc:121"
+            " onnxruntime::CudaCall"
+            " D:\\a\\_work\\1\\s\\onnxruntime\\core\\providers\\cuda\\cuda_call.cc:114"
+            " onnxruntime::CudaCall CUDA failure 2: out of memory ; GPU=0 ;"
+            " hostname=DESKTOP-QUBEI ;"
+            " file=D:\\a\\_work\\1\\s\\onnxruntime\\core\\providers\\cuda\\cuda_stream_handle.cc ;"
+            " line=175 ; expr=cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);",
+            "CUDA failure 2: out of memory ; GPU=0 ; hostname=MSI ; expr=cudaMalloc((void**)"
+            " &deviceBufferPtr, sizeof(AllocatedElemType) * numElements)",
+        ),
+        source=f"{_GH}/hacksider/Deep-Live-Cam/issues/584; {_GH}/microsoft/CNTK/issues/1769",
+    ),
+    Rule(
+        id="xla.resource_exhausted",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=(
+            r"(?:RESOURCE_EXHAUSTED|Resource exhausted): Out of memory"
+            r" (?:while trying to allocate|allocating) \d+ bytes"
+        ),
+        runtimes=None,
+        description="XLA (JAX, TensorFlow with XLA) could not allocate device memory",
+        examples=(
+            "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying"
+            " to allocate 6291456 bytes.",
+            "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 14285187448"
+            " bytes.",
+            "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating"
+            " 20029400304 bytes.",
+            "  (0) Resource exhausted: Out of memory while trying to allocate 68852648264 bytes.",
+        ),
+        source=(
+            f"{_GH}/jax-ml/jax/issues/13428; {_GH}/sokrypton/ColabFold/issues/65;"
+            f" {_GH}/onpix/LLNeRF/issues/9; {_GH}/NVIDIA/DeepLearningExamples/issues/405"
+        ),
+    ),
+    Rule(
+        id="tensorflow.oom_tensor",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=(
+            r"OOM when allocating tensor with shape\[[^\]]*\] and type \w+"
+            r" on \S*device:GPU:\d+"
+        ),
+        runtimes=None,
+        description="TensorFlow could not allocate a tensor on a GPU (ResourceExhaustedError)",
+        examples=(
+            "OOM when allocating tensor with shape[3,3,512,1024] and type float on"
+            " /job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc [Op:Mul]",
+        ),
+        source=f"{_GH}/tensorflow/tensorflow/issues/47820",
+    ),
+    Rule(
+        id="deepspeed.workspace_oom",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"Workspace can't be allocated, not? enough memory",
+        runtimes=None,
+        description="DeepSpeed-Inference's kernels could not allocate their VRAM workspace",
+        examples=(
+            "RuntimeError: Workspace can't be allocated, no enough memory.",
+            "RuntimeError: Workspace can't be allocated, not enough memory",
+        ),
+        source=(
+            f"{_GH}/daswer123/xtts-webui/issues/25; deepspeedai/DeepSpeed"
+            " csrc/transformer/inference/includes/inference_context.h"
+        ),
     ),
     Rule(
         id="nccl.cuda_oom",
@@ -428,6 +582,32 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
             "llama_model_load: error loading model: unable to allocate backend buffer",
         ),
         source=f"{_GH}/ggml-org/llama.cpp/issues/20431; {_GH}/ggml-org/llama.cpp/issues/7366",
+    ),
+    Rule(
+        id="llamacpp.vulkan_alloc_failed",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"ggml_vulkan: Device memory allocation of size \d+ failed",
+        runtimes=_LLAMACPP,
+        description="ggml's Vulkan backend could not allocate device memory",
+        examples=(
+            "ggml_vulkan: Device memory allocation of size 369827840 failed.",
+            "ggml_vulkan: Device memory allocation of size 3959422976 failed.",
+        ),
+        source=f"{_GH}/ggml-org/llama.cpp/issues/29270; {_GH}/ggml-org/llama.cpp/issues/12817",
+    ),
+    Rule(
+        id="vulkan.out_of_device_memory",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"VK_ERROR_OUT_OF_DEVICE_MEMORY",
+        runtimes=None,
+        description="a Vulkan driver reported the device out of memory",
+        examples=(
+            "iconda\\envs\\mlc-llm-build\\conda-bld\\mlc-chat-cli-nightly-package_1694754606949"
+            "\\work\\3rdparty\\tvm\\src\\runtime\\vulkan\\vulkan_buffer.cc:61: InternalError: Check"
+            " failed: (__e == VK_SUCCESS) is false: Vulkan Error, code=-2:"
+            " VK_ERROR_OUT_OF_DEVICE_MEMORY",
+        ),
+        source=f"{_GH}/mlc-ai/mlc-llm/issues/974",
     ),
     Rule(
         id="ollama.runner_oom",
@@ -538,35 +718,58 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
     Rule(
         id="tgi.warmup_oom",
         incident_class=IncidentClass.VRAM_OOM,
-        pattern=r"Not enough memory to (?:handle \d+ (?:total |prefill )?tokens|warmup )",
+        pattern=(
+            r"Not enough memory to (?:handle \d+ (?:total |prefill )?tokens|warmup )"
+            r"|NotEnoughMemory\(\d+\)"
+        ),
         runtimes=_TGI,
-        description="TGI: the warm-up batch did not fit in VRAM",
+        description="TGI: the warm-up batch, or max_total_tokens, did not fit in VRAM",
         examples=(
             "ERROR warmup{max_input_length=64 max_prefill_tokens=256}:warmup:"
             " text_generation_client: router/client/src/lib.rs:33: Server error: Not enough"
             " memory to handle 256 prefill tokens. You need to decrease",
             "Not enough memory to handle 16000 total tokens with 2 prefill tokens. You need to"
             " decrease `--max-batch-total-tokens` or `--max-batch-prefill-tokens",
+            "Error: Backend(NotEnoughMemory(64))",
         ),
         source=(
             f"{_GH}/huggingface/text-generation-inference/issues/1164;"
             f" {_GH}/huggingface/text-generation-inference/issues/710;"
-            " server/text_generation_server/models/flash_causal_lm.py"
+            " server/text_generation_server/models/flash_causal_lm.py;"
+            f" {_GH}/huggingface/optimum-tpu/issues/148 (backends/v3/src/lib.rs)"
         ),
     ),
     Rule(
         id="sglang.mem_fraction",
         incident_class=IncidentClass.VRAM_OOM,
-        pattern=r"Not enough memory\. Please try to increase --mem-fraction-static",
+        pattern=(
+            r"Not enough memory\. Please try to increase --mem-fraction-static"
+            r"|leave no GPU memory for the KV cache"
+        ),
         runtimes=_SGLANG,
         description="SGLang: the weights left no VRAM for the KV cache pool",
         examples=(
             "RuntimeError: Not enough memory. Please try to increase --mem-fraction-static.",
+            "ValueError: Loaded weights leave no GPU memory for the KV cache under"
+            " --mem-fraction-static=0.88.",
         ),
         source=(
             f"{_GH}/sgl-project/sglang/issues/4330;"
-            " python/sglang/srt/model_executor/model_runner.py"
+            " python/sglang/srt/model_executor/model_runner.py;"
+            f" {_GH}/SemiAnalysisAI/InferenceX/issues/2128"
         ),
+    ),
+    Rule(
+        id="sglang.batch_oom",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"(?:Prefill|Decode) out of memory\. Try to lower your batch size",
+        runtimes=_SGLANG,
+        description="SGLang: the KV cache pool ran out for a batch and the scheduler stopped",
+        examples=(
+            "RuntimeError: Decode out of memory. Try to lower your batch size.",
+            "RuntimeError: Prefill out of memory. Try to lower your batch size.",
+        ),
+        source=f"{_GH}/sgl-project/sglang/issues/4602; {_GH}/sgl-project/sglang-jax/issues/1360",
     ),
     Rule(
         id="tensorrt.cuda_runtime_oom",
@@ -591,7 +794,10 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
     Rule(
         id="tensorrt.engine_oom",
         incident_class=IncidentClass.VRAM_OOM,
-        pattern=r"Error Code 1: Cuda Runtime \(out of memory\)|Error Code 2: OutOfMemory",
+        pattern=(
+            r"Error Code 1: Cuda Runtime \(out of memory\)|Error Code 2: OutOfMemory"
+            r"|Cuda Error in \S+ 2 \(out of memory\)"
+        ),
         runtimes=_TENSORRT,
         description="TensorRT could not allocate VRAM for an engine or execution context",
         examples=(
@@ -600,8 +806,38 @@ VRAM_OOM_RULES: tuple[Rule, ...] = (
             "2026-05-01 00:04:05,399 - torch_tensorrt [TensorRT Conversion Context] - ERROR -"
             " [executionContext.cpp::initializeExecutionContext::644] Error Code 2: OutOfMemory"
             " (Requested size was 149635638784 bytes.)",
+            "[E] [TRT] C:\\source\\rtSafe\\safeRuntime.cpp (25) - Cuda Error in"
+            " nvinfer1::internal::DefaultAllocator::allocate: 2 (out of memory)",
         ),
-        source=f"{_GH}/pytorch/TensorRT/issues/2836; {_GH}/pytorch/TensorRT/issues/4227",
+        source=(
+            f"{_GH}/pytorch/TensorRT/issues/2836; {_GH}/pytorch/TensorRT/issues/4227;"
+            f" {_GH}/NVIDIA/TensorRT/issues/948"
+        ),
+    ),
+    Rule(
+        id="tensorrt.kv_cache_too_small",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"maxTokensInPagedKvCache must be large enough to process at least 1 sequence",
+        runtimes=_TENSORRT,
+        description="TensorRT-LLM: the KV cache left in VRAM cannot hold one sequence",
+        examples=(
+            "[TensorRT-LLM][ERROR] maxTokensInPagedKvCache must be large enough to process at"
+            " least 1 sequence to completion (i.e. must be larger than beam_width * tokensPerBlock"
+            " * maxBlocksPerSeq)",
+        ),
+        source=f"{_GH}/NVIDIA/TensorRT-LLM/issues/542",
+    ),
+    Rule(
+        id="tensorrt.executor_insufficient_memory",
+        incident_class=IncidentClass.VRAM_OOM,
+        pattern=r"Executor creation failed due to insufficient GPU memory",
+        runtimes=_TENSORRT,
+        description="TensorRT-LLM (PyTorch backend): a component such as the KV cache did not fit",
+        examples=(
+            "[07/08/2025-19:47:15] [TRT-LLM] [RANK 1] [E] Failed to initialize executor on rank 1:"
+            " Executor creation failed due to insufficient GPU memory.",
+        ),
+        source=f"{_GH}/NVIDIA/TensorRT-LLM/issues/5872",
     ),
     Rule(
         id="triton.onnxruntime_arena",
@@ -794,7 +1030,35 @@ NOT_INCIDENTS: tuple[str, ...] = (
     "time=2025-03-07T06:24:32.962Z level=WARN source=sched.go:647 msg=\"gpu VRAM usage didn't"
     ' recover within timeout" seconds=5.176344713 model=/root/.ollama/models/blobs/'
     "sha256-8934d96d3f08982e95922b2b7a2c626a1fe873d7c3b06e8e56d7bc0a1fef9246",
+    "[2025-03-07 21:49:33 TP13] Decode out of memory happened. #retracted_reqs: 1,"
+    " #new_token_ratio: 0.1474 -> 0.1845",
+    "[2022-07-13 21:09:13,651] [WARNING] [stage3.py:2391:step] 2 pytorch allocator cache flushes"
+    " since last step. this happens when there is high memory pressure and is detrimental to"
+    " performance. if this is happening frequently consider adjusting settings to reduce memory"
+    " consumption. If you are unable to make the cache flushes go away consider adding"
+    " torch.cuda.empty_cache() calls in your training loop to ensure that all ranks flush their"
+    " caches at the same time",
+    "2025-03-17 17:48:09.854399: W tensorflow/core/common_runtime/bfc_allocator.cc:343] Garbage"
+    " collection: deallocate free memory regions (i.e., allocations) so that we can re-allocate a"
+    " larger region to avoid OOM due to memory fragmentation. If you see this message frequently,"
+    " you are running near the threshold of the available device memory and re-allocation may"
+    " incur great performance overhead. You may try smaller batch sizes to observe the"
+    " performance impact. Set TF_ENABLE_GPU_GARBAGE_COLLECTION=false if you'd like to disable"
+    " this feature.",
+    "2019-06-08 03:44:36.087182: E external/org_tensorflow/tensorflow/compiler/xla/service/gpu/"
+    "cudnn_conv_algorithm_picker.cc:555] Resource exhausted: Failed to allocate request for"
+    " 3.39GiB (3640655872B) on device ordinal 0",
+    "ggml_vulkan: Failed to allocate pinned memory.",
+    "ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+    "[TensorRT-LLM][WARNING] Attention workspace size is not enough, increase the size from 0 bytes"
+    " to 67462144 bytes",
+    "2025-06-10T08:11:40.218311Z  WARN text_generation_launcher: Reducing the max batch prefill"
+    " from 8192 to 4096 because there is not enough VRAM to support it.",
+    "NVRM: Xid (PCI:0018:01:00): 145, RLW_RXPIPE Nonfatal XC0 i0 Link 13 (0x0409a0c2 0x00000008"
+    " 0x00000001 0x00000000 0x00100000 0x00000004)",
     # failures that name no cause, or a cause that is not memory
+    "tritonclient.utils.InferenceServerException: [StatusCode.INTERNAL] onnx runtime error 2: not"
+    " enough space: expected 270080, got 261760",
     'time=2025-03-07T06:24:27.568Z level=ERROR source=server.go:421 msg="llama runner'
     ' terminated" error="exit status 2"',
     "Error: llama runner process has terminated: signal: killed",
