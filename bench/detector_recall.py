@@ -68,6 +68,7 @@ class Entry:
     split: str
     note: str = ""
     seen_by_rules: bool = False  # its source was cited by rules.py before the corpus existed
+    batch: int = 1  # 2: gathered after the rules were changed for batch 1, all held out
 
     @property
     def service_runtime(self) -> str:
@@ -90,6 +91,7 @@ def load_corpus(folder: Path = CORPUS) -> list[Entry]:
                     split=record["split"],
                     note=record.get("note", ""),
                     seen_by_rules=record.get("seen_by_rules", False),
+                    batch=record.get("batch", 1),
                 )
             )
     return entries
@@ -160,11 +162,15 @@ class Figures:
         return self.lookalike_alarms / self.lookalike_total if self.lookalike_total else None
 
 
-def measure(entries: Iterable[Entry], split: str | None) -> dict[str, Figures]:
-    """Figures per program and for "all", on one split (None: every entry)."""
+def measure(
+    entries: Iterable[Entry], split: str | None, batch: int | None = None
+) -> dict[str, Figures]:
+    """Figures per program and for "all", on one split (None: every entry) and batch."""
     figures: dict[str, Figures] = {}
     for entry in entries:
         if split is not None and entry.split != split:
+            continue
+        if batch is not None and entry.batch != batch:
             continue
         classes = matched_classes(entry)
         figures.setdefault(entry.program, Figures()).add(entry, classes)
@@ -214,8 +220,8 @@ def size_table(entries: Sequence[Entry]) -> str:
     return "\n".join(rows)
 
 
-def report(entries: Sequence[Entry], split: str | None) -> str:
-    figures = measure(entries, split)
+def report(entries: Sequence[Entry], split: str | None, batch: int | None = None) -> str:
+    figures = measure(entries, split, batch)
     lines = [table(figures), ""]
     for title, kind in (("Missed", "missed"), ("False alarms", "alarms")):
         listed = [e for f in (figures[p] for p in figures if p != "all") for e in getattr(f, kind)]
@@ -237,6 +243,9 @@ def main() -> None:
     for name in splits:
         print(f"### {name or 'all'}\n")
         print(report(entries, name))
+    if split in (None, "heldout"):
+        print("### heldout, batch 2 only (gathered after the rule changes)\n")
+        print(report(entries, "heldout", batch=2))
 
 
 if __name__ == "__main__":
