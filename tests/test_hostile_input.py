@@ -58,7 +58,8 @@ def _services(count: int) -> str:
 DEEP = "(" * 2000 + "x" + ")" * 2000
 RULE = f"    rules: [{{id: my.deep, class: vram_oom, pattern: '{DEEP}'}}]\n"
 CONFIGS = {
-    "billion laughs": (_laughs(), ": expands to more than 100000 values"),
+    "billion laughs": (_laughs(), ": expands to more than 25000 values"),
+    "a megabyte of values": ("[" + "1, " * 349_000 + "1]\n", ":1: more than 25000 keys and"),
     "an alias in itself": ("services: &a {x: *a}\n", ":1: services.x: an alias that contains"),
     "10,000 nested [": ("[" * 10_000 + "\n", ":1: invalid YAML: exceeded maximum nesting"),
     "a budget of 400 digits": ("budget: 1" + "0" * 400 + "\nservices: {}\n", ":1: budget: got 1"),

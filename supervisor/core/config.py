@@ -623,15 +623,26 @@ def _relevant(errors: list[ErrorDetails]) -> list[ErrorDetails]:
     ]
 
 
+MAX_KEYS_REPORTED = 20  # a file of thousands of mistakes is read no further than this
+
+
 def _report(errors: list[ErrorDetails], lines: dict[KeyPath, int], path: Path) -> str:
     """One line per bad key; a union's alternatives merge (`expected 'auto' or a list`)."""
     by_key: dict[str, list[str]] = {}
+    left_out: set[str] = set()
     for error in errors:
         at = _yaml_path(error["loc"]) + tuple((error.get("ctx") or {}).get("at", ()))
         line = line_of(lines, at)
         where = f"{path}:{line}" if line is not None else str(path)
-        by_key.setdefault(f"{where}: {dotted(at)}", []).append(_explain(error, at))
-    return "\n".join(f"{key}: {_merge(reasons)}" for key, reasons in by_key.items())
+        key = f"{where}: {dotted(at)}"
+        if key not in by_key and len(by_key) == MAX_KEYS_REPORTED:
+            left_out.add(key)
+            continue
+        by_key.setdefault(key, []).append(_explain(error, at))
+    report = [f"{key}: {_merge(reasons)}" for key, reasons in by_key.items()]
+    if left_out:
+        report.append(f"{path}: and {len(left_out)} more keys with problems")
+    return "\n".join(report)
 
 
 def _merge(reasons: list[str]) -> str:

@@ -17,16 +17,17 @@ KeyPath = tuple[str | int, ...]
 def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     """Parse a YAML file; return the data and a map from key path to 1-based line."""
     text = _read_text(path)
-    _check_depth(text, path)
+    _check_shape(text, path)
     node = _parse(lambda: yaml.compose(text, Loader=_Loader), path)
+    if node is None:  # an empty file, or only comments
+        return None, {}
     lines: dict[KeyPath, int] = {}
-    if node is not None:  # every value is checked here, before any is built
-        _index_node(node, (), lines, path, [0], set())
-    return _parse(lambda: yaml.load(text, Loader=_Loader), path), lines
+    _index_node(node, (), lines, path, [0], set())  # every value checked before any is built
+    return _parse(lambda: _Loader("").construct_document(node), path), lines
 
 
 def _parse(read: Callable[[], Any], path: Path) -> Any:
-    """`read()` (compose or load the text), with YAML's errors as ConfigErrors."""
+    """`read()` (parse, compose or build), with YAML's errors as ConfigErrors."""
     try:
         return read()
     except yaml.YAMLError as e:
@@ -42,7 +43,9 @@ def _parse(read: Callable[[], Any], path: Path) -> Any:
 
 # A config is a few kilobytes; these bound what a hostile or mistaken file can cost.
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_CONFIG_VALUES = 100_000  # values after aliases are expanded (an alias bomb has billions)
+# Keys and values as written, and values after aliases are expanded (an alias bomb has
+# billions); 256 services of 40 values each take 10,000.
+MAX_CONFIG_VALUES = 25_000
 MAX_CONFIG_DEPTH = 50  # nested mappings and lists; the schema itself needs 5
 MAX_INT_DIGITS = 4300  # Python's own limit for turning text into an int
 # libyaml's parser where PyYAML has it: ten times faster, and it never recurses, so the
@@ -70,25 +73,29 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _check_depth(text: str, path: Path) -> None:
-    """Refuse nesting past MAX_CONFIG_DEPTH from the parser's events, before PyYAML's
-    composer, which recurses per level and takes seconds on thousands of `[`; the syntax
-    errors are the parser's too."""
+def _check_shape(text: str, path: Path) -> None:
+    """Refuse, from the parser's events, nesting past MAX_CONFIG_DEPTH and more than
+    MAX_CONFIG_VALUES keys and values as written, before any node is built: the composer
+    recurses per level (PyYAML's took seconds on 10,000 `[`) and builds an object per value
+    (seconds on a megabyte of them). The syntax errors are the parser's too."""
 
     def walk() -> None:
-        depth = 0
+        depth, values = 0, 0
         for event in yaml.parse(text, Loader=_Loader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_CONFIG_DEPTH:
-                    mark = event.start_mark
-                    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-                    raise ConfigError(
-                        f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep; "
-                        "a config is far flatter"
-                    )
-            elif isinstance(event, yaml.CollectionEndEvent):
+            if isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+                continue
+            values += isinstance(event, yaml.NodeEvent)
+            depth += isinstance(event, yaml.CollectionStartEvent)
+            if depth > MAX_CONFIG_DEPTH or values > MAX_CONFIG_VALUES:
+                mark = event.start_mark
+                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                too_many = (
+                    f"nested more than {MAX_CONFIG_DEPTH} levels deep; a config is far flatter"
+                    if depth > MAX_CONFIG_DEPTH
+                    else f"more than {MAX_CONFIG_VALUES} keys and values; a config is far smaller"
+                )
+                raise ConfigError(f"{where}: {too_many}")
 
     _parse(walk, path)
 
