@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import docker
+import docker.errors
+import pynvml
 import pytest
 
-from supervisor.core import step
+from supervisor.core import cordons, step
 from supervisor.core.config import load_config
 from supervisor.core.gpus import declared_gpus
 from supervisor.core.plan import RungNeed
 from supervisor.core.state import Cordon, FleetState, ServiceState
 from supervisor.core.step import World
+from supervisor.daemon import Daemon
+from supervisor.edges.nvml import Nvml
+from tests.fakenvml import FakeNvml, three_good_gpus
 
 MIB = 1024**2
 T0 = 1_000_000.0
@@ -151,3 +159,93 @@ def test_cordoning_a_gpu_fleetd_does_not_know_is_a_usage_error(tmp_path: Path, g
         and "expected the index of a GPU fleetd knows (0, 1)" in reply.body["error"]
     )
     assert after.state.cordoned == {}
+
+
+# --- the daemon: each fault source cordons the GPU it names ------------------------------
+
+DAEMON_FLEET = """
+budget: 0.85
+kernel_log: KERNEL_LOG
+services:
+  chat:
+    runtime: llamacpp
+    containers: [chat-1]
+    ladder:
+      - {model: big, vram: 60GiB}
+      - {model: small, vram: 20GiB}
+"""
+
+
+def _no_docker() -> docker.DockerClient:
+    raise docker.errors.DockerException("no Docker in this test")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Daemon, FakeNvml, Path]]:
+    kernel_log = tmp_path / "kern.log"
+    kernel_log.write_text("Dec  3 19:00:00 gpu1 kernel: [1.0] NVRM: loading NVIDIA UNIX driver\n")
+    (tmp_path / "fleet.yaml").write_text(DAEMON_FLEET.replace("KERNEL_LOG", str(kernel_log)))
+    fake = three_good_gpus()
+    running = Daemon(
+        tmp_path / "fleet.yaml", tmp_path / "state", docker_factory=_no_docker,
+        nvml=Nvml(fake), serve_metrics=False,
+    )  # fmt: skip
+    running.start()
+    yield running, fake, kernel_log
+    running.shutdown()
+
+
+def _wait_cordoned(daemon: Daemon, gpu: int) -> Cordon:
+    deadline = time.monotonic() + 10
+    while gpu not in daemon.state.cordoned and time.monotonic() < deadline:
+        daemon.drain(0.2)
+    return daemon.state.cordoned[gpu]
+
+
+def _chat_gpu(daemon: Daemon) -> int:
+    status = step.status_report(daemon.world, None, time.time())
+    gpus = cordons.usable(daemon.world.gpus, daemon.state.cordoned)
+    plan = cordons._placed(daemon.config, daemon.state, gpus, daemon.world.needs, frozenset())
+    [gpu] = plan["chat"]
+    assert any(g["index"] == gpu for g in status["gpus"])
+    return gpu
+
+
+def test_an_nvml_xid_event_cordons_its_gpu_and_moves_the_service(
+    daemon: tuple[Daemon, FakeNvml, Path],
+) -> None:
+    running, fake, _ = daemon
+    gpu = _chat_gpu(running)
+    fake.emit_xid(gpu, 13)  # an application's error: not the GPU's
+    fake.emit_xid(gpu, 79)
+    cordon = _wait_cordoned(running, gpu)
+    assert (cordon.reason, cordon.by, cordon.uuid) == (
+        "Xid 79",
+        "fleetd (nvml-event)",
+        f"GPU-good{gpu}",
+    )
+    assert set(running.state.cordoned) == {gpu}
+    assert _chat_gpu(running) != gpu  # planned elsewhere now
+    assert running.state.services["chat"].incidents == []
+
+
+def test_a_kernel_log_xid_line_cordons_the_gpu_on_that_bus(
+    daemon: tuple[Daemon, FakeNvml, Path],
+) -> None:
+    running, _, kernel_log = daemon
+    with kernel_log.open("a") as log:  # GPU 1 is on bus 3b (three_good_gpus)
+        log.write(
+            "Dec  3 19:05:01 gpu1 kernel: [4242.1] NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, "
+            "name=python3, GPU has fallen off the bus.\n"
+        )
+    cordon = _wait_cordoned(running, 1)
+    assert cordon.reason in ("Xid 79", "fallen off the bus")
+    assert "PCI:0000:3b:00" in (cordon.evidence or "")
+
+
+def test_a_gpu_nvml_loses_is_cordoned(daemon: tuple[Daemon, FakeNvml, Path]) -> None:
+    running, fake, _ = daemon
+    fake.devices[2].fail["handle"] = pynvml.NVML_ERROR_GPU_IS_LOST
+    running.queue.put(step.Tick("gpus"))  # the periodic NVML reading
+    cordon = _wait_cordoned(running, 2)
+    assert (cordon.reason, cordon.by) == ("GPU lost", "fleetd (nvml-discovery)")

@@ -183,12 +183,6 @@ def test_a_state_file_the_decoder_cannot_take_is_named_and_left_alone(
     assert "moves such a file aside" in error and state.read_text() == text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (supervisor/cli/views.py, not this change's): read_state decodes with "
-    "read_text, so bytes that are not UTF-8 raise UnicodeDecodeError; "
-    "FleetState.from_bytes(path.read_bytes()) makes it a StateError",
-)
 def test_a_state_file_that_is_not_utf8_is_named_by_status(tmp_path: Path) -> None:
     state = tmp_path / "state" / "state.json"
     state.parent.mkdir()

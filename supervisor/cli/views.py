@@ -41,7 +41,7 @@ def cell(text: object) -> Text:
 def read_state(state_dir: Path) -> FleetState:
     path = state_dir / STATE_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FleetdError(
             f"{path}: no state yet (fleetd has not run with this state dir)"
@@ -49,7 +49,7 @@ def read_state(state_dir: Path) -> FleetState:
     except OSError as e:
         raise FleetdError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        return FleetState.from_json(text)
+        return FleetState.from_bytes(data)
     except StateError as e:
         raise FleetdError(f"{path}: {e} (fleetd moves such a file aside when it starts)") from None
 

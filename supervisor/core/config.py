@@ -543,6 +543,9 @@ class FleetConfig(_Strict):
     gpus: Annotated[Literal["auto"] | list[GpuDeclaration], _at_most(MAX_GPUS, "GPUs")] = "auto"
     ollama_instances_per_gpu: Literal["auto"] | Annotated[Int, Field(ge=1)] = "auto"
     compose_dir: Path | None = None  # where `fleetctl generate` wrote; its .env is kept current
+    # A kernel log fleetd follows for GPU faults (`NVRM: Xid`, off the bus): /dev/kmsg,
+    # /var/log/kern.log; none by default (NVML's Xid events are watched anyway).
+    kernel_log: Path | None = None
     policy: PolicyConfig = PolicyConfig()
     metrics: MetricsConfig = MetricsConfig()
     services: Annotated[dict[ServiceName, ServiceConfig], _at_most(MAX_SERVICES, "services")]

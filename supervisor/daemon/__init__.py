@@ -39,7 +39,7 @@ from supervisor.core.config import FleetConfig, ServiceConfig, load_config
 from supervisor.core.detector import Detector, compile_rule
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError, UsageError
-from supervisor.core.gpus import Discovery, GpuReader, declared_gpus, resolve_gpus
+from supervisor.core.gpus import Discovery, Gpu, GpuReader, declared_gpus, resolve_gpus
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import BUILTIN_RULES
 from supervisor.core.runtimes import Runtime, spec_of
@@ -51,9 +51,17 @@ from supervisor.daemon.offloop import Bounded, Lane, LoopTask
 from supervisor.edges import engine
 from supervisor.edges.control import Call, ControlServer
 from supervisor.edges.engine import DockerError, EngineNotAnswering
+from supervisor.edges.gpufaults import (
+    GpuFaultSeen,
+    GpuWatchEnded,
+    KernelLogWatcher,
+    XidWatcher,
+    lost_gpus,
+)
 from supervisor.edges.hostmem import device_reader
 from supervisor.edges.managed import container_names, managed_pids
 from supervisor.edges.metrics import FleetMetrics, build_snapshot, transition_kind
+from supervisor.edges.nvml import GPU_LOST_ERRORS, Nvml
 from supervisor.edges.runtime_api import RuntimeApiError, api_for
 from supervisor.edges.sdnotify import Notifier
 from supervisor.edges.store import StateStore
@@ -107,6 +115,7 @@ class Daemon:
         self.notifier = Notifier()
         self.client: docker.DockerClient | None = None
         self.followers: dict[str, LogFollower] = {}
+        self.fault_watchers: list[XidWatcher | KernelLogWatcher] = []
         self.events: EventWatcher | None = None
         # container -> stamps of the matched lines handled lately: an old and a new follower
         # of one container may both deliver a line (dropped once), while lines stamped out of
@@ -433,6 +442,20 @@ class Daemon:
         planned = self._planned(config, discovery, pids)
         self.feed(step.Reconfigure(config, self.world.needs, planned, starting=True))
         self.feed(step.Resume())
+        for gpu in discovery.gpus:  # lost before fleetd started: nothing to compare with
+            if gpu.error in GPU_LOST_ERRORS:
+                self.feed(step.GpuFault(gpu.index, "GPU lost", gpu.error or "", "nvml", gpu.uuid))
+        self._watch_gpu_faults(config)
+
+    def _watch_gpu_faults(self, config: FleetConfig) -> None:
+        """NVML's critical Xid events (GPUs read by NVML), and the config's kernel log."""
+        if config.gpus == "auto" and isinstance(self.nvml, Nvml):
+            self.fault_watchers.append(XidWatcher(self.nvml, self.queue))
+        if config.kernel_log is not None:
+            path = config.resolve(config.kernel_log)
+            self.fault_watchers.append(KernelLogWatcher(path, self.queue))
+        for watcher in self.fault_watchers:
+            watcher.start()
 
     def _read_for_plan(
         self, config: FleetConfig, client: docker.DockerClient | None, read_nvml: Bounded[Any]
@@ -544,6 +567,10 @@ class Daemon:
             if follower is not None and follower.container_id == item.container_id:
                 self._remember_cursor(follower)
                 del self.followers[item.container]
+        elif isinstance(item, GpuFaultSeen):
+            self._on_gpu_fault(item)
+        elif isinstance(item, GpuWatchEnded):
+            logger.info(f"GPU faults: {item.source} not watched: {item.error}")
         elif isinstance(item, EventsEnded):
             logger.warning(f"Docker event stream ended ({item.error}); reconnecting")
             self.events = None
@@ -690,8 +717,21 @@ class Daemon:
         if self._gpu_read_problem is not None:
             logger.info("NVML answers again")
             self._gpu_read_problem = None
+        before = Discovery(gpus=self.world.gpus)
         self.feed(read)
         self._gpus_read_at = time.monotonic()
+        for lost in lost_gpus(before, Discovery(gpus=read.gpus), self.clock()):
+            self._on_gpu_fault(lost, before.gpus)  # a lost GPU's record no longer names it
+
+    def _on_gpu_fault(self, seen: GpuFaultSeen, gpus: tuple[Gpu, ...] | None = None) -> None:
+        """A fault a watcher saw, for the GPU of the reading (the world's) it names."""
+        gpu = next((g for g in gpus or self.world.gpus if _names(seen, g)), None)
+        if gpu is None:
+            logger.warning(f"GPU fault of a GPU fleetd does not know ({seen.reason}): "
+                           f"{seen.evidence!r}")  # fmt: skip
+            return
+        fault = step.GpuFault(gpu.index, seen.reason, seen.evidence, seen.source, gpu.uuid)
+        self._when_fresh(fault, with_pids=True)  # its services' moves check their fit
 
     def _gpus_not_read(self, why: str) -> None:
         if self._gpu_read_problem != why:
@@ -1010,6 +1050,8 @@ class Daemon:
         self.notifier.send(f"STATUS={self.summary()}")
 
     def shutdown(self) -> None:
+        for watcher in self.fault_watchers:
+            watcher.stop()
         for follower in list(self.followers.values()):
             follower.stop()
         self._checkpoint(self.followers)
@@ -1081,6 +1123,15 @@ class RecentStamps:
         self._order.append(stamp)
         self._set.add(stamp)
         return True
+
+
+def _names(seen: GpuFaultSeen, gpu: Gpu) -> bool:
+    """Whether a fault record names this GPU (by UUID, PCI bus id, or index)."""
+    if seen.gpu_uuid is not None:
+        return seen.gpu_uuid == gpu.uuid
+    if seen.pci_bus_id is not None:
+        return seen.pci_bus_id == gpu.pci_bus_id
+    return seen.index == gpu.index
 
 
 def _stamp_ns(stamp: str) -> int:
