@@ -7,6 +7,7 @@ detector, built exactly as fleetd builds it for a service of that runtime, match
 its lines with the entry's class; a look-alike raises a false alarm when any of its lines
 matches anything.
 Run: .venv/bin/python bench/detector_recall.py [--split heldout|tune|all]
+     .venv/bin/python bench/detector_recall.py --rules   (the rule tables of the same page)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -21,7 +23,8 @@ from functools import cache
 from pathlib import Path
 
 from supervisor.core.config import ServiceConfig
-from supervisor.core.detector import Detector
+from supervisor.core.detector import CLASS_PRIORITY, Detector
+from supervisor.core.rules import BUILTIN_RULES, KNOWN_RUNTIMES, Rule
 from supervisor.daemon import _detector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,13 +235,67 @@ def report(entries: Sequence[Entry], split: str | None, batch: int | None = None
     return "\n".join(lines)
 
 
+def _wording(rule: Rule) -> str:
+    return ", ".join(sorted(rule.runtimes)) if rule.runtimes else "any"
+
+
+def _code(text: str, limit: int = 150) -> str:
+    """Markdown inline code for a log line, cut at `limit` characters."""
+    if len(text) > limit:
+        text = text[: limit - 2].rstrip() + " …"
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _links(source: str) -> str:
+    return re.sub(
+        r"https://github\.com/([\w.-]+/[\w.-]+)/(?:issues|pull)/(\d+)",
+        lambda m: f"[{m[1]}#{m[2]}]({m[0]})",
+        source,
+    )
+
+
+def rule_tables() -> str:
+    """The rule count, the rules by runtime and the rule table of docs/detector.md."""
+    ranked = sorted(BUILTIN_RULES, key=lambda r: CLASS_PRIORITY.index(r.incident_class))
+    counts: dict[tuple[str, str], int] = {}
+    for rule in ranked:
+        key = (str(rule.incident_class), _wording(rule))
+        counts[key] = counts.get(key, 0) + 1
+    out = ["| class | wording of | rules |", "|---|---|---|"]
+    out += [f"| {cls} | {who} | {n} |" for (cls, who), n in counts.items()]
+    out += ["", "| runtime | rules in its own wording (tried first in their class) |", "|---|---|"]
+    for runtime in sorted(KNOWN_RUNTIMES):
+        own = [f"`{r.id}`" for r in ranked if r.runtimes and runtime in r.runtimes]
+        out.append(f"| {runtime} | {', '.join(own) or '-'} |")
+    shared = [f"`{r.id}`" for r in ranked if r.runtimes is None]
+    out.append(f"| any runtime | {', '.join(shared)} |")
+    out += [
+        "",
+        "| id | class | wording of | what it matches | example | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rule in BUILTIN_RULES:
+        example = min(rule.examples, key=len)
+        out.append(
+            f"| `{rule.id}` | {rule.incident_class} | {_wording(rule)} | {rule.description} "
+            f"| {_code(example)} | {_links(rule.source)} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=(*SPLITS, "all"), default=None)
-    split = parser.parse_args().split
+    parser.add_argument("--rules", action="store_true", help="print the rule tables instead")
+    args = parser.parse_args()
+    if args.rules:
+        print(rule_tables())
+        return
+    split = args.split
     entries = load_corpus()
     print(f"Measured {date.today().isoformat()} on {len(entries)} corpus entries.\n")
-    print(size_table(entries), "\n")
+    print(size_table(entries) + "\n")
     splits: Sequence[str | None] = [split if split != "all" else None] if split else SPLITS
     for name in splits:
         print(f"### {name or 'all'}\n")
