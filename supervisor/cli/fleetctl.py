@@ -24,8 +24,15 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
-from supervisor.cli.link import Link, connect, discover, fleet_pids, operate_offline
-from supervisor.cli.views import read_state
+from supervisor.cli.link import (
+    Link,
+    connect,
+    discover,
+    fleet_pids,
+    operate_offline,
+    uncordon_offline,
+)
+from supervisor.cli.views import echo, read_state
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.runtimes import Runtime
 from supervisor.core.state import FleetState, Measured, transition_json
@@ -511,6 +518,52 @@ def unpin(
 ) -> int:
     """Let incidents move SERVICE along its ladder again."""
     return _operate("unpin", [service], config_path, state_dir, socket_path, as_json)
+
+
+@cli.command()
+@click.argument("gpu", type=int, metavar="GPU")
+@click.option("--reason", default="cordoned by a person", help="Why (shown by status).")
+@state_dir_option
+@socket_option
+@json_option
+def cordon(
+    gpu: int, reason: str, state_dir: Path | None, socket_path: Path | None, as_json: bool
+) -> int:
+    """Plan nothing on GPU (its index) any more, and move the services it runs to the
+    other GPUs (the largest rung that fits there, else stopped). Needs a running fleetd."""
+    link = _link(state_dir, socket_path)
+    client = link.require()
+    answer = client.call("POST", f"/v1/gpus/{gpu}/cordon", {"reason": reason})
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return EXIT_OK
+    echo(f"GPU {gpu} cordoned: fleetd plans nothing on it until `fleetctl uncordon {gpu}`")
+    for move in answer["moves"]:
+        where = "stopped" if move["rung"] is None else "moving"
+        echo(f"{move['service']}: {where}: {move['reason']}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("gpu", type=int, metavar="GPU")
+@state_dir_option
+@socket_option
+@json_option
+def uncordon(gpu: int, state_dir: Path | None, socket_path: Path | None, as_json: bool) -> int:
+    """Plan on GPU again (services move back only as the planner and step-ups decide).
+    Without fleetd, the saved state is changed here."""
+    link = _link(state_dir, socket_path)
+    if link.client is not None:
+        answer = link.client.call("POST", f"/v1/gpus/{gpu}/uncordon", {})
+    else:
+        if link.permission:
+            link.require()
+        answer = uncordon_offline(link, gpu)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        echo(f"GPU {gpu} uncordoned: fleetd plans on it again")
+    return EXIT_OK
 
 
 @cli.command()

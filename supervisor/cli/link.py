@@ -91,6 +91,20 @@ def connect(state_dir: Path, socket_path: Path | None) -> Link:
     return Link(state_dir, socket_path, client, holder=holder)
 
 
+def uncordon_offline(link: Link, gpu: int) -> dict[str, object]:
+    """Lift a cordon in the saved state (no fleetd runs to do it)."""
+    from supervisor.core.ops import Refused
+
+    store = link.store
+    with store.lock():
+        loaded = store.load()
+        state = loaded.state
+        if state.cordoned.pop(gpu, None) is None:
+            raise Refused(f"GPU {gpu} is not cordoned")
+        store.save(state)
+    return {"gpu": gpu, "cordoned": False}
+
+
 def local_who() -> str:
     return f"with fleetctl by {Peer(os.getpid(), os.getuid(), os.getgid()).who}"
 

@@ -749,7 +749,7 @@ class Daemon:
             return
         who = f"with fleetctl by {call.peer.who}"
         request = step.Request(call_id, call.op, call.service, dict(call.args), who)
-        self._when_fresh(request, with_pids=call.op in ("upgrade", "pin"))
+        self._when_fresh(request, with_pids=call.op in ("upgrade", "pin", "cordon"))
 
     # --- Docker connection, followers, periodic jobs --------------------------------------
 

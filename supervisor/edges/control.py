@@ -59,6 +59,7 @@ CLIENT_TIMEOUT_S = REPLY_TIMEOUT_S + 10
 # What a person asks of a service (supervisor.core.ops decides each), and an ensemble's warm-up.
 OPERATIONS = ("reset", "downgrade", "upgrade", "pin", "unpin")
 _SERVICE_OP = re.compile(r"^/v1/services/([a-zA-Z0-9][a-zA-Z0-9_.-]*)/([a-z]+)$")
+_GPU_OP = re.compile(r"^/v1/gpus/([0-9]{1,4})/(cordon|uncordon)$")
 
 
 class ControlError(FleetdError):
@@ -226,6 +227,11 @@ class _Handler(BaseHTTPRequestHandler):
             if method != "POST":
                 return _not_allowed(method, path)
             return self._call(match.group(2), match.group(1), body)
+        match = _GPU_OP.match(path)
+        if match:
+            if method != "POST":
+                return _not_allowed(method, path)
+            return self._call(match.group(2), None, {**body, "gpu": int(match.group(1))})
         return Response(404, {"error": f"no such endpoint: {method} {path}", "kind": "not_found"})
 
     def _call(self, op: str, service: str | None, args: dict[str, Any]) -> Response:

@@ -49,9 +49,9 @@ class Fleet:
         body = {
             # Any free port: tests on this machine run fleetds side by side.
             "metrics": {"address": "127.0.0.1:0"},
-            **top,
             "budget": 0.85,
             "gpus": [{"name": "test", "memory": "8GiB"}],
+            **top,  # may replace the defaults above (budget, gpus)
             "policy": {
                 "incidents_to_step_down": 3,
                 "incident_window": "10m",
