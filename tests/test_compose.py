@@ -1116,6 +1116,49 @@ def test_vllm_gets_the_shared_memory_it_needs(tmp_path: Path, state_dir: Path) -
     assert doc["services"]["v"]["shm_size"] == "8gb"  # Docker's default is 64 MiB
 
 
+@pytest.mark.parametrize(
+    ("runtime", "image", "port", "shm", "flags"),
+    [
+        (
+            "tgi",
+            "ghcr.io/huggingface/text-generation-inference:latest",
+            80,
+            "1gb",
+            ["--max-total-tokens", "8192", "--max-concurrent-requests", "4"],
+        ),
+        (
+            "sglang",
+            "lmsysorg/sglang:latest",
+            30000,
+            "32gb",
+            ["--context-length", "8192", "--max-running-requests", "4"],
+        ),
+    ],
+)
+def test_tgi_and_sglang_services_are_generated_with_the_rungs_arguments(
+    tmp_path: Path,
+    state_dir: Path,
+    runtime: str,
+    image: str,
+    port: int,
+    shm: str,
+    flags: list[str],
+) -> None:
+    rung = {"model": "org/model-7b", "vram": "6GiB", "context": 8192, "parallel": 4}
+    service = {"runtime": runtime, "containers": ["s"], "ladder": [rung]}
+    project, doc = render(plan_for(load(tmp_path, {"s": service}), "16GiB"), state_dir)
+    svc = doc["services"]["s"]
+    assert (svc["image"], svc["shm_size"]) == (image, shm)
+    assert svc["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert svc["healthcheck"]["test"][-1] == f"http://127.0.0.1:{port}/health"
+    assert "/run/fleetd/model" in svc["entrypoint"][2]
+    args = list(project.setups["s"].args)
+    assert args[: len(flags)] == flags and args[-2:] == ["--served-model-name", "s"]
+    if runtime == "sglang":  # its KV pool is the plan's share of the GPU, like vLLM's
+        share = args[args.index("--mem-fraction-static") + 1]
+        assert 0.0 < float(share) < 0.85
+
+
 def test_vllm_on_a_cpu_host_takes_no_gpu_share_and_extra_args_come_after_fleetds(
     tmp_path: Path, state_dir: Path
 ) -> None:
@@ -1133,7 +1176,15 @@ def test_vllm_on_a_cpu_host_takes_no_gpu_share_and_extra_args_come_after_fleetds
 # --- the start scripts read the rung's hand-off ---------------------------------------
 
 
-@pytest.mark.parametrize(("runtime", "binary"), [("vllm", "vllm"), ("llamacpp", "llama-server")])
+@pytest.mark.parametrize(
+    ("runtime", "binary"),
+    [
+        ("vllm", "vllm"),
+        ("llamacpp", "llama-server"),
+        ("tgi", "text-generation-launcher"),
+        ("sglang", "python3"),
+    ],
+)
 def test_the_start_script_starts_the_server_with_the_rungs_hand_off(
     tmp_path: Path, runtime: str, binary: str
 ) -> None:

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from supervisor.core.runtimes.spec import RungOptions, Runtime, RuntimeSpec, flag
+from supervisor.core.runtimes.spec import (
+    READ_HANDOFF,
+    ContainerCheck,
+    RungOptions,
+    Runtime,
+    RuntimeSpec,
+    flag,
+)
+
+
+def _args(options: RungOptions) -> tuple[str, ...]:
+    return ("--host", "0.0.0.0", "--port", "30000")
 
 
 def _rung_args(options: RungOptions) -> tuple[str, ...]:
@@ -23,19 +34,39 @@ SPEC = RuntimeSpec(
     title="SGLang",
     summary="sglang.launch_server; one model, loaded at start, OpenAI-compatible API",
     model_handoff=(
-        "`model_env:` on recreate, for a command that reads that variable "
-        "(e.g. `--model-path $MODEL`); "
-        "fleetd generates no container"
+        "the hand-off file, read at start (`sglang.launch_server --model-path MODEL`); "
+        "or `model_env:` on recreate"
     ),
     options_handoff=(
-        "`model_env:` recreate: FLEETD_ARGS holds --context-length, --max-running-requests, "
-        "--kv-cache-dtype, --tp-size, --mem-fraction-static and --served-model-name for "
-        "the command to append (e.g. `--model-path $MODEL $FLEETD_ARGS`)"
+        "arguments: --context-length, --max-running-requests (parallel), --kv-cache-dtype, "
+        "--tp-size, --mem-fraction-static (the planned share of the rung running), "
+        "--served-model-name"
     ),
-    names_model="--served-model-name (in FLEETD_ARGS)",
-    not_done=(
-        "no generated compose service (run the container yourself and name it in "
-        "`containers:`); no pull, unload or measured VRAM"
+    names_model="--served-model-name",
+    not_done="no pull, unload or measured VRAM: the model loads when the container starts",
+    template="sglang.yml.j2",
+    image="lmsysorg/sglang:latest",
+    port=30000,
+    start_script=(
+        READ_HANDOFF
+        + 'exec python3 -m sglang.launch_server --model-path "$(cat /run/fleetd/model)" "$@"'
+    ),
+    volumes=("huggingface-cache:/root/.cache/huggingface",),
+    # SGLang's docs run it with --shm-size 32g (tensor-parallel workers share memory
+    # there); a tmpfs limit, not a reservation.
+    shm_size="32gb",
+    container_check=ContainerCheck(
+        ("CMD", "curl", "-fsS", "http://127.0.0.1:30000/health"), start_period="600s"
+    ),
+    args=_args,
+    rung_flags=(
+        "--context-length",
+        "--max-running-requests",
+        "--kv-cache-dtype",
+        "--tp-size",
+        "--mem-fraction-static",
+        "--served-model-name",
+        "--model-path",
     ),
     rung_args=_rung_args,
     takes_memory_share=True,

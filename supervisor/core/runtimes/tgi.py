@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from supervisor.core.runtimes.spec import RungOptions, Runtime, RuntimeSpec, flag
+from supervisor.core.runtimes.spec import (
+    READ_HANDOFF,
+    ContainerCheck,
+    RungOptions,
+    Runtime,
+    RuntimeSpec,
+    flag,
+)
+
+
+def _args(options: RungOptions) -> tuple[str, ...]:
+    return ("--hostname", "0.0.0.0", "--port", "80")
 
 
 def _rung_args(options: RungOptions) -> tuple[str, ...]:
@@ -19,16 +30,34 @@ SPEC = RuntimeSpec(
     name=Runtime.TGI,
     title="Text Generation Inference",
     summary="Hugging Face TGI (text-generation-launcher); one model, loaded at start",
-    model_handoff="`model_env:` (e.g. MODEL_ID) on recreate; fleetd generates no container",
-    options_handoff=(
-        "`model_env:` recreate: FLEETD_ARGS holds --max-total-tokens, "
-        "--max-concurrent-requests, --num-shard and --served-model-name for the command "
-        "to append"
+    model_handoff=(
+        "the hand-off file, read at start (`text-generation-launcher --model-id MODEL`); "
+        "or `model_env:` (e.g. MODEL_ID) on recreate"
     ),
-    names_model="--served-model-name (in FLEETD_ARGS)",
-    not_done=(
-        "no generated compose service (run the container yourself and name it in "
-        "`containers:`); no pull, unload or measured VRAM"
+    options_handoff=(
+        "arguments: --max-total-tokens (context), --max-concurrent-requests (parallel), "
+        "--num-shard (tensor parallel), --served-model-name"
+    ),
+    names_model="--served-model-name",
+    not_done="no pull, unload or measured VRAM: the model loads when the container starts",
+    template="tgi.yml.j2",
+    image="ghcr.io/huggingface/text-generation-inference:latest",
+    port=80,
+    start_script=(
+        READ_HANDOFF + 'exec text-generation-launcher --model-id "$(cat /run/fleetd/model)" "$@"'
+    ),
+    volumes=("huggingface-cache:/data",),  # the image's HF_HOME
+    shm_size="1gb",  # TGI's docs: NCCL shares memory through /dev/shm when sharded
+    container_check=ContainerCheck(
+        ("CMD", "curl", "-fsS", "http://127.0.0.1:80/health"), start_period="600s"
+    ),
+    args=_args,
+    rung_flags=(
+        "--max-total-tokens",
+        "--max-concurrent-requests",
+        "--num-shard",
+        "--served-model-name",
+        "--model-id",
     ),
     rung_args=_rung_args,
     rung_options=frozenset({"context", "parallel", "tensor_parallel"}),
