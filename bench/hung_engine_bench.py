@@ -18,6 +18,7 @@ Needs no Docker. Measured, against a real `fleetd run` subprocess with WATCHDOG_
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import signal
@@ -133,7 +134,7 @@ def main() -> None:
     code = process.wait(timeout=30)
     stop_s = time.monotonic() - stop_began
     pings = [p for p in watchdog.pings if p <= stop_began]
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     held_s = stop_began - began
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"### fleetd with a hung Docker engine ({when})\n")
