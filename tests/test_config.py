@@ -869,6 +869,10 @@ def _laughs() -> str:
         ("budget: 1" + "0" * 5000 + "\nservices: {}\n", ":1: budget: a number of 5001 digits"),
         ("services:\n  a: {ladder: [{vram: 1" + "0" * 5000 + "}]}\n",
          ":2: services.a.ladder[0].vram: a number of 5001 digits (10000000000000000000...)"),
+        # found by the config fuzzer: PyYAML's constructor raised IndexError on these
+        ("budget: !!float\nservices: {}\n", ":1: budget: !!float with no value; expected a number"),
+        ("!!int \n", ":1: (top level): !!int with no value; expected a number (int)"),
+        ("budget: !!int -_\nservices: {}\n", ":1: budget: !!int with no value"),
     ],
 )  # fmt: skip
 def test_hostile_yaml_is_a_clear_error_quickly(tmp_path: Path, text: str, wanted: str) -> None:

@@ -156,6 +156,12 @@ def _check_scalar(node: yaml.ScalarNode, at: KeyPath, path: Path) -> None:
             f"{where}: {_cut(repr(value))} holds a lone surrogate, which is not a character "
             "(expected Unicode text)"
         )
+    numeric = node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    # `!!float` with nothing after it (or only a sign and `_`): PyYAML's constructor crashes
+    if numeric and not value.replace("_", "").strip().lstrip("+-"):
+        kind = node.tag.rsplit(":", 1)[-1]
+        raise ConfigError(f"{where}: {node.tag.replace('tag:yaml.org,2002:', '!!')} with no "
+                          f"value; expected a number ({kind})")  # fmt: skip
     if node.tag == "tag:yaml.org,2002:int" and len(value) > MAX_INT_DIGITS:
         raise ConfigError(
             f"{where}: a number of {len(value)} digits ({value[:20]}...); expected at most "
