@@ -553,3 +553,149 @@ def test_plan_shows_a_path_and_a_gpu_name_that_look_like_markup_as_written(
     assert done.returncode == 0, done.stderr
     assert f"Plan for {config}:" in done.stdout
     assert "GPU [/]bold \\x1b[31m" in done.stdout and "\x1b" not in done.stdout
+
+
+# --- node init ------------------------------------------------------------------------
+
+# fleetctl as a user runs it, with NVML replaced by a tests/fakenvml.py scenario (its
+# name is the first argument).
+NODE_INIT = """\
+import sys
+from supervisor.edges import nvml
+from tests import fakenvml
+fake = getattr(fakenvml, sys.argv.pop(1))()
+class FakeNvml(nvml.Nvml):
+    def __init__(self) -> None:
+        super().__init__(fake)
+nvml.Nvml = FakeNvml
+from supervisor.cli.fleetctl import main
+main()
+"""
+
+DAEMON_JSON = """\
+{
+    "log-driver": "journald",
+    "labels": ["rack=r1"],
+    "node-generic-resources": ["SSD=ssd0"]
+}
+"""
+
+RUNTIME_TOML = """\
+disable-require = false
+#swarm-resource = "DOCKER_RESOURCE_GPU"
+
+[nvidia-container-cli]
+load-kmods = true
+"""
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[Path, Path]:
+    """A node's daemon.json and the NVIDIA runtime's config.toml, in tmp_path."""
+    daemon = tmp_path / "docker" / "daemon.json"
+    runtime = tmp_path / "nvidia-container-runtime" / "config.toml"
+    for path, text in ((daemon, DAEMON_JSON), (runtime, RUNTIME_TOML)):
+        path.parent.mkdir()
+        path.write_text(text)
+    return daemon, runtime
+
+
+def node_init(node: tuple[Path, Path], *args: str, gpus: str = "three_good_gpus") -> Result:
+    daemon, runtime = node
+    done = subprocess.run(
+        [sys.executable, "-c", NODE_INIT, gpus, "node", "init",
+         "--daemon-config", str(daemon), "--runtime-config", str(runtime), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    result = Result(done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr, result
+    return result
+
+
+def files_in(node: tuple[Path, Path]) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for folder in {n.parent for n in node} for p in folder.iterdir()}
+
+
+def test_node_init_dry_run_prints_the_diff_and_changes_nothing(node: tuple[Path, Path]) -> None:
+    before = files_in(node)
+    r = node_init(node, "--dry-run")
+    assert r.code == 0, r
+    assert '+        "NVIDIA-GPU=GPU-good0",' in r.out
+    assert '+        "org.fleetd.gpu.2.uuid=GPU-good2",' in r.out
+    assert '-#swarm-resource = "DOCKER_RESOURCE_GPU"\n+swarm-resource = "DOCKER_RESOURCE_N' in r.out
+    assert f"{node[0]}: would change (dry run)" in r.out
+    assert files_in(node) == before
+
+
+def test_node_init_writes_backs_up_and_a_second_run_changes_nothing(
+    node: tuple[Path, Path],
+) -> None:
+    daemon, runtime = node
+    r = node_init(node)
+    assert r.code == 0, r
+    config = json.loads(daemon.read_text())
+    assert config["log-driver"] == "journald" and config["default-runtime"] == "nvidia"
+    assert config["node-generic-resources"][0] == "SSD=ssd0"
+    assert "NVIDIA-GPU=GPU-good1" in config["node-generic-resources"]
+    assert 'swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU"\n' in runtime.read_text()
+    backups = sorted(p for n in node for p in n.parent.glob(f"{n.name}.fleetd-backup-*"))
+    assert [p.read_text() for p in backups] == [DAEMON_JSON, RUNTIME_TOML]
+    assert f"apply: dockerd --validate --config-file {daemon} && systemctl restart docker" in r.out
+    assert f"undo: cp -p {backups[0]} {daemon} && cp -p {backups[1]} {runtime}" in r.out
+
+    after = files_in(node)
+    again = node_init(node)
+    assert again.code == 0, again
+    assert f"{daemon}: already set up, unchanged" in again.out
+    assert f"{runtime}: already set up, unchanged" in again.out
+    assert files_in(node) == after, "no new backup, no file rewritten"
+
+
+@pytest.mark.parametrize(
+    ("daemon_text", "gpus", "expected"),
+    [
+        ('{"debug": true,', "three_good_gpus", "daemon.json: not valid JSON (line 1, col"),
+        ('["debug"]', "three_good_gpus", "daemon.json: expected a JSON object"),
+        (DAEMON_JSON, "driver_not_loaded", "no NVIDIA GPU found: NVML: Driver Not Loaded"),
+        (DAEMON_JSON, "lost_gpu_among_good_ones", "GPU 1: cannot be advertised to Swarm"),
+    ],
+)
+def test_node_init_refuses_in_one_line_and_touches_nothing(
+    node: tuple[Path, Path], daemon_text: str, gpus: str, expected: str
+) -> None:
+    node[0].write_text(daemon_text)
+    before = files_in(node)
+    r = node_init(node, gpus=gpus)
+    assert r.code == 1, r
+    assert r.err.startswith("fleetctl: error: ") and r.err.count("\n") == 1, r
+    assert expected in r.err and r.err.rstrip().endswith("nothing was changed")
+    assert files_in(node) == before
+
+
+def test_node_init_without_the_toolkit_config_needs_skip_runtime_config(
+    node: tuple[Path, Path],
+) -> None:
+    daemon, runtime = node
+    runtime.unlink()
+    r = node_init(node)
+    assert r.code == 1 and "the NVIDIA Container Toolkit is not installed" in r.err, r
+    assert "--skip-runtime-config" in r.err and daemon.read_text() == DAEMON_JSON
+
+    done = subprocess.run(
+        [sys.executable, "-c", NODE_INIT, "three_good_gpus", "node", "init",
+         "--daemon-config", str(daemon), "--skip-runtime-config", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [f["path"] for f in answer["files"]] == [str(daemon)]
+    assert answer["files"][0]["changed"] and answer["restart_docker"]
+    assert answer["files"][0]["backup"].startswith(f"{daemon}.fleetd-backup-")
+    assert [g["uuid"] for g in answer["gpus"]] == ["GPU-good0", "GPU-good1", "GPU-good2"]
+    assert not runtime.exists()
+
+
+def test_node_init_has_help(cli: Cli) -> None:
+    r = cli("fleetctl", "node", "init", "--help")
+    assert r.code == 0, r
+    assert "--dry-run" in r.out and "--skip-runtime-config" in r.out

@@ -45,6 +45,8 @@ from supervisor.edges.store import HANDOFF_FILES, STALE_TEMP_S
 if TYPE_CHECKING:
     from supervisor.analyzer.compose import ComposeProject
     from supervisor.core.config import FleetConfig
+    from supervisor.core.gpus import Discovery
+    from supervisor.core.nodesetup import FileEdit, NodePlan
     from supervisor.core.plan import FleetPlan
     from supervisor.core.rungs import RungSetup
 
@@ -608,6 +610,144 @@ def completion(shell: str) -> int:
     assert completer is not None
     click.echo(completer(cli, {}, "fleetctl", "_FLEETCTL_COMPLETE").source())
     return EXIT_OK
+
+
+@cli.group()
+def node() -> None:
+    """Set up this host as a GPU node of a Docker Swarm."""
+
+
+@node.command("init")
+@click.option(
+    "--daemon-config",
+    "daemon_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Docker's daemon config [default /etc/docker/daemon.json].",
+)
+@click.option(
+    "--runtime-config",
+    "runtime_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The NVIDIA container runtime's config "
+    "[default /etc/nvidia-container-runtime/config.toml].",
+)
+@click.option(
+    "--skip-runtime-config",
+    "skip_runtime",
+    is_flag=True,
+    help="Leave the runtime's config.toml alone (set swarm-resource there yourself).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the changes as a diff; change nothing.")
+@json_option
+def node_init(
+    daemon_path: Path | None,
+    runtime_path: Path | None,
+    skip_runtime: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> int:
+    """Tell this node's Docker about its GPUs (read through NVML), so Swarm places GPU
+    tasks here and each task sees only the GPUs Swarm gave it.
+
+    daemon.json gets one NVIDIA-GPU generic resource per GPU UUID, org.fleetd.gpu.*
+    engine labels (each GPU's UUID, name and memory) and the nvidia runtime as the
+    default; the runtime's config.toml gets swarm-resource = "DOCKER_RESOURCE_NVIDIA-GPU".
+    Every other setting is kept, a file that changes is first copied to
+    FILE.fleetd-backup-<UTC time>, and a second run changes nothing. Docker is not
+    restarted: the command prints how. Exits 1, changing nothing, when NVML, a GPU or a
+    file cannot be read.
+    """
+    from supervisor.core.nodesetup import plan_node_init
+    from supervisor.edges import nodefiles
+
+    if skip_runtime and runtime_path is not None:
+        raise UsageError("--runtime-config and --skip-runtime-config: give one of them")
+    daemon_path = daemon_path or nodefiles.DAEMON_CONFIG
+    daemon_text = nodefiles.read_daemon_config(daemon_path)
+    runtime = None
+    if not skip_runtime:
+        runtime_path = runtime_path or nodefiles.RUNTIME_CONFIG
+        runtime = (str(runtime_path), nodefiles.read_runtime_config(runtime_path))
+    plan = plan_node_init(_node_gpus(), (str(daemon_path), daemon_text), runtime)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backups = {} if dry_run else nodefiles.write_edits(plan.edits, stamp)
+    if as_json:
+        click.echo(json.dumps(_node_init_json(plan, backups, dry_run), indent=2))
+    else:
+        _print_node_init(plan, backups, dry_run)
+    return EXIT_OK
+
+
+def _node_gpus() -> Discovery:
+    """This host's GPUs as NVML reads them (never the config's declared ones)."""
+    from supervisor.edges.nvml import Nvml
+
+    nvml = Nvml()
+    try:
+        return nvml.discover()
+    finally:
+        nvml.shutdown()
+
+
+def _node_init_json(
+    plan: NodePlan, backups: dict[str, Path | None], dry_run: bool
+) -> dict[str, object]:
+    return {
+        "dry_run": dry_run,
+        "gpus": [vars(gpu) for gpu in plan.gpus],
+        "files": [
+            {
+                "path": edit.path,
+                "changed": edit.changed,
+                "created": edit.changed and edit.old_text is None,
+                "backup": str(backups[edit.path]) if backups.get(edit.path) else None,
+                "diff": edit.diff(),
+            }
+            for edit in plan.edits
+        ],
+        "notes": list(plan.notes),
+        "restart_docker": plan.edits[0].changed,
+    }
+
+
+def _print_node_init(plan: NodePlan, backups: dict[str, Path | None], dry_run: bool) -> None:
+    from supervisor.core.units import format_size
+
+    for gpu in plan.gpus:
+        echo(f"GPU {gpu.index}: {gpu.uuid}  {gpu.name}  {format_size(gpu.memory_bytes)}")
+    for edit in plan.edits:
+        for line in edit.diff().splitlines():
+            echo(line)
+    for edit in plan.edits:
+        echo(f"{edit.path}: {_node_file_outcome(edit, backups, dry_run)}")
+    for note in plan.notes:
+        echo(f"note: {note}")
+    changed = [edit for edit in plan.edits if edit.changed]
+    if dry_run or not changed:
+        return
+    daemon = plan.edits[0]
+    restart = " && systemctl restart docker" if daemon.changed else ""
+    if daemon.changed:
+        echo(f"apply: dockerd --validate --config-file {daemon.path}{restart}")
+    else:  # the runtime reads its config.toml at each container start
+        echo("apply: nothing to restart; containers started from now on use it")
+    undo = [
+        f"cp -p {backups[e.path]} {e.path}" if backups.get(e.path) else f"rm {e.path}"
+        for e in changed
+    ]
+    echo(f"undo: {' && '.join(undo)}{restart}")
+
+
+def _node_file_outcome(edit: FileEdit, backups: dict[str, Path | None], dry_run: bool) -> str:
+    if not edit.changed:
+        return "already set up, unchanged"
+    if dry_run:
+        return "would be created" if edit.old_text is None else "would change (dry run)"
+    if edit.old_text is None:
+        return "created"
+    return f"changed (backup: {backups[edit.path]})"
 
 
 def _console() -> Console:
