@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from supervisor.cli.link import connect
-from supervisor.core.errors import FleetdError
+from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.state import FleetState, ServiceState
 from supervisor.edges import control
 from supervisor.edges.control import (
@@ -520,3 +520,123 @@ def test_a_request_target_that_is_no_url_gets_a_400(short_dir: Path) -> None:
         assert loop.seen == []
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- another host, over ssh
+
+
+def test_an_ssh_url_names_user_host_port_and_remote_socket() -> None:
+    target = control.SshTarget.parse("ssh://ops@gpu-1.example:2222/run/fleetd/fleetd.sock")
+    assert (target.user, target.host, target.port) == ("ops", "gpu-1.example", 2222)
+    assert target.socket == "/run/fleetd/fleetd.sock"
+    bare = control.SshTarget.parse("ssh://gpu-2")
+    assert (bare.user, bare.host, bare.port, bare.socket) == (None, "gpu-2", None, None)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["gpu-1", "tcp://gpu-1:22", "ssh://", "ssh://u:pw@gpu-1", "ssh://gpu-1:port",
+     "ssh://-oProxyCommand=x", "ssh://gpu-1/s?x=1"],
+)  # fmt: skip
+def test_anything_but_an_ssh_url_is_a_usage_error(url: str) -> None:
+    with pytest.raises(UsageError, match="--host"):
+        control.SshTarget.parse(url)
+
+
+def test_the_ssh_command_runs_fleetctl_dial_stdio_the_callers_options_first() -> None:
+    target = control.SshTarget.parse("ssh://ops@gpu-1:2222/var/run/my fleetd.sock")
+    env = {"FLEETD_SSH_OPTS": "-i /k -F '/my config'", "FLEETD_REMOTE_FLEETCTL": "sudo -n fc"}
+    assert target.command(env) == [
+        "ssh", "-i", "/k", "-F", "/my config", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        "-p", "2222", "-l", "ops", "--", "gpu-1",
+        "sudo -n fc dial-stdio --socket '/var/run/my fleetd.sock'",
+    ]  # fmt: skip
+    assert control.SshTarget.parse("ssh://gpu-1").command({})[-2:] == [
+        "gpu-1",
+        "fleetctl dial-stdio",
+    ]
+
+
+FAKE_SSH = """#!/bin/sh
+# Stands in for ssh: runs the remote command here (after `-- HOST`), or fails as told.
+echo "$@" >>"$(dirname "$0")/calls"
+[ -z "$FAKE_SSH_EXIT" ] || { echo "ssh: $FAKE_SSH_SAYS" >&2; exit "$FAKE_SSH_EXIT"; }
+while [ "$1" != "--" ]; do shift; done
+exec sh -c "$3"
+"""
+
+
+@pytest.fixture
+def fake_ssh(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = short_dir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    here = f"{sys.executable} -c 'from supervisor.cli.fleetctl import main; main()'"
+    monkeypatch.setenv("FLEETD_REMOTE_FLEETCTL", here)
+    monkeypatch.delenv("FLEETD_SSH_OPTS", raising=False)
+    return bin_dir
+
+
+def test_requests_travel_through_ssh_and_dial_stdio(short_dir: Path, fake_ssh: Path) -> None:
+    path = short_dir / "fleetd.sock"
+    server, _ = serve(path, lambda call: (200, {"services": {}, "op": call.op}))
+    try:
+        client = control.SshControlClient(control.SshTarget.parse(f"ssh://ops@gpu-1{path}"))
+        assert client.hello()["api"] == API_VERSION
+        assert client.call("GET", "/v1/status") == {"services": {}, "op": "status"}
+    finally:
+        server.stop()
+    calls = (fake_ssh / "calls").read_text().splitlines()  # one ssh per request
+    remote = f"{os.environ['FLEETD_REMOTE_FLEETCTL']} dial-stdio --socket {path}"
+    assert calls == [f"-o BatchMode=yes -o ConnectTimeout=10 -l ops -- gpu-1 {remote}"] * 2
+
+
+def test_no_fleetd_on_the_host_is_unreachable(short_dir: Path, fake_ssh: Path) -> None:
+    client = control.SshControlClient(control.SshTarget.parse(f"ssh://gpu-1{short_dir}/no.sock"))
+    with pytest.raises(DaemonUnreachable, match="fleetd is not running on this host"):
+        client.hello()
+
+
+@pytest.mark.parametrize(
+    ("code", "says", "expected"),
+    [
+        ("255", "connect to host gpu-1 port 22: Connection refused", "ssh failed: ssh: connect"),
+        ("127", "sh: 1: fleetctl: not found", "set FLEETD_REMOTE_FLEETCTL to its path"),
+        ("1", "something else", "no answer through ssh: ssh: something else"),
+    ],
+)
+def test_ssh_failures_are_one_line_naming_the_host(
+    fake_ssh: Path, monkeypatch: pytest.MonkeyPatch, code: str, says: str, expected: str
+) -> None:
+    monkeypatch.setenv("FAKE_SSH_EXIT", code)
+    monkeypatch.setenv("FAKE_SSH_SAYS", says)
+    client = control.SshControlClient(control.SshTarget.parse("ssh://gpu-1"))
+    with pytest.raises(control.SshFailed, match=r"^ssh://gpu-1: ") as raised:
+        client.hello()
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_no_ssh_installed_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(short_dir))
+    client = control.SshControlClient(control.SshTarget.parse("ssh://gpu-1"))
+    with pytest.raises(control.SshFailed, match="ssh is not installed"):
+        client.hello()
+
+
+def test_fleetctl_status_of_two_hosts_one_down(short_dir: Path, fake_ssh: Path) -> None:
+    up = short_dir / "up.sock"
+    report = {"services": {}, "gpus": [], "gpu_problem": None}
+    server, _ = serve(up, lambda call: (200, report))
+    try:
+        r = fleetctl("status", "--json", "--host", f"ssh://a{up}", "--host", "ssh://b/none.sock")
+    finally:
+        server.stop()
+    assert r.returncode == 1, r
+    answers = json.loads(r.stdout)
+    assert answers[f"ssh://a{up}"] == report
+    assert "fleetd is not running there" in answers["ssh://b/none.sock"]["error"]
+    assert r.stderr.startswith("fleetctl: error: ssh://b/none.sock: fleetd is not running"), r

@@ -20,7 +20,14 @@ import click
 from supervisor.cli.common import checkout_root
 from supervisor.core.errors import FleetdError
 from supervisor.core.state import FleetState
-from supervisor.edges.control import ControlClient, DaemonUnreachable, Peer, default_socket
+from supervisor.edges.control import (
+    ControlClient,
+    DaemonUnreachable,
+    Peer,
+    SshControlClient,
+    SshTarget,
+    default_socket,
+)
 from supervisor.edges.store import DaemonInfo, StateStore
 
 # The planner, NVML and Docker load only for the commands that use them: `fleetctl status`
@@ -76,19 +83,38 @@ class Link:
         raise NoDaemon(f"this needs a running fleetd: {self.why_not}")
 
 
-def connect(state_dir: Path, socket_path: Path | None) -> Link:
-    """Find and greet the daemon (a version mismatch is an error, not 'not running')."""
+def find_socket(state_dir: Path, socket_path: Path | None) -> tuple[Path, DaemonInfo | None]:
+    """The socket to use (given, else the running fleetd's, else the default) and that
+    fleetd, if one holds the state dir."""
     holder = StateStore(state_dir).running_daemon()
     if socket_path is None and holder is not None and holder.socket:
         socket_path = Path(holder.socket)
     if socket_path is None:
         socket_path = default_socket(state_dir, checkout_root() is not None)
+    return socket_path, holder
+
+
+def connect(state_dir: Path, socket_path: Path | None) -> Link:
+    """Find and greet the daemon (a version mismatch is an error, not 'not running')."""
+    socket_path, holder = find_socket(state_dir, socket_path)
     client = ControlClient(socket_path)
     try:
         client.hello()
     except DaemonUnreachable as e:
         return Link(state_dir, socket_path, None, e.reason, e.permission, holder)
     return Link(state_dir, socket_path, client, holder=holder)
+
+
+def connect_host(url: str) -> Link:
+    """Greet the fleetd of another host over ssh: online only, never its saved state
+    (exit 3 when no fleetd runs there, 1 when ssh cannot reach it)."""
+    target = SshTarget.parse(url)
+    client = SshControlClient(target)
+    try:
+        client.hello()
+    except DaemonUnreachable as e:
+        raise NoDaemon(f"{url}: fleetd is not running there ({e.reason})") from None
+    return Link(Path(target.socket or "."), client.path, client)
 
 
 def uncordon_offline(link: Link, gpu: int) -> dict[str, object]:

@@ -30,10 +30,15 @@ import os
 import pwd
 import queue
 import re
+import select
+import shlex
 import socket
 import socketserver
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -420,15 +425,16 @@ class ControlClient:
 
     def __init__(self, path: Path, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         self.path, self.timeout_s = path, timeout_s
+        self.where = str(path)  # for messages: the socket, or the host it is reached through
 
     def hello(self) -> dict[str, Any]:
         """`GET /version`, refusing a daemon that speaks another API version."""
         status, body = self._request("GET", "/version", None)
         if status != 200 or not isinstance(body, dict) or "api" not in body:
-            raise FleetdError(f"{self.path} does not answer like fleetd (HTTP {status})")
+            raise FleetdError(f"{self.where} does not answer like fleetd (HTTP {status})")
         if body["api"] != API_VERSION:
             raise FleetdError(
-                f"fleetd {body.get('fleetd', '?')} on {self.path} speaks control API "
+                f"fleetd {body.get('fleetd', '?')} on {self.where} speaks control API "
                 f"v{body['api']}; this fleetctl ({__version__}) speaks v{API_VERSION}: use the "
                 "fleetctl installed with that fleetd"
             )
@@ -474,6 +480,218 @@ class ControlClient:
             return response.status, json.loads(data or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise FleetdError(f"{self.path} does not answer like fleetd (not JSON)") from None
+
+
+# ---------------------------------------------------------------- another host, over SSH
+#
+# As `DOCKER_HOST=ssh://` does: `ssh [-p PORT] [-l USER] -- HOST fleetctl dial-stdio`, whose
+# remote end copies its stdin and stdout to that host's control socket, so HTTP runs over
+# the ssh process's pipes. One ssh process per request (one request per connection).
+
+HOST_ENV = "FLEETD_HOST"
+SSH_OPTS_ENV = "FLEETD_SSH_OPTS"  # more ssh options, shell words: `-i KEY -F CONFIG`
+REMOTE_FLEETCTL_ENV = "FLEETD_REMOTE_FLEETCTL"  # the remote command; default `fleetctl`
+SSH_CONNECT_TIMEOUT_S = 10
+SSH_EXIT_WAIT_S = 5.0  # for ssh to end once the answer is read (or the pipe broke)
+_SSH_FAILED = 255  # ssh's own exit status for its errors (unreachable, auth, host key)
+_COMMAND_NOT_FOUND = 127  # the remote shell's, when the remote fleetctl is not there
+_REMOTE_NO_DAEMON = 3  # `fleetctl dial-stdio`'s when no fleetd answers there
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """`ssh://[user@]host[:port][/path/to/fleetd.sock]`: where and as whom to reach fleetd."""
+
+    url: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+    socket: str | None = None  # the remote control socket; None: what the remote resolves
+
+    @classmethod
+    def parse(cls, url: str) -> SshTarget:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise UsageError(f"--host {url!r}: {e}") from None
+        if parts.scheme != "ssh":
+            raise UsageError(f"--host {url!r}: expected ssh://[USER@]HOST[:PORT][/SOCKET]")
+        if not parts.hostname or parts.password is not None or parts.query or parts.fragment:
+            raise UsageError(f"--host {url!r}: expected ssh://[USER@]HOST[:PORT][/SOCKET]")
+        if parts.hostname.startswith("-") or (parts.username or "").startswith("-"):
+            raise UsageError(f"--host {url!r}: a host or user may not start with '-'")
+        socket_path = parts.path if parts.path not in ("", "/") else None
+        return cls(url, parts.hostname, parts.username or None, port, socket_path)
+
+    def command(self, environ: dict[str, str] | None = None) -> list[str]:
+        """The ssh command line that runs `fleetctl dial-stdio` on the host."""
+        env = os.environ if environ is None else environ
+        try:
+            extra = shlex.split(env.get(SSH_OPTS_ENV, ""))
+            remote = shlex.split(env.get(REMOTE_FLEETCTL_ENV) or "fleetctl")
+        except ValueError as e:
+            raise UsageError(f"{SSH_OPTS_ENV} or {REMOTE_FLEETCTL_ENV}: {e}") from None
+        remote += ["dial-stdio", *(["--socket", self.socket] if self.socket else [])]
+        # ssh takes the first value of an option: the caller's options win over ours.
+        args = ["ssh", *extra, "-o", "BatchMode=yes"]
+        args += ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}"]
+        args += ["-p", str(self.port)] if self.port is not None else []
+        args += ["-l", self.user] if self.user else []
+        return [*args, "--", self.host, shlex.join(remote)]
+
+
+class _SshConnection(http.client.HTTPConnection):
+    """HTTP over an ssh process's stdin and stdout (one end of a socketpair each way)."""
+
+    def __init__(self, target: SshTarget, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.target, self.timeout_s = target, timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stderr_text = ""  # what ssh (and the remote command) said, once finished
+
+    def connect(self) -> None:
+        command = self.target.command()
+        ours, theirs = socket.socketpair()
+        # A file, never a pipe: a chatty ssh cannot block. finish() reads and closes it.
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=stderr,
+                start_new_session=True,  # a Ctrl-C reaches fleetctl, which ends ssh itself
+            )
+        except FileNotFoundError:
+            ours.close()
+            stderr.close()
+            raise SshFailed(self.target, "ssh is not installed (no `ssh` on PATH)") from None
+        finally:
+            theirs.close()
+        self._stderr = stderr
+        ours.settimeout(self.timeout_s)
+        self.sock = ours
+
+    def finish(self) -> int | None:
+        """Close our end, let ssh end (killed after SSH_EXIT_WAIT_S); its exit status."""
+        self.close()
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        try:
+            return process.wait(timeout=SSH_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+        finally:
+            with self._stderr:
+                self._stderr.seek(0)
+                self.stderr_text = self._stderr.read().decode(errors="replace")
+
+
+class SshFailed(FleetdError):
+    """ssh could not run fleetctl on the host (ssh missing, unreachable, auth, no fleetctl)."""
+
+    def __init__(self, target: SshTarget, reason: str) -> None:
+        super().__init__(f"{target.url}: {reason}")
+        self.target, self.reason = target, reason
+
+
+class SshControlClient(ControlClient):
+    """The same client, its requests carried by ssh to `fleetctl dial-stdio` on a host."""
+
+    def __init__(self, target: SshTarget, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+        super().__init__(Path(target.socket or "fleetd.sock"), timeout_s)
+        self.target, self.where = target, target.url
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+        connection = _SshConnection(self.target, self.timeout_s)
+        failure: BaseException | None = None
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            failure = e
+        finally:
+            code = connection.finish()
+        if failure is not None:
+            raise _ssh_failure(self, failure, code, connection.stderr_text) from None
+        try:
+            return response.status, json.loads(data or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FleetdError(f"{self.where} does not answer like fleetd (not JSON)") from None
+
+
+def _ssh_failure(
+    client: SshControlClient, error: BaseException, code: int | None, stderr: str
+) -> FleetdError:
+    """The one error for a request that got no answer, decided by ssh's exit status."""
+    target, said = client.target, _last_line(stderr)
+    if isinstance(error, TimeoutError) and code not in (_SSH_FAILED, _COMMAND_NOT_FOUND):
+        return FleetdError(f"{target.url}: fleetd did not answer in {client.timeout_s:.0f} s")
+    if code == _SSH_FAILED:
+        return SshFailed(target, f"ssh failed: {said or 'exit status 255'}")
+    if code == _COMMAND_NOT_FOUND:
+        remote = os.environ.get(REMOTE_FLEETCTL_ENV) or "fleetctl"
+        return SshFailed(
+            target,
+            f"{remote!r} is not on the remote PATH ({said or 'command not found'}); "
+            f"install fleetctl there or set {REMOTE_FLEETCTL_ENV} to its path",
+        )
+    if code == _REMOTE_NO_DAEMON:
+        return DaemonUnreachable(Path(target.socket or "fleetd.sock"), said or "not running")
+    why = said or (f"exit status {code}" if code else f"{error!r}")
+    return SshFailed(target, f"no answer through ssh: {why}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def pump_stdio(path: Path, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+    """`fleetctl dial-stdio`: copy stdin to the socket at `path` and the socket to stdout
+    until the socket closes (stdin's end only half-closes it: the answer still comes)."""
+    try:
+        sock = _connect_unix(path, timeout_s)
+    except FileNotFoundError:
+        raise DaemonUnreachable(path, f"no socket at {path}") from None
+    except ConnectionRefusedError:
+        raise DaemonUnreachable(path, f"nothing listens on {path}") from None
+    except PermissionError:
+        raise DaemonUnreachable(path, _permission_hint(path), permission=True) from None
+    except OSError as e:
+        raise DaemonUnreachable(path, f"{path}: {e.strerror or e}") from None
+    sock.settimeout(None)
+    with sock:
+        _pump(sock, sys.stdin.fileno(), sys.stdout.fileno())
+
+
+def _pump(sock: socket.socket, stdin: int, stdout: int) -> None:
+    readers = {stdin, sock.fileno()}
+    while sock.fileno() in readers:
+        ready, _, _ = select.select(list(readers), [], [])
+        for fd in ready:
+            if fd == stdin:
+                data = os.read(stdin, 65536)
+                if data:
+                    sock.sendall(data)
+                else:  # the client is done asking: half-close, and wait for the answer
+                    readers.discard(stdin)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+                continue
+            data = sock.recv(65536)
+            if not data:
+                readers.discard(fd)
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stdout, view) :]
 
 
 def _permission_hint(path: Path) -> str:
