@@ -24,10 +24,20 @@ from supervisor.cli.common import (
     run_cli,
     state_dir_option,
 )
+from supervisor.cli.hosts import (
+    chosen_hosts,
+    history_of_hosts,
+    host_option,
+    one_host,
+    status_of_hosts,
+)
 from supervisor.cli.link import (
     Link,
+    NoDaemon,
     connect,
+    connect_host,
     discover,
+    find_socket,
     fleet_pids,
     operate_offline,
     uncordon_offline,
@@ -36,7 +46,7 @@ from supervisor.cli.views import echo, read_state
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.runtimes import Runtime
 from supervisor.core.state import FleetState, Measured, transition_json
-from supervisor.edges.control import SOCKET_ENV
+from supervisor.edges.control import SOCKET_ENV, DaemonUnreachable, pump_stdio
 from supervisor.edges.fsutil import remove_temps, write_all
 from supervisor.edges.store import HANDOFF_FILES, STALE_TEMP_S
 
@@ -53,6 +63,7 @@ if TYPE_CHECKING:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetctl")
+@host_option
 def cli() -> None:
     """Plan, generate and control a fleet of LLM serving containers on GPU hosts.
 
@@ -265,6 +276,11 @@ def _print_match(number: int, kind: str, rule: str, text: str, as_json: bool) ->
 
 
 def socket_option(func: F) -> F:
+    """--socket, and --host: a command that talks to fleetd can talk to another host's."""
+    return host_option(_socket_only(func))
+
+
+def _socket_only(func: F) -> F:
     return click.option(
         "--socket",
         "socket_path",
@@ -286,6 +302,10 @@ def _optional_config(config_path: Path | None) -> FleetConfig | None:
 
 
 def _link(state_dir: Path | None, socket_path: Path | None) -> Link:
+    """This host's fleetd (or its saved state), or with --host that host's fleetd."""
+    hosts = chosen_hosts()
+    if hosts:
+        return connect_host(one_host(hosts))
     return connect(state_dir or default_state_dir(), socket_path)
 
 
@@ -328,6 +348,9 @@ def status(
     from supervisor.cli.views import print_status
     from supervisor.core.status import gpus_json, status_json  # the config schema: here only
 
+    hosts = chosen_hosts()
+    if len(hosts) > 1:
+        return status_of_hosts(hosts, service, as_json)
     link = _link(state_dir, socket_path)
     if link.client is not None:
         query = f"?service={service}" if service else ""
@@ -358,6 +381,9 @@ def history(
     """Every change of rung, oldest first, with its reason and evidence line."""
     from supervisor.cli.views import print_history
 
+    hosts = chosen_hosts()
+    if len(hosts) > 1:
+        return history_of_hosts(hosts, service, as_json)
     link = _link(state_dir, socket_path)
     if link.client is not None:
         query = f"?service={service}" if service else ""
@@ -593,6 +619,22 @@ def reload(state_dir: Path | None, socket_path: Path | None) -> int:
     """
     client = _link(state_dir, socket_path).require()
     click.echo(client.call("POST", "/v1/reload")["message"])
+    return EXIT_OK
+
+
+@cli.command("dial-stdio", hidden=True)
+@state_dir_option
+@_socket_only
+def dial_stdio(state_dir: Path | None, socket_path: Path | None) -> int:
+    """Copy stdin and stdout to this host's control socket: what `fleetctl --host ssh://`
+    runs here over ssh (as `docker system dial-stdio` does). Exits 3 when no fleetd answers."""
+    path, _ = find_socket(state_dir or default_state_dir(), socket_path)
+    try:
+        pump_stdio(path)
+    except DaemonUnreachable as e:
+        if e.permission:  # a live fleetd this ssh user may not use: exit 1, not "not running"
+            raise FleetdError(f"cannot use fleetd's control socket: {e.reason}") from None
+        raise NoDaemon(f"fleetd is not running on this host ({e.reason})") from None
     return EXIT_OK
 
 

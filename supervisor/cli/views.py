@@ -79,26 +79,60 @@ def _change_text(last: dict[str, Any]) -> str:
     return f"{last['from_model']} [{before}] -> [{after}]"
 
 
-def print_status(report: dict[str, Any], console: Console) -> None:
+SERVICE_COLUMNS = (
+    "SERVICE", "MODEL", "OPTIONS", "RUNG", "STATE", "HEALTH", "INCIDENTS", "LAST CHANGE",
+)  # fmt: skip
+GPU_COLUMNS = ("GPU", "NAME", "USED", "TOTAL", "BUDGET", "USED/BUDGET")
+
+
+def _table(columns: tuple[str, ...]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    columns = ("SERVICE", "MODEL", "OPTIONS", "RUNG", "STATE", "HEALTH", "INCIDENTS", "LAST CHANGE")
     for column in columns:
         table.add_column(column, no_wrap=True)
+    return table
+
+
+def _service_cells(name: str, row: dict[str, Any]) -> list[Text | str]:
+    last = row["last_transition"]
+    change = "-" if last is None else f"{_when(last['time'])} {_change_text(last)}"
+    rungs = f" of {row['rungs']}" if row["rungs"] else ""
+    state_text = row["state"] + (" (not in config)" if row["in_config"] is False else "")
+    return [
+        cell(name),
+        cell(row["model"]),
+        cell(_options_column(row.get("options"))),
+        f"{row['rung']}{rungs}",
+        cell(state_text),
+        cell(_health_text(row)),
+        str(row["incidents_in_window"]),
+        cell(change),
+    ]
+
+
+def print_hosts_status(reports: dict[str, dict[str, Any]], console: Console) -> None:
+    """Several hosts' status reports: one services table and one GPU table, a HOST column
+    first (the per-service notes stay with `fleetctl --host H status`)."""
+    table = _table(("HOST", *SERVICE_COLUMNS))
+    for host, report in reports.items():
+        for name, row in report["services"].items():
+            table.add_row(cell(host), *_service_cells(name, row))
+    console.print(table)
+    gpus = _table(("HOST", *GPU_COLUMNS))
+    for host, report in reports.items():
+        for g in report.get("gpus") or []:
+            gpus.add_row(cell(host), *_gpu_cells(g))
+    if gpus.row_count:
+        console.print()
+        console.print(gpus)
+    for host, report in reports.items():
+        if report.get("gpu_problem"):
+            console.print(safe(f"{host}: GPUs: {report['gpu_problem']}"), markup=False)
+
+
+def print_status(report: dict[str, Any], console: Console) -> None:
+    table = _table(SERVICE_COLUMNS)
     for name, row in report["services"].items():
-        last = row["last_transition"]
-        change = "-" if last is None else f"{_when(last['time'])} {_change_text(last)}"
-        rungs = f" of {row['rungs']}" if row["rungs"] else ""
-        state_text = row["state"] + (" (not in config)" if row["in_config"] is False else "")
-        table.add_row(
-            cell(name),
-            cell(row["model"]),
-            cell(_options_column(row.get("options"))),
-            f"{row['rung']}{rungs}",
-            cell(state_text),
-            cell(_health_text(row)),
-            str(row["incidents_in_window"]),
-            cell(change),
-        )
+        table.add_row(*_service_cells(name, row))
     console.print(table)
     _print_gpus(report, console)
     _print_cordons(report, console)
@@ -179,27 +213,26 @@ def _print_gpus(report: dict[str, Any], console: Console) -> None:
         console.print(safe(f"GPUs: {report['gpu_problem']}"), markup=False, highlight=False)
     if not report.get("gpus"):
         return
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for column in ("GPU", "NAME", "USED", "TOTAL", "BUDGET", "USED/BUDGET"):
-        table.add_column(column, no_wrap=True)
+    table = _table(GPU_COLUMNS)
     for g in report["gpus"]:
-        if g["error"]:
-            table.add_row(
-                str(g["index"]), cell(g["name"]), "-", "-", "-", cell(f"unusable: {g['error']}")
-            )
-            continue
-        used, budget = g["used_bytes"], g["budget_bytes"]
-        share = f"{100 * used / budget:.0f}%" if used is not None and budget else "-"
-        table.add_row(
-            str(g["index"]),
-            cell(g["name"]),
-            "-" if used is None else format_size(used),
-            format_size(g["total_bytes"]),
-            "-" if budget is None else format_size(budget),
-            share if g["source"] in ("nvml", "host") else f"{share} ({g['source']}, no reading)",
-        )
+        table.add_row(*_gpu_cells(g))
     console.print()
     console.print(table)
+
+
+def _gpu_cells(g: dict[str, Any]) -> list[Text | str]:
+    if g["error"]:
+        return [str(g["index"]), cell(g["name"]), "-", "-", "-", cell(f"unusable: {g['error']}")]
+    used, budget = g["used_bytes"], g["budget_bytes"]
+    share = f"{100 * used / budget:.0f}%" if used is not None and budget else "-"
+    return [
+        str(g["index"]),
+        cell(g["name"]),
+        "-" if used is None else format_size(used),
+        format_size(g["total_bytes"]),
+        "-" if budget is None else format_size(budget),
+        share if g["source"] in ("nvml", "host") else f"{share} ({g['source']}, no reading)",
+    ]
 
 
 def _print_cordons(report: dict[str, Any], console: Console) -> None:
