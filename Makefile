@@ -48,6 +48,7 @@ test: venv
 	bash scripts/ensure-docker.sh
 	bash scripts/ensure-compose.sh
 	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-sshd.sh
 	bash scripts/build-test-images.sh
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
