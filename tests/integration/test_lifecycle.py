@@ -413,7 +413,7 @@ def test_a_recreated_vllm_gets_each_rungs_options_and_memory_share(fleet: Fleet)
             capture_output=True, text=True, timeout=120, check=False,
             env={**os.environ, "FLEETD_SOCKET": ""},
         )  # fmt: skip
-        assert down.returncode == 0, down.stdout + down.stderr
+        assert down.returncode == 0, down.stdout + down.stderr + fleet.log.read_text()
         fleet.wait_for(f"rung {rung}", at_rung("llm", rung), timeout_s=60)
         env = env_of()
         assert env["MODEL"] == ("big" if rung == 1 else "small")
