@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -640,3 +641,31 @@ def test_fleetctl_status_of_two_hosts_one_down(short_dir: Path, fake_ssh: Path) 
     assert answers[f"ssh://a{up}"] == report
     assert "fleetd is not running there" in answers["ssh://b/none.sock"]["error"]
     assert r.stderr.startswith("fleetctl: error: ssh://b/none.sock: fleetd is not running"), r
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads_and_are_dropped(
+    short_dir: Path,
+) -> None:
+    """2,000 idle connections made 2,000 threads; now at most MAX_HANDLERS handle at once,
+    an idle one is dropped after IDLE_TIMEOUT_S, and fleetd answers again after that."""
+    path = short_dir / "fleetd.sock"
+    server, _ = serve(path, lambda call: (200, {}))
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))
+            idle.append(s)
+        time.sleep(1.0)
+        assert threading.active_count() - before <= control.MAX_HANDLERS + 2
+        # The first idle clients are dropped (the server closes them): recv sees the end.
+        idle[0].settimeout(control.IDLE_TIMEOUT_S + 10)
+        assert idle[0].recv(1) == b""
+        for s in idle:
+            s.close()
+        assert ControlClient(path).hello()["api"] == API_VERSION
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
