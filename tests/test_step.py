@@ -317,6 +317,29 @@ def test_an_expected_stop_ends_when_the_container_starts_again(fleet: World) -> 
     ]
 
 
+def test_a_restart_the_backoff_holds_back_is_made_when_the_wait_is_over(fleet: World) -> None:
+    run = Run(fleet)
+    [first] = of(run(exited(1, 3, "boom"), 1.1), step.Restart)
+    run(step.Applied("svc", first.change, None, settles=False), 1.2)
+    held = run(exited(1.5, 3, "boom"), 1.6)  # within the 1 s backoff
+    assert of(held, step.Restart) == [] and "in 0.5 s" in logs(held)
+    assert of(run(step.Tick("reconcile"), 1.9), step.Restart) == []  # not yet
+    [later] = of(run(step.Tick("reconcile"), 2.2), step.Restart)  # the wait is over
+    assert (later.model, run.svc.restarts) == ("big", 2)
+    assert of(run(step.Tick("reconcile"), 9.0), step.Restart) == []  # made once
+
+
+def test_the_exit_of_a_run_a_change_is_leaving_is_no_crash_loop(fleet: World) -> None:
+    # Its OOM line is not counted (the change is on its way), but it still explains the
+    # exit: counting that exit as a crash loop restarted the service under the change.
+    run = Run(fleet)
+    step_down_to_medium(run)  # APPLYING: lines of the run being left are not counted
+    run(oom(39.5), 39.6)  # long after the counted ones
+    effects = run(exited(40, 1, "cudaMalloc failed: out of memory"), 40.1)
+    assert [i.incident_class for i in run.svc.incidents] == ["vram_oom"] * 3
+    assert of(effects, step.Restart) == []
+
+
 def test_an_exit_a_matched_line_explains_is_not_a_crash_loop(fleet: World) -> None:
     run = Run(fleet)
     run(oom(1), 1.1)

@@ -1124,7 +1124,8 @@ DOCKER_EVENT_RULES: tuple[EventRule, ...] = (
         exit_code=None,
         description=(
             "the container exited non-zero (not 137) and no line of its log matched a rule "
-            "within 30 s before: a crash nobody explains; its last lines are the evidence"
+            "within 30 s before, nor among the run's last 200: a crash nobody explains; its "
+            "last lines are the evidence"
         ),
         source="Docker Engine API, /events (die, Actor.Attributes.exitCode)",
     ),

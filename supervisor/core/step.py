@@ -110,6 +110,8 @@ class Flight:
     # the line that ended a new rung's settle (it ran out of memory while loading): the
     # evidence of the step down that follows, though the cooldown did not count it
     load_oom: Incident | None = None
+    # a restart after a fault or a crash that the backoff holds back: made at this time
+    restart_at: float | None = None
 
     @property
     def busy(self) -> bool:
@@ -177,6 +179,7 @@ class ContainerEvent:
     time_ns: int
     exit_code: int | None = None
     last_lines: tuple[str, ...] = ()  # a non-zero exit: what the run printed last
+    explained: bool = False  # a line of the run's end matched a rule (the daemon read it)
 
 
 @dataclass(frozen=True)
@@ -555,6 +558,11 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
     service = turn.world.watched.get(line.container)
     if service is None:
         return
+    # Any matched line explains the container's exit that follows, counted or not (a
+    # line of the run a change is leaving is not counted, but its exit is no crash loop).
+    recent = turn.world.matched_at.get(line.container, ())
+    stamp = line.time_ns / 1e9
+    turn.changes["matched_at"] = {**turn.world.matched_at, line.container: (*recent[-7:], stamp)}
     if _printed_by_the_rung_left(turn, service, line):
         turn.log(
             "DEBUG",
@@ -562,8 +570,6 @@ def _on_line(turn: _Turn, line: LineMatched) -> None:
         )
         return
     at = line.time_ns / 1e9
-    recent = turn.world.matched_at.get(line.container, ())
-    turn.changes["matched_at"] = {**turn.world.matched_at, line.container: (*recent[-7:], at)}
     if not turn.bursts.opens_incident(line.container, line.incident_class, at, line.run_ns or None):
         return  # a later line of a burst already counted
     # The cursor goes into the same save as the incident: a kill -9 right after it never
@@ -648,9 +654,10 @@ EXPLAINED_S = 30.0
 
 
 def _explained(turn: _Turn, event: ContainerEvent) -> bool:
-    """Whether a line of the container's log matched a rule shortly before it exited (or
-    the exit code is unknown: nothing to go on)."""
-    if event.exit_code is None:
+    """Whether a line of the container's log matched a rule shortly before it exited, or
+    among the run's last lines (the daemon reads them at the exit); or the exit code is
+    unknown (nothing to go on)."""
+    if event.exit_code is None or event.explained:
         return True
     died = event.time_ns / 1e9
     return any(
@@ -834,14 +841,23 @@ def _retry_later(turn: _Turn, service: str, model: str, error: str) -> None:
 
 
 def _restart_after_fault(turn: _Turn, service: str) -> None:
-    """A GPU fault: restart with the same model, backing off (the count decays)."""
+    """A GPU fault or a crash: restart with the same model, backing off (the count
+    decays). A restart the backoff holds back is made when the wait is over (the
+    reconcile), never dropped: a container nobody restarts would stay down."""
     svc = turn.state.services[service]
     failures = GPU_FAULT_RESTART.failures_now(svc.restarts, svc.last_restart_at, turn.now)
     wait_s = GPU_FAULT_RESTART.delay_s(failures)
     if failures and svc.last_restart_at is not None and turn.now < svc.last_restart_at + wait_s:
-        turn.log("WARNING", f"{service}: restart held back ({wait_s:.0f} s backoff)")
+        due = svc.last_restart_at + wait_s
+        if turn.flight(service).restart_at != due:
+            turn.log(
+                "WARNING",
+                f"{service}: restart held back ({wait_s:.0f} s backoff): in {due - turn.now:.1f} s",
+            )
+        turn.set_flight(service, restart_at=due)
         return
     turn.state.services[service] = replace(svc, restarts=failures + 1, last_restart_at=turn.now)
+    turn.set_flight(service, restart_at=None)
     turn.save()
     if not turn.flight(service).busy:
         _restart(turn, service, svc.model, svc.model)
@@ -1081,6 +1097,10 @@ def _reconcile(turn: _Turn) -> None:
         svc = end_probation(end_cooldown(svc, turn.now, policy), turn.now)
         turn.state.services[name] = svc
         flight = turn.flight(name)
+        held = flight.restart_at
+        if held is not None and turn.now >= held and name in turn.config.services:
+            _restart_after_fault(turn, name)  # the backoff is over
+            flight = turn.flight(name)
         due = flight.phase is not Phase.RETRYING or turn.now >= (flight.retry_at or 0.0)
         if svc.pending is not None and name in turn.config.services and due:
             if flight.phase is Phase.RETRYING:

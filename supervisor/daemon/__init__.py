@@ -85,7 +85,9 @@ STEP_UP_CHECK_S = 60.0
 ENGINE_WAIT_S = 2.0
 NVML_WAIT_S = 2.0
 EXIT_TAIL_LINES = 5  # lines of an unexplained exit kept as its evidence
+EXIT_READ_LINES = 200  # lines before an exit searched for one that explains it
 EXIT_TAIL_CHARS = 300  # of each
+FOLLOWER_END_WAIT_S = 5.0  # for the log of a run that exited to be read to its end
 NVML_START_WAIT_S = 10.0  # nvmlInit alone can take seconds without persistence mode
 
 
@@ -634,14 +636,27 @@ class Daemon:
         worker): if nothing explains it, they are the evidence a person writes a rule from.
         The container's later events wait for it."""
         self._held_events[event.container] = []
+        detector = self.detectors[self.world.watched[event.container]]
+        follower = self.followers.get(event.container)
+        if follower is not None and follower.container_id != event.container_id:
+            follower = None
 
         def read() -> None:
+            # Docker may report the exit before the log stream has given the run's last
+            # lines: the follower's stream ends with the run, and every line it read is on
+            # the queue before it ends. Then a line that explains the exit comes first.
+            if follower is not None:
+                follower.join(FOLLOWER_END_WAIT_S)
             try:
-                lines = engine.last_lines(client, event.container_id, EXIT_TAIL_LINES)
+                lines = engine.last_lines(client, event.container_id, EXIT_READ_LINES)
             except DockerError:
                 lines = []
-            kept = tuple(line[:EXIT_TAIL_CHARS] for line in lines)
-            self.queue.put(LoopTask(lambda: self._exit_read(replace(event, last_lines=kept))))
+            # A line of its own log that a rule knows explains the exit, whether or not a
+            # follower read it (a run that ends at once may be over before one attaches).
+            explained = any(detector.classify(line) is not None for line in lines)
+            kept = tuple(line[:EXIT_TAIL_CHARS] for line in lines[-EXIT_TAIL_LINES:])
+            read = replace(event, last_lines=kept, explained=explained)
+            self.queue.put(LoopTask(lambda: self._exit_read(read)))
 
         threading.Thread(target=read, name=f"tail-{event.container}", daemon=True).start()
 

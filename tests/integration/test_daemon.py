@@ -335,10 +335,10 @@ def test_a_crash_loop_nothing_explains_is_restarted_and_shown_never_stepped_down
     state = fleet.wait_for("three crash_loop incidents", lambda s: len(loops(s)) >= 3, 40)
     svc = state["services"]["svc"]
     assert (svc["rung"], svc["pending"], svc["restarts"] >= 2) == (0, None, True)
-    assert loops(state)[0]["evidence"] == (
-        f"container {name} exited 3; its last lines: loading weights | "
-        "fatal: something nobody wrote a rule for"
-    )
+    evidence = loops(state)[0]["evidence"]
+    assert evidence.startswith(f"container {name} exited 3; its last lines: ")
+    # stdout and stderr are two streams: Docker may give their lines in either order
+    assert "loading weights" in evidence and "fatal: something nobody wrote a rule for" in evidence
     container.reload()
     shown = subprocess.run(
         [entry_point("fleetctl"), "status", "--state-dir", str(fleet.state_dir)],
