@@ -470,12 +470,17 @@ class Daemon:
         if not done or found is None:
             why = f"NVML did not answer within {read_nvml.wait_s:g} s"
             return Discovery(gpus=(), problem=why), None, None
-        pids, lost = None, None
-        if client is not None:
-            names = container_names(config)
-            done, pids, error = self._read_pids(lambda: managed_pids(client, names))
-            lost = str(error) if isinstance(error, EngineNotAnswering) else None
-        return found, pids, lost
+        if client is None:
+            return found, None, None
+        return (found, *self._fleet_pids(client, container_names(config)))
+
+    def _fleet_pids(
+        self, client: docker.DockerClient, names: set[str]
+    ) -> tuple[frozenset[int] | None, str | None]:
+        """The fleet's host PIDs (None when Docker did not list them in time), and why the
+        engine is lost when it did not answer."""
+        _, pids, error = self._read_pids(lambda: managed_pids(client, names))
+        return pids, str(error) if isinstance(error, EngineNotAnswering) else None
 
     def _planned(
         self, config: FleetConfig, discovery: Discovery, pids: frozenset[int] | None
@@ -721,9 +726,8 @@ class Daemon:
         records: list[object] = []
         pids = None
         if client is not None and any(g.valid for g in discovery.gpus):
-            _, pids, error = self._read_pids(lambda: managed_pids(client, names))
-            if isinstance(error, EngineNotAnswering):
-                lost = str(error)
+            pids, lost = self._fleet_pids(client, names)
+            if lost is not None:
                 records.append(LoopTask(lambda: self._engine_lost(client, lost)))
         read = step.GpusRead(discovery.gpus, discovery.problem, pids)
         return [*records, LoopTask(lambda: self._gpus_read(read))]

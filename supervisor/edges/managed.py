@@ -33,11 +33,9 @@ def managed_pids_if_reachable(config: FleetConfig) -> tuple[frozenset[int], str 
     """The fleet's PIDs when Docker answers, else none and why (planning still works)."""
     try:
         client = engine.from_env(timeout_s=5)
+        try:
+            return managed_pids(client, container_names(config)), None
+        finally:
+            client.close()
     except DockerError as e:
         return frozenset(), f"{e}; all GPU processes count as unmanaged"
-    try:
-        return managed_pids(client, container_names(config)), None
-    except DockerError as e:
-        return frozenset(), f"{e}; all GPU processes count as unmanaged"
-    finally:
-        client.close()
