@@ -32,6 +32,7 @@ from docker.models.volumes import Volume
 
 from tests.integration.fleet_harness import IMAGE as EMITTER_IMAGE
 from tests.integration.fleet_harness import Fleet
+from tests.integration.swarm import Swarm, single_node_swarm
 
 # The reaper image cannot be pulled here; tests that use testcontainers clean up themselves.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -335,3 +336,17 @@ def runtime_api_image(docker_client: docker.DockerClient) -> str:
     The first build on a machine also makes fleetd-test/python:1 (debootstrap, ~50 s, root).
     """
     return build_test_image(docker_client, "runtime-api", RUNTIME_API_IMAGE)
+
+
+# --- a real single-node swarm (tests/integration/swarm.py) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_client: docker.DockerClient) -> Iterator[Swarm]:
+    """This engine as a one-node swarm manager for the module's tests, left as found: held
+    under a lock, so two test runs on one engine never init or leave under each other."""
+    try:
+        with single_node_swarm(docker_client) as found:
+            yield found
+    except docker.errors.APIError as e:
+        _unavailable(f"cannot run a single-node swarm on this engine: {e}")
