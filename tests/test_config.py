@@ -962,3 +962,32 @@ def test_a_config_of_thousands_of_mistakes_reports_the_first_twenty(tmp_path: Pa
     lines = problems(path).splitlines()
     assert len(lines) == 21 and lines[0].startswith(f"{path}:1: k0: unknown key")
     assert lines[-1] == f"{path}: and 9980 more keys with problems"
+
+
+def test_swarm_mode_supervises_the_stacks_services_by_the_fleets_names(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "mode: swarm\nswarm:\n  stack: gpu-fleet\nservices:\n  llm:\n    runtime: vllm\n"
+        "    ladder: [{model: a, vram: 1GiB}]\n  app:\n    runtime: generic\n"
+        "    image: x/y:1\n    containers: [app-worker]\n    ladder: [{model: b, vram: 1GiB}]\n"
+    )
+
+    config = load_config(path)
+
+    assert config.mode == "swarm"
+    assert config.services["llm"].containers == ["llm"]
+    assert config.services["app"].containers == ["app-worker"]
+    assert config.swarm_service("llm") == "gpu-fleet_llm"
+
+
+def test_host_mode_still_needs_containers_and_says_swarm_would_default_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("services:\n  llm:\n    runtime: vllm\n    ladder: [{model: a, vram: 1GiB}]\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert "services.llm.containers: missing" in str(caught.value)
+    assert "mode: swarm" in str(caught.value)

@@ -305,7 +305,9 @@ class ServiceConfig(_Strict):
     """A served model or app: what runs it, which containers are its, and its ladder."""
 
     runtime: RuntimeName
-    containers: Annotated[list[str], Field(min_length=1)]
+    # Host mode: the containers the service runs in (required). `mode: swarm`: services
+    # of the stack, by their name in the stack file (default: the service's own name).
+    containers: list[str] = Field(default_factory=list)
     watch: list[str] | None = None
     restart: list[str] | None = None
     ladder: Annotated[list[RungConfig], Field(min_length=1)]
@@ -533,9 +535,32 @@ class MetricsConfig(_Strict):
         return parse_address(self.address)[1]
 
 
+class SwarmConfig(_Strict):
+    """`mode: swarm`: the stack the fleet is deployed as (`docker stack deploy -c
+    stack.yml STACK`); Swarm names each service `STACK_<name>`."""
+
+    stack: Annotated[str, AfterValidator(lambda v: _check_stack(v))] = "fleet"
+
+
+def _check_stack(value: str) -> str:
+    if not _STACK_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a stack name (expected a letter or digit, then letters, "
+            "digits, '_' or '-', at most 63 characters)"
+        )
+    return value
+
+
+_STACK_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
+
+
 class FleetConfig(_Strict):
     """The whole `fleet.yaml`."""
 
+    # host: one Docker host, containers by name (compose). swarm: fleetd on a Swarm
+    # manager supervises the stack's services (docs/swarm.md).
+    mode: Literal["host", "swarm"] = "host"
+    swarm: SwarmConfig = SwarmConfig()
     budget: Annotated[Float, Field(gt=0, le=1)] = 0.85
     # What runs the models: NVIDIA GPUs, or the CPUs (a CPU-only host: fleetd plans against
     # host memory and generates containers without GPU reservations; docs/runtimes.md).
@@ -575,6 +600,29 @@ class FleetConfig(_Strict):
         for name, service in self.services.items():
             service._name = name
         return self
+
+    @model_validator(mode="after")
+    def _containers_by_mode(self) -> FleetConfig:
+        """Host mode names each service's containers; in swarm mode a service is, by
+        default, the stack's service of the same name."""
+        for name, service in self.services.items():
+            if service.containers:
+                continue
+            if self.mode == "swarm":
+                object.__setattr__(service, "containers", [name])
+                continue
+            given = "got []" if "containers" in service.model_fields_set else "missing"
+            raise PydanticCustomError(
+                "fleetd",
+                f"{given}: expected at least 1 name of a container this service runs in, e.g. "
+                f"containers: [{name}] (only `mode: swarm` defaults them)",
+                {"at": ("services", name, "containers")},
+            )
+        return self
+
+    def swarm_service(self, name: str) -> str:
+        """The Swarm service a stack service `name` is deployed as: `STACK_name`."""
+        return f"{self.swarm.stack}_{name}"
 
     @model_validator(mode="after")
     def _containers_unique(self) -> FleetConfig:
