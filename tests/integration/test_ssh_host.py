@@ -163,6 +163,25 @@ def test_status_of_two_hosts_over_ssh_in_one_table(
     assert list(report[host_a]["services"]) == ["alpha"]
     assert list(report[host_b]["services"]) == ["beta"]
 
+    # A change on one host over ssh, then both hosts' history: each under its own name.
+    r = fleetctl(sshd, "downgrade", "alpha", "--host", host_a)
+    assert r.returncode == 0, r
+    r = fleetctl(sshd, "history", "--host", host_a, "--host", host_b, "--json")
+    assert r.returncode == 0, r
+    history = json.loads(r.stdout)
+    assert list(history) == [host_a, host_b]
+    [change] = history[host_a]
+    moved = (change["service"], change["from_model"], change["to_model"])
+    assert moved == ("alpha", "big", "medium"), change
+    assert change["actor"] == "fleetctl"
+    assert history[host_b] == []
+    r = fleetctl(sshd, "history", "--host", host_a, "--host", host_b)
+    assert r.returncode == 0, r
+    text = r.stdout.splitlines()
+    at_a, at_b = text.index(f"{host_a}:"), text.index(f"{host_b}:")
+    assert at_a < at_b and any("alpha: rung 0 big" in line for line in text[at_a:at_b]), r.stdout
+    assert text[at_b + 1 :] == ["no transitions yet"], r.stdout
+
     # FLEETD_HOST with one host: that host's plain status, through its fleetd.
     r = fleetctl({**sshd, "FLEETD_HOST": host_b}, "status", "--json")
     assert r.returncode == 0, r
