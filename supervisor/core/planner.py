@@ -4,6 +4,8 @@ Pure: GPUs and demands in, a `Solution` out; no NVML, Docker, files or clock.
 
 A rung may be tensor parallel: it then runs on k distinct GPUs of the host, each of which
 must have the rung's need left, and counts once against each one's instance limit.
+GPUs come in groups (a Swarm's nodes; one host is one group): a rung's GPUs are always of
+one group, since a service never spans nodes.
 
 The plan is the best one by, in this order (each lexicographic by priority, highest first):
 1. the most services placed (a lower rung beats no place);
@@ -42,6 +44,7 @@ class GpuSlot:
     index: int
     budget_bytes: int  # budget ratio x total, minus what unmanaged processes hold
     instance_limit: int  # most `limited` demands it may host (a runtime's registry says)
+    group: int = 0  # the node it is on: a rung's GPUs all share one group
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,12 @@ class _Search:
         return [s for s, g in enumerate(self.gpus) if allowed is None or g.index in allowed]
 
     def _twins(self) -> list[int]:
-        """For each slot, the first slot interchangeable with it (same budget, limit, pins)."""
+        """For each slot, the first slot interchangeable with it (same budget, limit, pins,
+        and group where some rung spans GPUs: only then does the group constrain a pick)."""
+        wide = any(span > 1 for spans in self.spans for span in spans)
         signature = [
             (g.budget_bytes, g.instance_limit, tuple(s in a for a in self.allowed))
+            + ((g.group,) if wide else ())
             for s, g in enumerate(self.gpus)
         ]
         return [signature.index(sig) for sig in signature]
@@ -215,7 +221,11 @@ class _Search:
             groups.setdefault((self.twin[s], self.used[s], self.instances[s]), []).append(s)
         if width == 1:  # the common case, without the recursion
             return iter([(slots[0],) for slots in groups.values()])
-        return _take(list(groups.values()), width)
+        # Twins share a group here (see _twins), so each node's twin classes are taken apart.
+        by_node: dict[int, list[list[int]]] = {}
+        for slots in groups.values():
+            by_node.setdefault(self.gpus[slots[0]].group, []).append(slots)
+        return (pick for classes in by_node.values() for pick in _take(classes, width))
 
     def _fits(self, k: int, s: int, need: int, floor: float | None = None) -> bool:
         gpu = self.gpus[s]
@@ -264,16 +274,20 @@ class _Search:
         return tuple(placed), tuple(rungs), extra
 
     def _best_rung_alone(self, j: int, floor: float | None = None) -> int | None:
-        """The first rung with enough GPUs that could take it now, ignoring later services."""
+        """The first rung with enough GPUs in one group that could take it now, ignoring
+        later services."""
         slots = self.allowed[j]
         self.work += 1  # the call itself costs about one check
         for rung, need in enumerate(self.order[j].needs_bytes):
             self.work += len(slots)
-            missing = self.spans[j][rung]
+            span = self.spans[j][rung]
+            missing: dict[int, int] = {}  # per group: GPUs the rung still lacks there
             for s in slots:
-                missing -= self._fits(j, s, need, floor)
-                if missing == 0:
-                    return rung
+                if self._fits(j, s, need, floor):
+                    group = self.gpus[s].group
+                    missing[group] = missing.get(group, span) - 1
+                    if missing[group] == 0:
+                        return rung
         return None
 
     def _water_level(self, extra: int) -> float:
