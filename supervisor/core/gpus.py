@@ -14,7 +14,7 @@ from supervisor.core.config import FleetConfig, GpuDeclaration
 from supervisor.core.errors import UsageError
 from supervisor.core.units import parse_size
 
-GpuSource = Literal["nvml", "declared", "simulated", "host"]
+GpuSource = Literal["nvml", "declared", "simulated", "host", "swarm"]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ The glue around the solver (`planner.py`): each GPU's budget, each service's dem
 solver's answer, and an explanation for every rung it did not choose. The prices (each
 rung's VRAM need) come in: the analyzer estimates them from model files, the daemon keeps
 the last ones it made, so placing never reads a file.
+
+On a Swarm (`sites`), every node's GPUs are planned at once under fleet-wide indexes; each
+GPU's site says which node and which of its GPUs it is, a rung's GPUs share one node, and a
+service's `gpu:` pin names GPUs by their index on a node.
 """
 
 from __future__ import annotations
@@ -61,6 +65,22 @@ class ServicePlan:
 
 
 @dataclass(frozen=True)
+class GpuSite:
+    """Where a GPU of a Swarm plan is: its node, and its index and UUID there."""
+
+    node_id: str
+    hostname: str
+    group: int  # the planner's group: one per node
+    local_index: int
+    uuid: str
+
+    @property
+    def node(self) -> str:
+        """`gpu-a (h3k9x2q1)`: the hostname and the node ID's first 8 characters."""
+        return f"{self.hostname} ({self.node_id[:8]})"
+
+
+@dataclass(frozen=True)
 class GpuPlan:
     gpu: Gpu
     budget_bytes: int
@@ -68,10 +88,22 @@ class GpuPlan:
     planned_bytes: int
     ollama_limit: int  # `ollama_instances_per_gpu` here: the name the config and plan JSON use
     services: tuple[str, ...]
+    site: GpuSite | None = None  # on a Swarm: its node
 
     @property
     def headroom_bytes(self) -> int:
         return self.budget_bytes - self.planned_bytes
+
+    @property
+    def local_index(self) -> int:
+        """Its index on its own host (what a `gpu:` pin names)."""
+        return self.site.local_index if self.site else self.gpu.index
+
+    @property
+    def where(self) -> str:
+        """`GPU 1`, or on a Swarm `GPU 1 of gpu-a (h3k9x2q1)`."""
+        own = f"GPU {self.local_index}"
+        return f"{own} of {self.site.node}" if self.site else own
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,14 @@ class FleetPlan:
     @property
     def all_placed(self) -> bool:
         return all(s.rung is not None for s in self.services.values())
+
+    @property
+    def on_swarm(self) -> bool:
+        return any(g.site is not None for g in self.gpus)
+
+    def gpu_plan(self, index: int) -> GpuPlan:
+        """The plan of the GPU with this (fleet-wide) index."""
+        return next(g for g in self.gpus if g.gpu.index == index)
 
 
 def limited_titles() -> str:
@@ -107,12 +147,18 @@ def place(
     discovery: Discovery,
     needs: Mapping[str, Sequence[RungNeed]],
     managed_pids: frozenset[int] = frozenset(),
+    sites: Mapping[int, GpuSite] | None = None,
 ) -> FleetPlan:
-    """Plan the fleet on these GPUs with these prices; every refusal explained."""
-    slots = [_slot(config, gpu, managed_pids) for gpu in discovery.gpus if gpu.valid]
-    demands = [_demand(name, svc, needs[name]) for name, svc in config.services.items()]
+    """Plan the fleet on these GPUs with these prices; every refusal explained.
+
+    `sites` (a Swarm's GPUs, by fleet-wide index): each rung stays on one node."""
+    on = sites or {}
+    slots = [
+        _slot(config, gpu, managed_pids, on.get(gpu.index)) for gpu in discovery.gpus if gpu.valid
+    ]
+    demands = [_demand(name, svc, needs[name], on) for name, svc in config.services.items()]
     solution = solve(slots, demands)
-    gpu_plans = _gpu_plans(discovery.gpus, slots, solution, needs, managed_pids)
+    gpu_plans = _gpu_plans(discovery.gpus, slots, solution, needs, managed_pids, on)
     rooms = {g.gpu.index: g for g in gpu_plans}
     services = {
         name: _explain(name, svc, needs[name], solution, rooms, config)
@@ -135,22 +181,35 @@ def gpu_budget_bytes(
     return max(0, budget)
 
 
-def _slot(config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int]) -> GpuSlot:
+def _slot(
+    config: FleetConfig, gpu: Gpu, managed_pids: frozenset[int], site: GpuSite | None
+) -> GpuSlot:
     return GpuSlot(
         index=gpu.index,
         budget_bytes=gpu_budget_bytes(config, gpu, managed_pids),
         instance_limit=ollama_limit(config, gpu),
+        group=site.group if site else 0,
     )
 
 
-def _demand(name: str, service: ServiceConfig, needs: Sequence[RungNeed]) -> Demand:
+def _pins(service: ServiceConfig, sites: Mapping[int, GpuSite]) -> frozenset[int] | None:
+    """The GPUs a `gpu:` pin allows; on a Swarm, that index on every node."""
+    pinned = service.pinned_gpus
+    if pinned is None or not sites:
+        return pinned
+    return frozenset(i for i, site in sites.items() if site.local_index in pinned)
+
+
+def _demand(
+    name: str, service: ServiceConfig, needs: Sequence[RungNeed], sites: Mapping[int, GpuSite]
+) -> Demand:
     spans = tuple(
         service.ladder[min(n.rung, len(service.ladder) - 1)].tensor_parallel for n in needs
     )
     return Demand(
         service=name,
         needs_bytes=tuple(n.need_bytes for n in needs),
-        allowed_gpus=service.pinned_gpus,
+        allowed_gpus=_pins(service, sites),
         priority=service.priority,
         limited=spec_of(service.runtime).instance_limited,
         gpus_per_rung=spans if service.ensemble is None and max(spans) > 1 else (),
@@ -163,6 +222,7 @@ def _gpu_plans(
     solution: Solution,
     needs: Mapping[str, Sequence[RungNeed]],
     managed_pids: frozenset[int],
+    sites: Mapping[int, GpuSite],
 ) -> list[GpuPlan]:
     by_index = {s.index: s for s in slots}
     plans = []
@@ -178,6 +238,7 @@ def _gpu_plans(
                 planned_bytes=planned,
                 ollama_limit=slot.instance_limit if slot else 0,
                 services=tuple(sorted(chosen)),
+                site=sites.get(gpu.index),
             )
         )
     return plans
@@ -220,8 +281,17 @@ def _allowed(service: ServiceConfig, rooms: dict[int, GpuPlan]) -> list[GpuPlan]
     return [
         g
         for g in rooms.values()
-        if g.budget_bytes > 0 and (pinned is None or g.gpu.index in pinned)
+        if g.budget_bytes > 0 and (pinned is None or g.local_index in pinned)
     ]
+
+
+def _widest(allowed: Sequence[GpuPlan]) -> int:
+    """The most of these GPUs on one host (a Swarm node)."""
+    per_node: dict[int, int] = {}
+    for g in allowed:
+        group = g.site.group if g.site else 0
+        per_node[group] = per_node.get(group, 0) + 1
+    return max(per_node.values(), default=0)
 
 
 def _room_beside_others(name: str, plan: GpuPlan, own_bytes: int | None) -> int:
@@ -238,26 +308,31 @@ def _why_not(
     if not allowed:
         return _no_gpu_reason(service)
     spans = service.ladder[min(need.rung, len(service.ladder) - 1)].tensor_parallel
-    if spans > len(allowed) and service.ensemble is None:
+    if spans > _widest(allowed) and service.ensemble is None:
+        if any(g.site for g in allowed):
+            return (
+                f"spans {spans} GPUs (tensor_parallel), and no node has more than "
+                f"{_widest(allowed)} it may use (a service never spans nodes)"
+            )
         return f"spans {spans} GPUs (tensor_parallel), and this host has {len(allowed)} it may use"
     biggest = max(allowed, key=lambda g: g.budget_bytes)
     if need.need_bytes > biggest.budget_bytes:
         return (
             f"needs {size}, more than the largest budget "
-            f"({format_size(biggest.budget_bytes)} on GPU {biggest.gpu.index})"
+            f"({format_size(biggest.budget_bytes)} on {biggest.where})"
         )
     best = max(allowed, key=lambda g: _room_beside_others(name, g, own))
     room = _room_beside_others(name, best, own)
     if room >= need.need_bytes and spec_of(service.runtime).instance_limited:
         return (
-            f"needs {size}; GPU {best.gpu.index} has the room but already hosts "
+            f"needs {size}; {best.where} has the room but already hosts "
             f"{best.ollama_limit} {limited_titles()} service(s), its limit"
         )
     if room >= need.need_bytes:
-        return f"fits beside the others on GPU {best.gpu.index}, but the search stopped first"
+        return f"fits beside the others on {best.where}, but the search stopped first"
     return (
         f"needs {size}; the most room left beside the other services is "
-        f"{format_size(room)} on GPU {best.gpu.index}"
+        f"{format_size(room)} on {best.where}"
     )
 
 
@@ -280,12 +355,12 @@ def _unplaced_reason(
     if short <= 0:
         return (
             f"nearest option: {smallest.model!r} ({format_size(smallest.need_bytes)}) fits "
-            f"the room on GPU {best.gpu.index} but not its {limited_titles()} limit of "
+            f"the room on {best.where} but not its {limited_titles()} limit of "
             f"{best.ollama_limit}"
         )
     return (
         f"no rung fits; nearest option: {smallest.model!r} needs "
         f"{format_size(smallest.need_bytes)}, the most room left is "
-        f"{format_size(best.headroom_bytes)} on GPU {best.gpu.index} "
+        f"{format_size(best.headroom_bytes)} on {best.where} "
         f"({format_size(short)} short)"
     )
