@@ -10,9 +10,10 @@ llama-server prints its own allocation errors and exits 1, Docker restarts it, f
 counts the incidents (the service's rule classes the host-memory failure as the capacity
 incident the ladder acts on, as on a CPU-only host) and steps down: context first, then
 KV precision, then the model. Each failed run's own error names the KV buffer it could
-not allocate, so the test checks that each step frees what the plan said it would. The
-small rung answers under the service's stable name, warmed up and measured by its own
-report; a `downgrade` to its shorter context reaches the server, name unchanged.
+not allocate, so the test checks that each step frees what the plan said it would. Every
+run is started with the service's stable name (`--alias`, from the hand-off args; the
+shell traces each `exec`). The small rung answers under that name, warmed up and measured
+by its own report; a `downgrade` to its shorter context reaches the server, name unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ LADDER_KV = {  # the KV buffer each big rung asks for (llama-server's own report
     1: 512 * 1024**2,
     2: 272 * 1024**2,
 }
+# The compute buffer of the big model at 16k in q8_0: under the limit the server never
+# reaches it (its KV buffer fails first), so this is its own report without the limit
+# (`sched_reserve: CPU compute buffer size = 30.05 MiB`, this image).
+BIG_Q8_COMPUTE_BYTES = round(30.05 * 1024**2)
 CAPACITY_RULE = {
     "id": "cpu-memory-is-capacity",
     "class": "vram_oom",
@@ -185,6 +190,33 @@ def _serves_as_the_stable_name(port: int, context: int) -> None:
     assert reply["model"] == SERVED_NAME
 
 
+def _server_runs(server_log: str) -> list[list[str]]:
+    """The container's log cut into llama-server's runs, each from its shell-traced `exec`."""
+    runs: list[list[str]] = []
+    for line in server_log.splitlines():
+        if line.startswith("+ exec "):
+            runs.append([])
+        if runs:
+            runs[-1].append(line)
+    return runs
+
+
+def _started_as(run: list[str]) -> tuple[str | None, ...]:
+    """The model, context, KV type and alias a run's `exec` line gave llama-server."""
+    argv = run[0].split()
+
+    def value(flag: str) -> str | None:
+        return argv[argv.index(flag) + 1] if flag in argv else None
+
+    return value("-m"), value("-c"), value("-ctk"), value("--alias")
+
+
+def _buffers_bytes(run: list[str], part: str) -> int:
+    """What one run's buffer report gives for a part (model, KV, compute, output), summed."""
+    pattern = re.compile(rf"{part} buffer size =\s*(\d+\.\d+) MiB")
+    return sum(round(float(m.group(1)) * 1024**2) for line in run if (m := pattern.search(line)))
+
+
 def _failed_kv_bytes(lines: list[str]) -> list[int]:
     """The sizes of the buffers llama-server could not allocate, line by line."""
     pattern = re.compile(r"failed to allocate (?:CPU )?buffer of size (\d+)")
@@ -204,13 +236,19 @@ def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_on
     generated = yaml.safe_load((out / "compose.yml").read_text())
     assert "deploy" not in generated["services"]["llm"]  # no GPU reservation on a CPU host
     handoff = fleet.state_dir / "services" / "llm"
-    assert (handoff / "args").read_text().split("\n")[:4] == ["-c", "32768", "-np", "1"]
+    args = (handoff / "args").read_text()
+    assert args.split("\n")[:4] == ["-c", "32768", "-np", "1"]
+    assert f"\n--alias\n{SERVED_NAME}\n" in args, args
     planned = json.loads(fleetctl("plan", "--config", str(fleet.config), "--json").stdout)
+    # All priced by one formula from the GGUF files, each with the runtime's same overhead:
+    # it cancels in a difference of two rungs' needs.
+    assert [r["source"] for r in planned["services"]["llm"]["rungs"]] == ["gguf"] * 5
     needs = [r["need_bytes"] for r in planned["services"]["llm"]["rungs"]]
     # The server's address space is limited by its shell (Docker's own `ulimits: {as: }`
-    # applies to runc's set-up too, which then cannot start the container at all).
+    # applies to runc's set-up too, which then cannot start the container at all); `set -x`
+    # traces the `exec` of each run, with the arguments it handed over.
     shell, flag, script, *rest = generated["services"]["llm"]["entrypoint"]
-    limited = [shell, flag, f"ulimit -v {ADDRESS_SPACE_KIB}; {script}", *rest]
+    limited = [shell, flag, f"ulimit -v {ADDRESS_SPACE_KIB}; set -x; {script}", *rest]
     (out / "limits.yml").write_text(yaml.safe_dump({"services": {"llm": {"entrypoint": limited}}}))
     project.files.append("limits.yml")
 
@@ -238,8 +276,7 @@ def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_on
     tried = list(dict.fromkeys(_failed_kv_bytes(server_log.splitlines())))
     assert tried == [LADDER_KV[0], LADDER_KV[1], LADDER_KV[2]]
     for transition, size in zip(history, tried, strict=True):  # each record, its rung's line
-        found = re.search(r"buffer of size (\d+)", transition["evidence"])
-        assert found is None or int(found.group(1)) == size, transition["evidence"]
+        assert f"buffer of size {size}" in transition["evidence"], transition["evidence"]
     # Each step frees what the plan said: the plan's drop in need is the drop in the KV
     # buffer the server really asked for (and a little of the compute buffer's mask).
     for rung in (0, 1):
@@ -251,6 +288,25 @@ def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_on
     # The small rung serves under the stable name, at its context.
     _wait_healthy(port, fleet)
     _serves_as_the_stable_name(port, 16384)
+    server_log = fleet.client.containers.get(container).logs().decode(errors="replace")
+    last_runs = {_started_as(run): run for run in _server_runs(server_log)}  # by rung
+    # Every run, rung by rung, was started with the stable name.
+    assert list(last_runs) == [
+        ("/models/big.gguf", "32768", None, SERVED_NAME),
+        ("/models/big.gguf", "16384", None, SERVED_NAME),
+        ("/models/big.gguf", "16384", "q8_0", SERVED_NAME),
+        ("/models/small.gguf", "16384", None, SERVED_NAME),
+    ]  # fmt: skip
+    # The model step frees what the plan said: the big model's weights and the q8_0 KV
+    # buffer it asked for (its last run's report and error) plus its compute buffer (never
+    # reached here, BIG_Q8_COMPUTE_BYTES), less every buffer the small model's run
+    # allocated. Within 5%, as above (here the plan is 2 MiB over: its compute buffers).
+    big = last_runs["/models/big.gguf", "16384", "q8_0", SERVED_NAME]
+    small = last_runs["/models/small.gguf", "16384", None, SERVED_NAME]
+    big_bytes = _buffers_bytes(big, "model") + _failed_kv_bytes(big)[0] + BIG_Q8_COMPUTE_BYTES
+    small_bytes = sum(_buffers_bytes(small, p) for p in ("model", "KV", "compute", "output"))
+    freed = big_bytes - small_bytes
+    assert freed <= needs[2] - needs[3] <= freed * 1.05, (freed, needs)
 
     # Warmed up and measured by its own report, kept for that rung (model and options).
     key = "/models/small.gguf [context 16384]"
@@ -288,7 +344,12 @@ def test_a_real_llama_server_steps_down_context_then_kv_type_then_model_under_on
     fleet.wait_for("the downgrade", lambda s: s["services"]["llm"]["rung"] == 4, 60)
     _wait_healthy(port, fleet)
     _serves_as_the_stable_name(port, 4096)
-    assert "-c\n4096\n" in (handoff / "args").read_text()
+    args = (handoff / "args").read_text()
+    assert "-c\n4096\n" in args and f"\n--alias\n{SERVED_NAME}\n" in args, args
+    server_log = fleet.client.containers.get(container).logs().decode(errors="replace")
+    assert _started_as(_server_runs(server_log)[-1]) == (
+        "/models/small.gguf", "4096", None, SERVED_NAME
+    )  # fmt: skip
 
     # The project stays in step: .env and the hand-off files name the rung fleetd chose, so
     # a later `compose up` starts it again.
