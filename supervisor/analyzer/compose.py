@@ -4,6 +4,11 @@ Safety: every `{{ }}` in a template must pass through `q` (a JSON-quoted scalar,
 is valid YAML, with `$` doubled so compose does not interpolate it) or be a number; the
 environment's `finalize` refuses any other value. The rendered YAML is then parsed back
 and compared with what was meant, so no value can change the file's structure.
+
+A Swarm stack (`build_stack`) comes from the same runtime templates: each service is
+placed on its planned node by ID, sees its planned GPUs by UUID through
+NVIDIA_VISIBLE_DEVICES, and carries its rung as environment variables (the ones a service
+update changes), since a node has no hand-off folder fleetd could write (docs/swarm.md).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from supervisor import __version__
-from supervisor.core.config import check_volume, model_env_var
+from supervisor.core.config import ServiceConfig, check_volume, model_env_var
 from supervisor.core.endpoints import host_ports
 from supervisor.core.errors import RenderError
-from supervisor.core.plan import FleetPlan, ServicePlan
+from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
 from supervisor.core.rungs import RungSetup, setup_for
 from supervisor.core.runtimes import RungOptions, RuntimeSpec, spec_of
 
@@ -65,6 +69,30 @@ class RenderedService:
     healthcheck: Healthcheck | None = None
     gpu_reservation: bool = True  # False on a CPU-only host (`accelerator: cpu`)
     shm_size: str | None = None
+    # A Swarm stack's service (`build_stack`): its node, its port, its rolling update.
+    node_id: str | None = None
+    published_port: PublishedPort | None = None
+    handoff_tmpfs: bool = False  # /run/fleetd as a tmpfs the start script fills from env
+    update_order: str = "start-first"
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A stack service's port, published on its node only (Swarm's `mode: host`)."""
+
+    target: int
+    published: int
+
+
+@dataclass(frozen=True)
+class StackFile:
+    """A rendered Swarm stack: the file, each placed service's rung and node, and the
+    services left out."""
+
+    stack_yaml: str
+    setups: dict[str, RungSetup]
+    nodes: dict[str, str]  # service -> node ID
+    skipped: list[str]
 
 
 @dataclass(frozen=True)
@@ -185,18 +213,24 @@ def _setup(svc: ServicePlan, plan: FleetPlan) -> RungSetup:
 
 
 def _render(
-    template_dir: Path | None, plan: FleetPlan, services: list[RenderedService], volumes: list[str]
+    template_dir: Path | None,
+    plan: FleetPlan,
+    services: list[RenderedService],
+    volumes: list[str],
+    swarm: bool = False,
 ) -> str:
     import jinja2
 
     try:
-        template = template_environment(template_dir).get_template("compose.yml.j2")
+        name = "stack.yml.j2" if swarm else "compose.yml.j2"
+        template = template_environment(template_dir).get_template(name)
         return template.render(
             version=__version__,
             config_path=str(plan.config.source),
-            gpus=[_gpu_label(g.gpu.index, g.gpu.name, g.gpu.total_bytes) for g in plan.gpus],
+            gpus=[_gpu_label(g) for g in plan.gpus],
             services=services,
             volumes=volumes,
+            swarm=swarm,
         )
     except jinja2.TemplateSyntaxError as e:
         raise RenderError(f"template {e.filename or e.name}:{e.lineno}: {e.message}") from e
@@ -204,8 +238,11 @@ def _render(
         raise RenderError(f"template error: {e.message}") from e
 
 
-def _gpu_label(index: int, name: str, total_bytes: int) -> dict[str, Any]:
-    return {"index": index, "label": f"{name} ({total_bytes / 1024**3:.1f} GiB)"}
+def _gpu_label(g: GpuPlan) -> dict[str, Any]:
+    label = f"{g.gpu.name} ({g.gpu.total_bytes / 1024**3:.1f} GiB)"
+    if g.site is not None:
+        label = f"{g.where} {g.site.uuid}: {label}"
+    return {"index": g.gpu.index, "label": label}
 
 
 def _volume_source(volume: Quoted) -> str:
@@ -297,7 +334,9 @@ def _check_env_value(what: str, value: str) -> None:
         )
 
 
-def _verify(text: str, services: list[RenderedService], volumes: list[str]) -> None:
+def _verify(
+    text: str, services: list[RenderedService], volumes: list[str], swarm: bool = False
+) -> None:
     """Parse the rendered file back: its structure and values must be exactly the plan's."""
     try:
         doc = yaml.safe_load(text)
@@ -309,27 +348,48 @@ def _verify(text: str, services: list[RenderedService], volumes: list[str]) -> N
     if list(doc["services"]) != [s.name for s in services]:
         raise RenderError(f"rendered services {list(doc['services'])} differ from the plan")
     for svc in services:
-        _verify_service(doc["services"][svc.name], svc)
+        _verify_service(doc["services"][svc.name], svc, swarm)
 
 
-def _verify_service(got: dict[str, Any], svc: RenderedService) -> None:
+def _verify_service(got: dict[str, Any], svc: RenderedService, swarm: bool = False) -> None:
     escaped = {k: json.loads(v) for k, v in svc.environment}
-    checks: Iterator[tuple[str, object, object]] = iter(
-        [
-            ("image", got.get("image"), svc.image.replace("$", "$$")),
+    checks: list[tuple[str, object, object]] = [
+        ("image", got.get("image"), svc.image.replace("$", "$$")),
+        ("environment", got.get("environment"), escaped),
+        ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
+    ]
+    if swarm:
+        checks += _stack_checks(got, svc)
+    else:
+        checks += [
             ("container_name", got.get("container_name"), svc.container),
-            ("environment", got.get("environment"), escaped),
-            ("command", got.get("command"), [a.replace("$", "$$") for a in svc.args] or None),
             (
                 "gpu",
                 _reserved_gpus(got),
                 [str(g) for g in svc.gpus or (svc.gpu,)] if svc.gpu_reservation else None,
             ),
         ]
-    )
     for key, value, want in checks:
         if value != want:
             raise RenderError(f"service {svc.name!r}: rendered {key} {value!r}, expected {want!r}")
+
+
+def _stack_checks(got: dict[str, Any], svc: RenderedService) -> list[tuple[str, object, object]]:
+    """A stack service runs on its node by ID, under no container name, with no device
+    reservation (Swarm refuses one) and fleetd's labels on the service."""
+    deploy = got.get("deploy") or {}
+    labels = {
+        "org.fleetd.managed": "true",
+        "org.fleetd.service": svc.name,
+        "org.fleetd.runtime": svc.runtime,
+    }
+    return [
+        ("container_name", got.get("container_name"), None),
+        ("placement", deploy.get("placement"), {"constraints": [f"node.id == {svc.node_id}"]}),
+        ("deploy.resources", deploy.get("resources"), None),
+        ("deploy.labels", deploy.get("labels"), labels),
+        ("labels", got.get("labels"), labels),
+    ]
 
 
 def _reserved_gpus(got: dict[str, Any]) -> object:
@@ -337,3 +397,88 @@ def _reserved_gpus(got: dict[str, Any]) -> object:
     if "deploy" not in got:
         return None
     return got["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+
+
+# --- a Swarm stack ----------------------------------------------------------------------
+
+# What a stack service's start script does first: a task's node has no hand-off folder
+# fleetd writes, so the script fills the tmpfs at /run/fleetd from the rung's variables
+# (the model, and FLEETD_ARGS one argument per line), then runs the runtime's own start
+# script unchanged. MODEL_VARIABLE stands for the variable that holds the model.
+STACK_PREAMBLE = (
+    "d=/run/fleetd; mkdir -p $d && printf '%s\\n' \"${MODEL_VARIABLE}\" > $d/model && "
+    ": > $d/args && set -f && for a in ${FLEETD_ARGS-}; do printf '%s\\n' \"$a\" >> $d/args; "
+    "done; set +f; "
+)
+STACK_MODEL_VARIABLE = "FLEETD_MODEL"  # a stack service's model, unless `model_env:` names one
+
+
+def stack_model_variable(service: ServiceConfig) -> str:
+    """The variable a stack service's model is in: `model_env:`, else FLEETD_MODEL."""
+    return service.model_env or STACK_MODEL_VARIABLE
+
+
+def build_stack(plan: FleetPlan, template_dir: Path | None = None) -> StackFile:
+    """Render a Swarm stack for the placed services of a plan made across Swarm nodes."""
+    if not plan.on_swarm:
+        raise RenderError("a stack needs a plan across Swarm nodes (fleetctl plan --swarm)")
+    placed = [s for s in plan.services.values() if s.rung is not None and s.gpu is not None]
+    if not placed:
+        raise RenderError("no service is placed, so there is nothing to generate")
+    ports = host_ports(plan.config)
+    services = [_stack_service(s, plan, ports.get(s.name)) for s in placed]
+    volumes = sorted({_volume_source(v) for s in services for v in s.volumes if _is_named(v)})
+    text = _render(template_dir, plan, services, volumes, swarm=True)
+    _verify_stack(text, services, volumes)
+    skipped = sorted(n for n, s in plan.services.items() if s.rung is None)
+    setups = {s.name: _setup(s, plan) for s in placed}
+    nodes = {s.name: s.node_id or "" for s in services}
+    return StackFile(text, setups, nodes, skipped)
+
+
+def _stack_service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> RenderedService:
+    """The compose service, turned into a stack service: pinned to its node and GPUs by
+    ID and UUID, its rung in its environment."""
+    import dataclasses
+
+    base = _service(svc, plan, host_port)
+    sites = [plan.gpu_plan(g).site for g in base.gpus]
+    assert all(sites) and len({s.node_id for s in sites if s}) == 1  # the planner's groups
+    spec = spec_of(svc.service.runtime)
+    model_var = stack_model_variable(svc.service)
+    own: dict[str, Quoted] = {}
+    if base.gpu_reservation:
+        own["NVIDIA_VISIBLE_DEVICES"] = quote(",".join(s.uuid for s in sites if s))
+    rung_vars = _setup(svc, plan).variables(model_var)
+    own.update({k: quote(v) for k, v in rung_vars.items() if v is not None})
+    theirs = [(k, v) for k, v in base.environment if k not in {"FLEETD_MODEL_FILE", model_var}]
+    clash = sorted(set(own) & {k for k, _ in theirs})
+    if clash:
+        raise RenderError(
+            f"service {svc.name!r}: environment sets {clash[0]}, which a stack service "
+            "gets from its plan (its GPUs or its rung)"
+        )
+    script = (
+        STACK_PREAMBLE.replace("MODEL_VARIABLE", model_var) + spec.start_script
+        if spec.start_script
+        else None
+    )
+    port = None
+    if base.port_mapping and host_port is not None:
+        port = PublishedPort(int(base.port_mapping.rsplit(":", 1)[1]), host_port)
+    return dataclasses.replace(
+        base,
+        environment=[*own.items(), *theirs],
+        start_script=script,
+        node_id=sites[0].node_id if sites[0] else None,
+        published_port=port,
+        handoff_tmpfs=script is not None,
+        # A port published on the node is held by the old task until it stops, so a new
+        # task cannot start first there.
+        update_order="stop-first" if port else "start-first",
+    )
+
+
+def _verify_stack(text: str, services: list[RenderedService], volumes: list[str]) -> None:
+    """Parse the rendered stack back: structure and values must be exactly the plan's."""
+    _verify(text, services, volumes, swarm=True)

@@ -77,7 +77,10 @@ def _plan(
     gpu_specs: tuple[str, ...],
     quiet: bool = False,
     state_dir: Path | None = None,
+    swarm: bool = False,
 ) -> FleetPlan:
+    if swarm:
+        return _swarm_plan(config, gpu_specs, quiet, state_dir)
     from supervisor.analyzer import analyze
     from supervisor.core.gpus import resolve_gpus
     from supervisor.edges.hostmem import device_reader
@@ -91,6 +94,28 @@ def _plan(
         click.echo(f"fleetctl: {discovery.problem}", err=True)
     measured = _measured(state_dir, quiet) if state_dir is not None else None
     return analyze(config, discovery, fleet_pids(config, discovery), measured)
+
+
+def _swarm_plan(
+    config: FleetConfig, gpu_specs: tuple[str, ...], quiet: bool, state_dir: Path | None
+) -> FleetPlan:
+    """The plan across the nodes of the swarm DOCKER_HOST's engine manages."""
+    from supervisor.analyzer import prices
+    from supervisor.core.plan import place
+    from supervisor.edges import engine
+    from supervisor.edges.swarm import read_swarm
+
+    if gpu_specs:
+        raise UsageError("--gpu and --swarm: a swarm's GPUs are read from its nodes (pick one)")
+    client = engine.from_env()
+    try:
+        swarm = read_swarm(client)
+    finally:
+        client.close()
+    if swarm.discovery.problem and not quiet:
+        click.echo(f"fleetctl: {swarm.discovery.problem}", err=True)
+    measured = _measured(state_dir, quiet) if state_dir is not None else None
+    return place(config, swarm.discovery, prices(config, measured), sites=swarm.sites)
 
 
 def _measured(state_dir: Path, quiet: bool) -> dict[str, Measured] | None:
@@ -107,10 +132,17 @@ def _measured(state_dir: Path, quiet: bool) -> dict[str, Measured] | None:
         return None
 
 
+SWARM_HELP = (
+    "Plan across the nodes of the swarm that DOCKER_HOST's engine manages, with the GPUs "
+    "`fleetctl node init` published on each (docs/swarm.md)."
+)
+
+
 @cli.command()
 @config_option
 @gpu_option
 @json_option
+@click.option("--swarm", is_flag=True, help=SWARM_HELP)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
@@ -119,18 +151,25 @@ def _measured(state_dir: Path, quiet: bool) -> dict[str, Measured] | None:
     "default: estimates only.",
 )
 def plan(
-    config_path: Path | None, gpu_specs: tuple[str, ...], as_json: bool, state_dir: Path | None
+    config_path: Path | None,
+    gpu_specs: tuple[str, ...],
+    as_json: bool,
+    swarm: bool,
+    state_dir: Path | None,
 ) -> int:
     """Show which rung of each ladder runs on which GPU, and why.
 
     Per GPU: budget, planned VRAM and headroom; per service: the chosen rung, how each
     VRAM need was obtained (declared, estimated from the model's file, or measured by
-    fleetd with --state-dir), and why each more-preferred rung did not fit.
+    fleetd with --state-dir), and why each more-preferred rung did not fit. With --swarm,
+    per service also its node and its GPUs there (a service never spans nodes).
     Exits 0 when every service is placed, 1 when one is not.
     """
     from supervisor.cli.report import plan_json, print_plan
 
-    result = _plan(read_config(config_path), gpu_specs, quiet=not as_json, state_dir=state_dir)
+    result = _plan(
+        read_config(config_path), gpu_specs, quiet=not as_json, state_dir=state_dir, swarm=swarm
+    )
     if as_json:
         click.echo(json.dumps(plan_json(result), indent=2))
     else:
@@ -144,11 +183,19 @@ def plan(
 @gpu_option
 @state_dir_option
 @click.option(
+    "-o",
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Directory for compose.yml and .env (created if missing).",
+    default=None,
+    help="Directory for compose.yml and .env (created if missing); with --swarm, the "
+    "stack file to write (default: print it).",
+)
+@click.option(
+    "--swarm",
+    is_flag=True,
+    help="Write a Swarm stack file planned across the nodes of the swarm DOCKER_HOST's "
+    "engine manages (docs/swarm.md).",
 )
 @click.option(
     "--templates",
@@ -166,7 +213,8 @@ def generate(
     config_path: Path | None,
     gpu_specs: tuple[str, ...],
     state_dir: Path | None,
-    out_dir: Path,
+    out_dir: Path | None,
+    swarm: bool,
     template_dir: Path | None,
     no_model_files: bool,
 ) -> int:
@@ -175,8 +223,15 @@ def generate(
     Also writes each service's hand-off files (STATE_DIR/services/NAME/model, args, env:
     the planned rung's model and options) when they do not exist yet; existing ones belong
     to fleetd, which keeps them on the rung it runs, and are left alone.
+    With --swarm: one stack file for `docker stack deploy -c`, each service pinned to its
+    planned node and GPUs and its rung in its environment; no hand-off files (a node has
+    no state dir of fleetd's).
     Exits 0 when every service is placed, 1 when one is not (it is left out of the file).
     """
+    if swarm:
+        return _generate_stack(config_path, gpu_specs, out_dir, template_dir)
+    if out_dir is None:
+        raise UsageError("Missing option '--out' (the directory for compose.yml and .env)")
     if template_dir is not None and not (template_dir / "compose.yml.j2").is_file():
         raise UsageError(f"--templates {template_dir}: no compose.yml.j2 there")
     result = _plan(read_config(config_path), gpu_specs)
@@ -222,6 +277,39 @@ def generate(
             err=True,
         )
     return EXIT_OK if not project.skipped else EXIT_FAILURE
+
+
+def _generate_stack(
+    config_path: Path | None,
+    gpu_specs: tuple[str, ...],
+    out_file: Path | None,
+    template_dir: Path | None,
+) -> int:
+    """`generate --swarm`: the stack file, written whole or printed."""
+    if template_dir is not None and not (template_dir / "stack.yml.j2").is_file():
+        raise UsageError(f"--templates {template_dir}: no stack.yml.j2 there")
+    if out_file is not None and out_file.is_dir():
+        raise UsageError(f"--out {out_file}: is a directory (expected the stack file's path)")
+    result = _plan(read_config(config_path), gpu_specs, quiet=out_file is None, swarm=True)
+    from supervisor.analyzer.compose import build_stack
+
+    stack = build_stack(result, template_dir)  # raises before anything is written
+    if out_file is None:
+        click.echo(stack.stack_yaml, nl=False)
+    else:
+        try:
+            write_all({out_file: stack.stack_yaml})
+        except OSError as e:
+            raise FleetdError(f"cannot write {e.filename}: {e.strerror or e}") from None
+        count = len(stack.setups)
+        click.echo(f"wrote {out_file} ({count} service{'s' * (count != 1)})")
+    for service in stack.skipped:
+        click.echo(
+            f"fleetctl: {service} is NOT PLACED and was left out: "
+            f"{result.services[service].reason}",
+            err=True,
+        )
+    return EXIT_OK if not stack.skipped else EXIT_FAILURE
 
 
 def _new_handoffs(project: ComposeProject, state: Path) -> list[tuple[Path, RungSetup]]:

@@ -14,7 +14,7 @@ from supervisor.core.units import format_size
 
 
 def plan_json(plan: FleetPlan) -> dict[str, Any]:
-    return {
+    found: dict[str, Any] = {
         "config": str(plan.config.source),
         "budget": plan.config.budget,
         "optimal": plan.optimal,
@@ -23,10 +23,36 @@ def plan_json(plan: FleetPlan) -> dict[str, Any]:
         "gpus": [_gpu_json(g) for g in plan.gpus],
         "services": {name: _service_json(s) for name, s in plan.services.items()},
     }
+    if plan.on_swarm:  # `gpu`/`gpus` are then fleet-wide indexes into `gpus`
+        for name, s in plan.services.items():
+            found["services"][name]["node"] = _node_json(plan, s)
+    return found
+
+
+def _node_json(plan: FleetPlan, s: ServicePlan) -> dict[str, Any] | None:
+    sites = [plan.gpu_plan(g).site for g in s.gpus]
+    if not sites or sites[0] is None:
+        return None
+    return {
+        "id": sites[0].node_id,
+        "hostname": sites[0].hostname,
+        "gpus": [{"index": site.local_index, "uuid": site.uuid} for site in sites if site],
+        "budget_bytes": min(plan.gpu_plan(g).budget_bytes for g in s.gpus),
+    }
 
 
 def _gpu_json(g: GpuPlan) -> dict[str, Any]:
+    site = (
+        {}
+        if g.site is None
+        else {
+            "node_id": g.site.node_id,
+            "hostname": g.site.hostname,
+            "local_index": g.site.local_index,
+        }
+    )
     return {
+        **site,
         "index": g.gpu.index,
         "uuid": g.gpu.uuid,
         "name": g.gpu.name,
@@ -87,9 +113,9 @@ def print_plan(plan: FleetPlan, console: Console) -> None:
         highlight=False,
     )
     console.print()
-    console.print(_gpu_table(plan))
+    console.print(_node_gpu_table(plan) if plan.on_swarm else _gpu_table(plan))
     console.print()
-    console.print(_service_table(plan))
+    console.print(_node_service_table(plan) if plan.on_swarm else _service_table(plan))
     for s in plan.services.values():
         _print_ladder(s, console)
     for note in plan.notes:
@@ -154,6 +180,55 @@ def _service_table(plan: FleetPlan) -> Table:
             format_size(verdict.need.need_bytes),
             verdict.need.source,
             ",".join(str(g) for g in s.gpus) or str(s.gpu),
+        )
+    return table
+
+
+def _node_gpu_table(plan: FleetPlan) -> Table:
+    """The GPUs of a Swarm plan, node by node."""
+    table = _table(
+        "NODE", "GPU", "UUID", "NAME", "TOTAL", "BUDGET", "PLANNED", "HEADROOM", "SERVICES"
+    )
+    for g in plan.gpus:
+        assert g.site is not None
+        share = f" ({g.headroom_bytes / g.budget_bytes:.0%})" if g.budget_bytes else ""
+        table.add_row(
+            cell(g.site.node),
+            str(g.site.local_index),
+            cell(g.site.uuid),
+            cell(g.gpu.name),
+            format_size(g.gpu.total_bytes),
+            format_size(g.budget_bytes),
+            format_size(g.planned_bytes),
+            format_size(g.headroom_bytes) + share,
+            ", ".join(g.services) or "-",
+        )
+    return table
+
+
+def _node_service_table(plan: FleetPlan) -> Table:
+    """Per service of a Swarm plan: its node, its GPUs there, its rung, need vs budget."""
+    table = _table(
+        "SERVICE", "RUNTIME", "RUNG", "MODEL", "OPTIONS", "NEED", "BUDGET", "NODE", "GPU"
+    )
+    for s in plan.services.values():
+        if s.rung is None:
+            table.add_row(
+                s.name, s.service.runtime.value, "-", "NOT PLACED", "-", "-", "-", "-", "-"
+            )
+            continue
+        gpus = [plan.gpu_plan(g) for g in s.gpus]
+        sites = [g.site for g in gpus if g.site]
+        table.add_row(
+            s.name,
+            s.service.runtime.value,
+            f"{s.rung} of {len(s.rungs)}",
+            cell(s.rungs[s.rung].need.model),
+            _shown_options(s, s.rung) or "-",
+            format_size(s.rungs[s.rung].need.need_bytes),
+            format_size(min(g.budget_bytes for g in gpus)),
+            cell(sites[0].node),
+            cell(", ".join(f"{site.local_index} ({site.uuid[:12]})" for site in sites)),
         )
     return table
 

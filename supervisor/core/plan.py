@@ -113,14 +113,11 @@ class FleetPlan:
     services: dict[str, ServicePlan]
     optimal: bool
     notes: tuple[str, ...] = field(default=())
+    on_swarm: bool = False  # planned across a Swarm's nodes: every GPU has its site
 
     @property
     def all_placed(self) -> bool:
         return all(s.rung is not None for s in self.services.values())
-
-    @property
-    def on_swarm(self) -> bool:
-        return any(g.site is not None for g in self.gpus)
 
     def gpu_plan(self, index: int) -> GpuPlan:
         """The plan of the GPU with this (fleet-wide) index."""
@@ -160,8 +157,9 @@ def place(
     solution = solve(slots, demands)
     gpu_plans = _gpu_plans(discovery.gpus, slots, solution, needs, managed_pids, on)
     rooms = {g.gpu.index: g for g in gpu_plans}
+    swarm = sites is not None
     services = {
-        name: _explain(name, svc, needs[name], solution, rooms, config)
+        name: _explain(name, svc, needs[name], solution, rooms, swarm)
         for name, svc in config.services.items()
     }
     notes = list(discovery.notes) + ([discovery.problem] if discovery.problem else [])
@@ -170,7 +168,7 @@ def place(
         notes.append(
             f"search stopped after {solution.nodes} nodes: best plan found, not proven best"
         )
-    return FleetPlan(config, tuple(gpu_plans), services, solution.optimal, tuple(notes))
+    return FleetPlan(config, tuple(gpu_plans), services, solution.optimal, tuple(notes), swarm)
 
 
 def gpu_budget_bytes(
@@ -250,7 +248,7 @@ def _explain(
     needs: Sequence[RungNeed],
     solution: Solution,
     rooms: dict[int, GpuPlan],
-    config: FleetConfig,
+    swarm: bool,
 ) -> ServicePlan:
     choice = solution.choices[name]
     chosen = choice.rung if choice else None
@@ -260,11 +258,11 @@ def _explain(
         if need.rung == chosen:
             verdicts.append(RungVerdict(need, "chosen"))
         elif chosen is None or need.rung < chosen:
-            why = _why_not(need, name, service, rooms, own)
+            why = _why_not(need, name, service, rooms, own, swarm)
             verdicts.append(RungVerdict(need, "rejected", why))
         else:
             verdicts.append(RungVerdict(need, "not tried"))
-    reason = None if choice else _unplaced_reason(name, service, needs, rooms)
+    reason = None if choice else _unplaced_reason(name, service, needs, rooms, swarm)
     return ServicePlan(
         name,
         service,
@@ -300,16 +298,21 @@ def _room_beside_others(name: str, plan: GpuPlan, own_bytes: int | None) -> int:
 
 
 def _why_not(
-    need: RungNeed, name: str, service: ServiceConfig, rooms: dict[int, GpuPlan], own: int | None
+    need: RungNeed,
+    name: str,
+    service: ServiceConfig,
+    rooms: dict[int, GpuPlan],
+    own: int | None,
+    swarm: bool,
 ) -> str:
     """Why a rung more preferred than the chosen one (or any, if unplaced) was not taken."""
     allowed = _allowed(service, rooms)
     size = format_size(need.need_bytes)
     if not allowed:
-        return _no_gpu_reason(service)
+        return _no_gpu_reason(service, swarm)
     spans = service.ladder[min(need.rung, len(service.ladder) - 1)].tensor_parallel
     if spans > _widest(allowed) and service.ensemble is None:
-        if any(g.site for g in allowed):
+        if swarm:
             return (
                 f"spans {spans} GPUs (tensor_parallel), and no node has more than "
                 f"{_widest(allowed)} it may use (a service never spans nodes)"
@@ -336,19 +339,26 @@ def _why_not(
     )
 
 
-def _no_gpu_reason(service: ServiceConfig) -> str:
+def _no_gpu_reason(service: ServiceConfig, swarm: bool) -> str:
     if service.pinned_gpus is not None:
         pins = ", ".join(str(i) for i in sorted(service.pinned_gpus))
-        return f"pinned to GPU {pins}, which this host does not have (or cannot use)"
+        where = "no usable node has" if swarm else "this host does not have"
+        return f"pinned to GPU {pins}, which {where} (or cannot use)"
+    if swarm:
+        return "no usable GPU on any ready, active node (run `fleetctl node init` on GPU nodes)"
     return "no usable GPU (pass --gpu SIZE to plan for one, or declare `gpus:` in the config)"
 
 
 def _unplaced_reason(
-    name: str, service: ServiceConfig, needs: Sequence[RungNeed], rooms: dict[int, GpuPlan]
+    name: str,
+    service: ServiceConfig,
+    needs: Sequence[RungNeed],
+    rooms: dict[int, GpuPlan],
+    swarm: bool,
 ) -> str:
     allowed = _allowed(service, rooms)
     if not allowed:
-        return _no_gpu_reason(service)
+        return _no_gpu_reason(service, swarm)
     smallest = min(needs, key=lambda n: n.need_bytes)
     best = max(allowed, key=lambda g: g.headroom_bytes)
     short = smallest.need_bytes - best.headroom_bytes

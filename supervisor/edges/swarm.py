@@ -1,0 +1,48 @@
+"""A Swarm manager's nodes, read through docker-py for `fleetctl plan|generate --swarm`.
+
+Only a manager answers the node list, so the engine is asked first (`docker info`'s Swarm
+section) and one that is not a manager is refused with a line saying what it is. The
+node objects go to `supervisor.core.swarm` as the API returns them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from supervisor.core.swarm import SwarmLayout, layout, read_nodes
+from supervisor.edges.engine import DockerError, translated
+
+if TYPE_CHECKING:
+    import docker
+
+
+class NoSwarmManager(DockerError):
+    """The engine is not a manager of an active swarm, so it cannot list the nodes."""
+
+
+def manager_state(info: dict[str, Any]) -> str | None:
+    """None when `docker info` says this engine manages an active swarm, else what it is."""
+    swarm = info.get("Swarm") or {}
+    state = str(swarm.get("LocalNodeState") or "inactive")
+    if state == "active" and swarm.get("ControlAvailable"):
+        return None
+    if state == "active":
+        return "Swarm: active, a worker (ControlAvailable: false)"
+    error = f", {swarm['Error']}" if swarm.get("Error") else ""
+    return f"Swarm: {state}{error}"
+
+
+def read_swarm(client: docker.DockerClient) -> SwarmLayout:
+    """Every node of the swarm this engine manages, and their GPUs."""
+    with translated("cannot read docker info"):
+        info = client.info()
+    refused = manager_state(info)
+    if refused is not None:
+        raise NoSwarmManager(
+            f"this Docker engine is not a Swarm manager (docker info: {refused}); run "
+            "`fleetctl plan --swarm` on a manager, or point DOCKER_HOST at one"
+        )
+    with translated("cannot list the swarm's nodes", error=NoSwarmManager):
+        objects = [n.attrs for n in client.nodes.list()]
+    nodes, notes = read_nodes(objects)
+    return layout(nodes, notes)
