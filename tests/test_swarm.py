@@ -276,3 +276,15 @@ def test_a_rung_wider_than_every_node_says_no_node_has_enough() -> None:
         "spans 2 GPUs (tensor_parallel), and no node has more than 1 it may use (a service "
         "never spans nodes)"
     )
+
+
+def test_a_uuid_that_could_split_the_visible_devices_list_is_refused() -> None:
+    labels = gpu_labels(("GPU-1,GPU-2", "x", GIB))
+
+    found, notes = read_node(node("n1abcdefgh", "gpu-a", labels))
+
+    assert found.gpus == ()
+    assert notes == [
+        "node gpu-a (n1abcdef): engine label org.fleetd.gpu.0.uuid='GPU-1,GPU-2' is not a "
+        "GPU UUID (expected GPU-... as NVML gives it); GPU 0 is not planned"
+    ]

@@ -15,6 +15,7 @@ the node and the key, and the rest of the swarm is still planned.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +26,9 @@ from supervisor.core.plan import GpuSite
 
 LabelSource = Literal["engine", "node", "none"]
 _MAX_NODE_GPUS = 64  # a count beyond any real host is a typo, not a node
+# NVML's UUIDs (`GPU-8f6...`, `MIG-...`): no comma or space, which would split the list a
+# stack gives NVIDIA_VISIBLE_DEVICES.
+_UUID_RE = re.compile(r"^(GPU|MIG)-[A-Za-z0-9/._:-]+$")
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,13 @@ def _labelled_gpu(index: int, labels: Mapping[str, str]) -> tuple[NodeGpu, str |
     empty = NodeGpu(index, "", "", 0)
     if missing:
         return empty, f"{missing[0]} is missing (expected what `fleetctl node init` writes)"
+    uuid = values["uuid"] or ""
+    if not _UUID_RE.fullmatch(uuid):
+        return empty, f"{key}.uuid={uuid!r} is not a GPU UUID (expected GPU-... as NVML gives it)"
     memory = values["memory_bytes"] or ""
     if not memory.isdigit() or int(memory) <= 0:
         return empty, f"{key}.memory_bytes={memory!r} is not a size in bytes (expected digits)"
-    return NodeGpu(index, values["uuid"] or "", values["name"] or "", int(memory)), None
+    return NodeGpu(index, uuid, values["name"] or "", int(memory)), None
 
 
 def _count(text: str) -> int | None:
