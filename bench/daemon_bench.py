@@ -56,7 +56,7 @@ import docker.errors
 import yaml
 
 from supervisor.core.detector import Detector
-from supervisor.edges.watch import parse_docker_time_ns
+from supervisor.edges.engine import parse_docker_time_ns
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSYBOX = "fleetd-test/busybox:1"

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from supervisor.edges.watch import parse_docker_time_ns  # noqa: E402
+from supervisor.edges.engine import parse_docker_time_ns  # noqa: E402
 from tests.ggufmodels import write_gguf  # noqa: E402
 from tests.integration.test_llamacpp_e2e import (  # noqa: E402  (one definition of the loop)
     ADDRESS_SPACE_KIB,

@@ -776,7 +776,7 @@ def test_every_message_type_has_a_handler() -> None:
     import typing
 
     kinds = typing.get_args(step.Message)
-    assert len(kinds) == 18
+    assert len(kinds) == 19
     assert set(kinds) <= set(step._HANDLERS)
 
 

@@ -138,6 +138,8 @@ def print_status(report: dict[str, Any], console: Console) -> None:
     _print_cordons(report, console)
     for name, row in report["services"].items():
         notes = []
+        if row.get("task"):
+            notes.append(_task_text(row["task"]))
         if row.get("activity"):
             notes.append(str(row["activity"]))
         if row.get("probation_until"):
@@ -170,6 +172,13 @@ def print_status(report: dict[str, Any], console: Console) -> None:
                 soft_wrap=True,
             )
     _print_engine(report.get("daemon"), console)
+
+
+def _task_text(task: dict[str, Any]) -> str:
+    """`mode: swarm`: where the service runs now."""
+    node = task.get("node") or task.get("node_id") or "?"
+    since = f" since {_when(task['since'])}" if task.get("since") else ""
+    return f"task {str(task.get('id', ''))[:12]} on node {node} ({task.get('state', '?')}{since})"
 
 
 def _print_engine(daemon: dict[str, Any] | None, console: Console) -> None:

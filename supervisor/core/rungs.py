@@ -26,6 +26,9 @@ OPTION_VARIABLES = {
     "tensor_parallel": "FLEETD_TENSOR_PARALLEL",
 }
 SERVED_NAME_VARIABLE = "FLEETD_SERVED_NAME"
+# `mode: swarm`: the variable a stack's service reads its model from (`model_env:` names
+# another); a change of rung is a service update of these variables.
+SWARM_MODEL_VARIABLE = "FLEETD_MODEL"
 ARGS_VARIABLE = "FLEETD_ARGS"
 
 

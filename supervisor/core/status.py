@@ -37,6 +37,7 @@ class Live:
     health: Mapping[str, dict[str, Any] | None] = field(default_factory=dict)
     activity: Mapping[str, str | None] = field(default_factory=dict)
     daemon: Mapping[str, Any] = field(default_factory=dict)
+    tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # `mode: swarm`
 
 
 def _last(state: FleetState, service: str) -> Transition | None:
@@ -92,6 +93,8 @@ def status_json(
             # change is doing now (a pull's progress, a warm-up)
             "health": live.health.get(name) if live else None,
             "activity": live.activity.get(name) if live else None,
+            # `mode: swarm`: the task running it now and its node (null on one host)
+            "task": _task(live, name),
         }
     return {
         "services": services,
@@ -122,6 +125,11 @@ def gpus_json(
         }
         for g in discovery.gpus
     ]
+
+
+def _task(live: Live | None, name: str) -> dict[str, Any] | None:
+    task = live.tasks.get(name) if live else None
+    return dict(task) if task else None
 
 
 def _incident(incident: Incident) -> dict[str, Any]:

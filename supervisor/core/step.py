@@ -142,6 +142,8 @@ class World:
     next_change: int = 1
     # Container name -> the service that watches it; derived from `config` when it is set.
     watched: Mapping[str, str] = field(default_factory=dict)
+    # `mode: swarm`: service -> its task now (id, node, state, since), as the manager says
+    tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def policy(self) -> Policy:
@@ -202,6 +204,13 @@ class GpusRead:
 class DockerState:
     up: bool
     error: str | None = None  # why not, when not up
+
+
+@dataclass(frozen=True)
+class TasksSeen:
+    """`mode: swarm`: each service's current task as the manager reports it (for status)."""
+
+    tasks: Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,7 @@ Message = (
     | Tick
     | GpusRead
     | DockerState
+    | TasksSeen
     | Checkpoint
     | Request
     | StopExpected
@@ -1142,6 +1152,10 @@ def _on_docker(turn: _Turn, message: DockerState) -> None:
     turn.changes["docker_error"] = None if message.up else message.error
 
 
+def _on_tasks(turn: _Turn, seen: TasksSeen) -> None:
+    turn.changes["tasks"] = {**turn.world.tasks, **seen.tasks}
+
+
 def _on_checkpoint(turn: _Turn, checkpoint: Checkpoint) -> None:
     turn.state.log_cursors.update(checkpoint.cursors)
     turn.save()
@@ -1264,6 +1278,7 @@ def status_report(world: World, service: str | None, now: float) -> dict[str, An
         health={n: f.health.to_json() for n, f in flights if f.health.last_check_at},
         activity={n: f.activity for n, f in flights},
         daemon={**world.daemon, "docker": world.docker_up, "docker_error": world.docker_error},
+        tasks=world.tasks,
     )
     report = status_json(world.state, world.config, now, service, live)
     gpus = usable(world.gpus, world.state.cordoned)
@@ -1480,6 +1495,7 @@ _HANDLERS: dict[type, Any] = {
     Tick: _on_tick,
     GpusRead: _on_gpus,
     DockerState: _on_docker,
+    TasksSeen: _on_tasks,
     Checkpoint: _on_checkpoint,
     Request: _on_request,
     StopExpected: _on_stop_expected,

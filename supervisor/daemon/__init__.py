@@ -42,15 +42,16 @@ from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.gpus import Discovery, Gpu, GpuReader, declared_gpus, resolve_gpus
 from supervisor.core.plan import RungNeed, gpu_budget_bytes
 from supervisor.core.rules import BUILTIN_RULES
+from supervisor.core.rungs import RungSetup
 from supervisor.core.runtimes import Runtime, spec_of
 from supervisor.core.state import FleetState, LogCursor
 from supervisor.core.step import ContainerEvent
-from supervisor.daemon.handoff import change_model, write_handoff
+from supervisor.daemon.handoff import change_model, swarm_variables, write_handoff
 from supervisor.daemon.lifecycle import ModelChange, Settled, measured_from_report
 from supervisor.daemon.offloop import Bounded, Lane, LoopTask
-from supervisor.edges import engine
+from supervisor.edges import engine, services
 from supervisor.edges.control import Call, ControlServer
-from supervisor.edges.engine import DockerError, EngineNotAnswering
+from supervisor.edges.engine import DockerError, EngineNotAnswering, parse_docker_time_ns
 from supervisor.edges.gpufaults import (
     GpuFaultSeen,
     GpuWatchEnded,
@@ -71,7 +72,8 @@ from supervisor.edges.watch import (
     FollowerEnded,
     LogFollower,
     LogLine,
-    parse_docker_time_ns,
+    ServiceLogFollower,
+    SwarmWatcher,
 )
 
 RECONCILE_S = 5.0
@@ -118,7 +120,7 @@ class Daemon:
         self.client: docker.DockerClient | None = None
         self.followers: dict[str, LogFollower] = {}
         self.fault_watchers: list[XidWatcher | KernelLogWatcher] = []
-        self.events: EventWatcher | None = None
+        self.events: EventWatcher | SwarmWatcher | None = None
         # container -> stamps of the matched lines handled lately: an old and a new follower
         # of one container may both deliver a line (dropped once), while lines stamped out of
         # order across stdout and stderr must all count
@@ -126,7 +128,10 @@ class Daemon:
         self.calls: dict[int, Call] = {}  # control calls not answered yet, by id
         self.aborts: dict[int, threading.Event] = {}  # change id -> ends its settle early
         self._next_call = 1
-        self._reported_runs: dict[str, str] = {}  # container -> the run whose report was read
+        self._reported_runs: dict[str, str] = {}
+        self._handed: dict[
+            str, RungSetup
+        ] = {}  # `mode: swarm`: each service's rung  # container -> the run whose report was read
         self._gpus_read_at = float("-inf")
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -233,6 +238,42 @@ class Daemon:
             return
         if warning:
             logger.warning(f"{effect.service}: {warning}")
+        if self.config.mode == "swarm":
+            self._handed[effect.service] = effect.setup
+            self._align_swarm({effect.service: effect.setup})
+
+    def _align_swarm(self, setups: Mapping[str, RungSetup]) -> None:
+        """`mode: swarm`: a service whose spec does not carry the rung the state names (a
+        stack deployed again from its file, or a change made while fleetd was down) is
+        updated onto it, in the engine lane; Swarm rolls its tasks."""
+        client, config = self.client, self.config
+        if client is None:
+            return  # done when the engine is connected
+
+        def align() -> list[object]:
+            for name, setup in setups.items():
+                if name not in config.services:
+                    continue
+                changes = swarm_variables(config, name, setup)
+                for container in config.services[name].restarted:
+                    swarm = config.swarm_service(container)
+                    try:
+                        spec = services.inspect(client, swarm)["Spec"]["TaskTemplate"]
+                        env = spec.get("ContainerSpec", {}).get("Env") or []
+                        if services.env_matches(env, changes):
+                            continue
+                        logger.warning(
+                            f"{name}: service {swarm} does not run rung {setup.rung} "
+                            f"({setup.model}) that the state names; updating it"
+                        )
+                        services.update_env(client, swarm, changes)
+                    except services.NoSuchService:
+                        logger.info(f"{name}: service {swarm} is not deployed (yet)")
+                    except DockerError as e:
+                        logger.error(f"{name}: cannot align service {swarm}: {e}")
+            return []
+
+        self.engine_lane.submit(align)
 
     def _forget_name(self, effect: step.ForgetName) -> None:
         """Delete a removed service's stable model from its runtime, in a worker: the
@@ -261,6 +302,8 @@ class Daemon:
         abort = threading.Event()
         if effect.new_rung:  # another model, or the same one with other options
             self.aborts[effect.change] = abort
+        if self.config.mode == "swarm":
+            self._handed[effect.service] = effect.setup  # what a later alignment keeps
         threading.Thread(
             target=self._restart_worker,
             args=(effect, self.config, abort),
@@ -318,9 +361,15 @@ class Daemon:
         if client is None:
             return
 
+        swarm = self.config.mode == "swarm"
+        config = self.config
+
         def stop_all() -> None:
             for name in effect.containers:
                 try:
+                    if swarm:  # no task at all: replicas 0 (`docker service scale S=0`)
+                        services.scale(client, config.swarm_service(name), 0)
+                        continue
                     engine.stop(client, name, int(effect.timeout_s))
                 except DockerError as e:
                     logger.error(f"{effect.service}: {e}")
@@ -360,6 +409,8 @@ class Daemon:
         current = self.state.services.get(name)
         if service is None or current is None or not spec_of(service.runtime).footprint_in_log:
             return
+        if self.config.mode == "swarm":
+            return  # a task's report is read by the change's settle (its read_log)
         model, rung = current.model, current.rung
         container, client = service.containers[0], self.client
         if client is None:
@@ -479,6 +530,8 @@ class Daemon:
     ) -> tuple[frozenset[int] | None, str | None]:
         """The fleet's host PIDs (None when Docker did not list them in time), and why the
         engine is lost when it did not answer."""
+        if self.config.mode == "swarm":  # tasks run on any node: no host PIDs to read
+            names = set()
         _, pids, error = self._read_pids(lambda: managed_pids(client, names))
         return pids, str(error) if isinstance(error, EngineNotAnswering) else None
 
@@ -644,7 +697,8 @@ class Daemon:
         detector = self.detectors[self.world.watched[event.container]]
         follower = self.followers.get(event.container)
         if follower is not None and follower.container_id != event.container_id:
-            follower = None
+            follower = None  # (a service's follower reads on past a task: never waited for)
+        swarm = self.config.swarm_service(event.container) if self.config.mode == "swarm" else None
 
         def read() -> None:
             # Docker may report the exit before the log stream has given the run's last
@@ -653,7 +707,10 @@ class Daemon:
             if follower is not None:
                 follower.join(FOLLOWER_END_WAIT_S)
             try:
-                lines = engine.last_lines(client, event.container_id, EXIT_READ_LINES)
+                if swarm is not None:
+                    lines = services.last_lines(client, swarm, event.container_id, EXIT_READ_LINES)
+                else:
+                    lines = engine.last_lines(client, event.container_id, EXIT_READ_LINES)
             except DockerError:
                 lines = []
             # A line of its own log that a rule knows explains the exit, whether or not a
@@ -781,6 +838,12 @@ class Daemon:
     def _connect_job(self) -> list[object]:
         try:
             client = engine.connect(self.docker_factory)
+            if self.config.mode == "swarm":
+                try:
+                    services.check_manager(client)
+                except DockerError:
+                    client.close()
+                    raise
         except DockerError as e:
             error = str(e)
             return [LoopTask(lambda: self._engine_failed(error))]
@@ -802,9 +865,25 @@ class Daemon:
             return
         self.client, self._docker_failures = client, 0
         self.feed(step.DockerState(up=True))
-        self.events = EventWatcher(client, self.clock(), self.queue)
+        if self.config.mode == "swarm":
+            self.events = SwarmWatcher(
+                client, self.clock(), self.queue, self._swarm_services, self._tasks_seen
+            )
+        else:
+            self.events = EventWatcher(client, self.clock(), self.queue)
         self.events.start()
         self._attach_all()
+        if self.config.mode == "swarm":
+            self._align_swarm(dict(self._handed))
+
+    def _swarm_services(self) -> dict[str, str]:
+        """`mode: swarm`, from the task reader's thread: each watched name's Swarm service."""
+        config = self.config
+        return {name: config.swarm_service(name) for name in list(self.world.watched)}
+
+    def _tasks_seen(self, tasks: dict[str, dict[str, Any] | None]) -> None:
+        """From the task reader's thread: the services' tasks now, for status."""
+        self.queue.put(step.TasksSeen({k: v or {} for k, v in tasks.items()}))
 
     def _engine_failed(self, error: str) -> None:
         self._docker_failures += 1
@@ -849,20 +928,33 @@ class Daemon:
         if client is None or not names:
             return
 
+        swarm = self.config.mode == "swarm"
+
         def find() -> list[object]:
             found: list[tuple[str, str, int]] = []
             for name in names:
                 try:
-                    run = engine.current_run(client, name)
+                    run = (
+                        self._swarm_run(client, name) if swarm else engine.current_run(client, name)
+                    )
                 except EngineNotAnswering as e:
                     return [LoopTask(functools.partial(self._engine_lost, client, str(e)))]
                 except DockerError:
                     continue
                 if run is not None:
-                    found.append((name, run[0], _stamp_ns(run[1])))
+                    found.append((name, run[0], _stamp_ns(run[1]) if run[1] else 0))
             return [LoopTask(lambda: self._attach_found(client, found))]
 
         self.engine_lane.submit(find, key="attach")
+
+    def _swarm_run(self, client: docker.DockerClient, name: str) -> tuple[str, str] | None:
+        """`mode: swarm`: a service's log is followed whole (every task) while it exists:
+        ("", "") when it does, None when it is not deployed."""
+        try:
+            services.inspect(client, self.config.swarm_service(name))
+        except services.NoSuchService:
+            return None
+        return "", ""
 
     def _followed(self, name: str) -> bool:
         follower = self.followers.get(name)
@@ -903,15 +995,27 @@ class Daemon:
         else:
             since = fleetd_started_ns
         detector = self.detectors[self.world.watched[name]]
-        follower = LogFollower(
-            self.client, name, container_id, since, self.queue, run_ns, detector.classify
-        )
+        follower: LogFollower
+        if self.config.mode == "swarm":
+            if old is not None and old.is_alive():
+                return  # one follower reads every task of the service
+            service = self.config.swarm_service(name)
+            follower = ServiceLogFollower(
+                self.client, name, service, since, self.queue, detector.classify
+            )
+        else:
+            follower = LogFollower(
+                self.client, name, container_id, since, self.queue, run_ns, detector.classify
+            )
         self.followers[name] = follower
         follower.start()
 
     def _started_ns(self, name: str) -> int:
         try:
             assert self.client is not None
+            if self.config.mode == "swarm":  # a task is a run: when it was created
+                task = services.current_task(self.client, self.config.swarm_service(name))
+                return task.created_ns if task is not None else 0
             return parse_docker_time_ns(engine.started_ns(self.client, name))
         except (KeyError, ValueError, DockerError):
             return 0

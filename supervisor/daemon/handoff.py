@@ -7,13 +7,14 @@ offline `fleetctl downgrade` both go through here, so they cannot drift apart.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from supervisor.analyzer.compose import ENV_FILE_LOCK, env_file_text
 from supervisor.core.config import FleetConfig
 from supervisor.core.errors import FleetdError
-from supervisor.core.rungs import RungSetup
+from supervisor.core.rungs import SWARM_MODEL_VARIABLE, RungSetup
 from supervisor.core.state import StateError
 from supervisor.edges import engine
 from supervisor.edges.engine import NoSuchContainer
@@ -61,6 +62,9 @@ def restart_service(
     container is started."""
     svc = config.services[service]
     timeout = int(config.policy.stop_timeout)
+    if config.mode == "swarm":
+        _update_services(client, config, service, setup, expect_stop)
+        return
     for name in svc.restarted:
         expect_stop(name, timeout + STOP_GRACE_S)
         try:
@@ -70,6 +74,50 @@ def restart_service(
                 engine.restart(client, name, timeout)
         except NoSuchContainer as e:
             raise NoSuchContainer(f"container {name} does not exist (is the fleet up?)") from e
+
+
+# `mode: swarm`: how long a service update may take to run a task of the new rung, past
+# the old task's stop timeout (pulling an image is not fleetd's to wait for: `docker stack
+# deploy` pulled it on every node that may run it).
+SWARM_ROLL_S = 120
+
+
+def swarm_variables(config: FleetConfig, service: str, setup: RungSetup) -> dict[str, str | None]:
+    """The variables a service update sets for `setup` (None: removed): the model under
+    `model_env` (FLEETD_MODEL by default), the rung's options and arguments."""
+    return setup.variables(config.services[service].model_env or SWARM_MODEL_VARIABLE)
+
+
+def _update_services(
+    client: docker.DockerClient,
+    config: FleetConfig,
+    service: str,
+    setup: RungSetup,
+    expect_stop: Callable[[str, float], None],
+) -> None:
+    """Roll each of the service's Swarm services onto the rung: a service update with the
+    rung's variables, then wait until a task of the new spec runs (Swarm stops the old
+    task before or after, as the service's update_config.order says)."""
+    from supervisor.edges import services
+
+    if setup.gpus is not None:
+        raise FleetdError(
+            f"{service}: moving a Swarm service to other GPUs is not done by fleetd yet; "
+            "re-plan with `fleetctl generate --swarm` and redeploy the stack"
+        )
+    changes = swarm_variables(config, service, setup)
+    timeout = int(config.policy.stop_timeout)
+    for name in config.services[service].restarted:
+        swarm_name = config.swarm_service(name)
+        expect_stop(name, timeout + STOP_GRACE_S + SWARM_ROLL_S)
+        started_ns = time.time_ns()
+        try:
+            services.update_env(client, swarm_name, changes)
+        except services.NoSuchService as e:
+            raise NoSuchContainer(
+                f"service {swarm_name} does not exist (is the stack deployed?)"
+            ) from e
+        services.wait_rolled(client, swarm_name, changes, timeout + SWARM_ROLL_S, started_ns)
 
 
 def _recreate(
@@ -121,10 +169,20 @@ def change_model(
     if client is None:
         raise FleetdError("Docker is not reachable; the change applies when it is")
     container = config.services[service].containers[0]
+
+    def read_log() -> list[str]:
+        if config.mode == "swarm":
+            from supervisor.edges import services
+
+            task = services.current_task(client, config.swarm_service(container))
+            if task is None:
+                return []
+            swarm_name = config.swarm_service(container)
+            return services.last_lines(client, swarm_name, task.id, 20_000)
+        return engine.run_log(client, container)
+
     change = (
-        ModelChange.for_service(
-            config, service, report, abort, read_log=lambda: engine.run_log(client, container)
-        )
+        ModelChange.for_service(config, service, report, abort, read_log=read_log)
         if new_rung
         else None
     )

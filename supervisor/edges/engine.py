@@ -10,6 +10,7 @@ out of reach or out of time, `DockerError` for the rest.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -159,6 +160,26 @@ def host_pids(client: docker.DockerClient, name: str) -> list[int]:
     titles = top.get("Titles") or []
     column = titles.index("PID") if "PID" in titles else 0
     return [int(row[column]) for row in top.get("Processes") or [] if row]
+
+
+def parse_docker_time_ns(stamp: str) -> int:
+    """`2026-11-23T07:12:01.123456789Z` -> epoch nanoseconds (Docker keeps 9 digits)."""
+    base, _, frac = stamp.rstrip("Z").partition(".")
+    return _epoch_seconds(base) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(base: str) -> int:
+    # Cached: a busy log repeats the same second thousands of times, and this is the hot path.
+    return int(datetime.fromisoformat(base + "+00:00").timestamp())
+
+
+def split_stamped(raw: str) -> tuple[int, str] | None:
+    stamp, _, text = raw.partition(" ")
+    try:
+        return parse_docker_time_ns(stamp), text
+    except ValueError:
+        return None
 
 
 class Stream:

@@ -1,0 +1,221 @@
+"""fleetd in `mode: swarm` on a real single-node swarm: it follows a stack service's task
+logs through the manager, steps the service down with a rolling service update, keeps the
+rung across its own restart (and puts it back on a service a redeploy reset), shows the
+task and node in `fleetctl status`, and misses no incident while the manager is cut off."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import yaml
+
+from tests.integration.fleet_harness import IMAGE, SIZES, Fleet, at_rung
+from tests.integration.swarm import Swarm
+from tests.integration.test_daemon_reconnect import ENGINE, SocketProxy
+
+CAPACITY_MIB = 3000  # big (4000 MiB) runs out of memory at every start; medium fits
+
+
+@pytest.fixture
+def stack(
+    swarm: Swarm, docker_client: docker.DockerClient, emitter_image: str, tmp_path: Path
+) -> Iterator[Stack]:
+    deployed = Stack(docker_client, f"fleettest{uuid.uuid4().hex[:6]}", tmp_path / "stack.yml")
+    yield deployed
+    deployed.remove()
+
+
+class Stack:
+    """One stack of the emitter stand-in, deployed with the real `docker stack deploy`."""
+
+    def __init__(self, client: docker.DockerClient, name: str, path: Path) -> None:
+        self.client, self.name, self.path = client, name, path
+
+    def write(self, model: str, restart_delay: str = "1s") -> None:
+        service = {
+            "image": IMAGE,
+            "environment": {
+                "RUNTIME": "vllm",
+                "CAPACITY_MIB": str(CAPACITY_MIB),
+                "MODEL_SIZES": SIZES,
+                "MODEL_FROM_ENV": "1",
+                "MODEL": model,
+            },
+            "deploy": {
+                "replicas": 1,
+                "restart_policy": {"condition": "any", "delay": restart_delay},
+                "update_config": {"parallelism": 1, "order": "stop-first"},
+            },
+        }
+        self.path.write_text(yaml.safe_dump({"services": {"llm": service}}))
+
+    def deploy(self) -> None:
+        _run(
+            "docker", "stack", "deploy", "--resolve-image", "never", "-c", str(self.path), self.name
+        )
+
+    @property
+    def service(self) -> str:
+        return f"{self.name}_llm"
+
+    def env(self) -> dict[str, str]:
+        spec = self.client.api.inspect_service(self.service)["Spec"]
+        env = spec["TaskTemplate"]["ContainerSpec"].get("Env") or []
+        return dict(e.partition("=")[::2] for e in env)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        service_id = self.client.api.inspect_service(self.service)["ID"]
+        found = self.client.api.tasks(filters={"service": service_id})
+        return sorted(found, key=lambda t: str(t["CreatedAt"]))
+
+    def running_model(self) -> str | None:
+        """The MODEL of the newest running task (the one the service runs now)."""
+        running = [t for t in self.tasks() if t["Status"]["State"] == "running"]
+        if not running:
+            return None
+        env = running[-1]["Spec"]["ContainerSpec"].get("Env") or []
+        return dict(e.partition("=")[::2] for e in env).get("MODEL")
+
+    def remove(self) -> None:
+        subprocess.run(["docker", "stack", "rm", self.name], capture_output=True, check=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            left = self.client.services.list(
+                filters={"label": f"com.docker.stack.namespace={self.name}"}
+            )
+            networks = self.client.networks.list(names=[f"{self.name}_default"])
+            if not left and not networks:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"stack {self.name} was not removed within 60 s")
+
+
+def _run(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
+    return done.stdout
+
+
+def _config(fleet: Fleet, stack: Stack) -> None:
+    service = fleet.service("vllm", "llm", model_env="MODEL")
+    del service["containers"]  # `mode: swarm`: the service `llm` of the stack
+    fleet.write_config({"llm": service}, mode="swarm", swarm={"stack": stack.name})
+
+
+def _status(fleet: Fleet) -> dict[str, Any]:
+    code = "from supervisor.cli.fleetctl import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "status", "--json", "--state-dir", str(fleet.state_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def _until(what: str, check: Callable[[], Any], timeout_s: float, fleet: Fleet) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{fleet.log.read_text()[-4000:]}")
+
+
+def test_steps_a_swarm_service_down_by_service_update_and_keeps_it(
+    fleet: Fleet, stack: Stack, swarm: Swarm
+) -> None:
+    stack.write("big")
+    stack.deploy()
+    _config(fleet, stack)
+    fleet.start()
+
+    state = fleet.wait_for("the step down", at_rung("llm", 1), timeout_s=90)
+    [change] = state["history"]
+    assert (change["from_model"], change["to_model"]) == ("big", "medium")
+    assert "CUDA out of memory" in change["evidence"]
+    # the rung reached Swarm as a service update, and the new task runs it
+    _until("a task of medium running", lambda: stack.running_model() == "medium", 60, fleet)
+    assert stack.env()["MODEL"] == "medium"
+    assert stack.env()["FLEETD_SERVED_NAME"]  # the stable name rides along with the model
+
+    report = _until("status with the task", lambda: _task_of(_status(fleet)), 30, fleet)
+    assert report["node"] == swarm.hostname
+    assert report["node_id"] == swarm.node_id
+    assert report["state"] == "running"
+    running = [t for t in stack.tasks() if t["Status"]["State"] == "running"]
+    assert report["id"] == running[-1]["ID"]
+
+    # fleetd restarts: nothing changes, the service stays on medium
+    assert fleet.stop() == 0
+    fleet.start()
+    time.sleep(8)
+    state = fleet.state()
+    assert state["services"]["llm"]["rung"] == 1
+    assert len(state["history"]) == 1
+    still = [t for t in stack.tasks() if t["Status"]["State"] == "running"]
+    assert [t["ID"] for t in still] == [report["id"]]  # not rolled again: the same task runs
+    assert stack.running_model() == "medium"
+
+    # the stack is deployed again from its file (MODEL=big) while fleetd is down: fleetd
+    # puts the rung the state names back with a service update when it starts
+    assert fleet.stop() == 0
+    stack.write("big", restart_delay="4s")
+    stack.deploy()
+    assert stack.env()["MODEL"] == "big"
+    fleet.start()
+    _until("the service back on medium", lambda: stack.env()["MODEL"] == "medium", 30, fleet)
+    _until("a task of medium running", lambda: stack.running_model() == "medium", 60, fleet)
+    assert fleet.state()["services"]["llm"]["rung"] == 1
+    assert "does not run rung 1 (medium) that the state names" in fleet.log.read_text()
+    assert fleet.stop() == 0
+
+
+def _task_of(report: dict[str, Any]) -> dict[str, Any] | None:
+    task = report["services"]["llm"].get("task")
+    return task if task and task.get("state") == "running" else None
+
+
+def test_misses_no_incident_while_the_manager_is_cut_off(
+    fleet: Fleet, stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not Path(ENGINE).exists():
+        pytest.fail(f"{ENGINE} is missing")
+    proxy = SocketProxy(tmp_path / "docker.sock")
+    proxy.start()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{proxy.path}")
+    stack.write("big", restart_delay="3s")
+    stack.deploy()
+    _config(fleet, stack)
+    fleet.start()
+    fleet.wait_for("a first incident", _incidents_at_least(1), timeout_s=60)
+
+    proxy.cut()  # as a manager restart: every connection drops, the socket is gone
+    time.sleep(7)  # tasks fail and are replaced while fleetd cannot see the manager
+    assert fleet.process is not None and fleet.process.poll() is None, "fleetd must not die"
+    failed_while_cut = len([t for t in stack.tasks() if t["Status"]["State"] == "failed"])
+    proxy.start()
+
+    state = fleet.wait_for("the step down after reconnecting", at_rung("llm", 1), timeout_s=90)
+    [change] = state["history"]
+    assert change["to_model"] == "medium"
+    assert failed_while_cut >= 2
+    assert "Docker is not reachable" in fleet.log.read_text()
+    _until("a task of medium running", lambda: stack.running_model() == "medium", 60, fleet)
+    assert fleet.stop() == 0
+    proxy.cut()
+
+
+def _incidents_at_least(count: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda s: len(s["services"].get("llm", {}).get("incidents", [])) >= count
