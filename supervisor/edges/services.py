@@ -265,12 +265,15 @@ def wait_rolled(
     after_ns: int,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Task:
-    """Wait until a task created after `after_ns` with the new variables runs; DockerError
-    when the update is rolled back or paused, or none runs within `timeout_s`."""
+    """Wait until a task created after `after_ns` with the new variables has started: it
+    runs, or it ran and exited (a rung that runs out of memory at once is the ladder's to
+    judge, from its log, not a failed update). DockerError when Swarm rolled the update
+    back or paused it before any such task started, or none started within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         for task in reversed(tasks(client, service)):
-            if task.created_ns >= after_ns and task.running and env_matches(task.env, changes):
+            started = task.running or (task.ended and task.exit_code is not None)
+            if task.created_ns >= after_ns and started and env_matches(task.env, changes):
                 return task
         status = inspect(client, service).get("UpdateStatus") or {}
         if str(status.get("State", "")).startswith(("rollback", "paused")):

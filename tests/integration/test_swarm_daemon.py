@@ -111,16 +111,20 @@ def _config(fleet: Fleet, stack: Stack) -> None:
     fleet.write_config({"llm": service}, mode="swarm", swarm={"stack": stack.name})
 
 
-def _status(fleet: Fleet) -> dict[str, Any]:
+def _fleetctl(fleet: Fleet, *args: str) -> str:
     code = "from supervisor.cli.fleetctl import main; main()"
     done = subprocess.run(
-        [sys.executable, "-c", code, "status", "--json", "--state-dir", str(fleet.state_dir)],
+        [sys.executable, "-c", code, *args, "--state-dir", str(fleet.state_dir)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
+    return done.stdout
+
+
+def _status(fleet: Fleet) -> dict[str, Any]:
+    return dict(json.loads(_fleetctl(fleet, "status", "--json")))
 
 
 def _until(what: str, check: Callable[[], Any], timeout_s: float, fleet: Fleet) -> Any:
@@ -156,6 +160,9 @@ def test_steps_a_swarm_service_down_by_service_update_and_keeps_it(
     assert report["state"] == "running"
     running = [t for t in stack.tasks() if t["Status"]["State"] == "running"]
     assert report["id"] == running[-1]["ID"]
+    text = _fleetctl(fleet, "status")
+    print(text)  # the README's example
+    assert f"llm: task {report['id'][:12]} on node {swarm.hostname} (running since" in text
 
     # fleetd restarts: nothing changes, the service stays on medium
     assert fleet.stop() == 0
@@ -179,6 +186,11 @@ def test_steps_a_swarm_service_down_by_service_update_and_keeps_it(
     _until("a task of medium running", lambda: stack.running_model() == "medium", 60, fleet)
     assert fleet.state()["services"]["llm"]["rung"] == 1
     assert "does not run rung 1 (medium) that the state names" in fleet.log.read_text()
+
+    # a person puts it back on its first rung: the same service update, the other way
+    _fleetctl(fleet, "reset", "llm")
+    _until("the service back on big", lambda: stack.env()["MODEL"] == "big", 60, fleet)
+    assert fleet.state()["services"]["llm"]["rung"] == 0
     assert fleet.stop() == 0
 
 
