@@ -4,6 +4,7 @@ them (shapes taken from a real single-node swarm), and the env update it makes."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -99,3 +100,27 @@ def test_status_shows_the_task_a_running_fleetd_reports(tmp_path: Path) -> None:
     report = status_json(state, config, 2.0, live=Live(tasks={"llm": task}))
     assert report["services"]["llm"]["task"] == task
     assert status_json(state, config, 2.0)["services"]["llm"]["task"] is None  # no fleetd
+
+
+def test_a_reload_that_switches_to_swarm_mode_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    from supervisor.daemon import Daemon
+    from supervisor.edges.engine import EngineNotAnswering
+
+    def no_docker() -> Any:
+        raise EngineNotAnswering("no engine in this test")
+
+    path = tmp_path / "fleet.yaml"
+    service = {"runtime": "vllm", "containers": ["llm"], "ladder": [{"model": "m", "vram": "1GiB"}]}
+    body: dict[str, Any] = {"gpus": [{"name": "g", "memory": "8GiB"}], "services": {"llm": service}}
+    path.write_text(yaml.safe_dump(body))
+    daemon = Daemon(path, tmp_path / "state", docker_factory=no_docker, serve_metrics=False)
+    daemon.start()
+    path.write_text(yaml.safe_dump({**body, "mode": "swarm"}))
+    refused: list[str] = []
+    daemon.apply_config(done=lambda: refused.append("done"))
+    daemon.drain(0.1)
+    assert refused == ["done"]
+    assert daemon.config.mode == "host"
+    daemon.shutdown()

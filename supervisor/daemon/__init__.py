@@ -1129,6 +1129,13 @@ class Daemon:
         try:
             config = load_config(self.config_path)
             detectors = _detectors(config)
+            old = self.config
+            if (config.mode, config.swarm) != (old.mode, old.swarm):
+                raise UsageError(
+                    f"{self.config_path}: mode/swarm changed ({old.mode}, stack "
+                    f"{old.swarm.stack} -> {config.mode}, stack {config.swarm.stack}): "
+                    "what fleetd watches changes with them; restart fleetd to apply it"
+                )
         except FleetdError as e:
             logger.error(f"reload refused, keeping the running config: {e}")
             if call is not None:
