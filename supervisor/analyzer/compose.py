@@ -28,7 +28,7 @@ from supervisor.core.config import ServiceConfig, check_volume, model_env_var
 from supervisor.core.endpoints import host_ports
 from supervisor.core.errors import RenderError
 from supervisor.core.plan import FleetPlan, GpuPlan, ServicePlan
-from supervisor.core.rungs import RungSetup, setup_for
+from supervisor.core.rungs import SWARM_MODEL_VARIABLE, RungSetup, setup_for
 from supervisor.core.runtimes import RungOptions, RuntimeSpec, spec_of
 
 if TYPE_CHECKING:  # jinja2 loads when a compose file is rendered, not before
@@ -410,12 +410,12 @@ STACK_PREAMBLE = (
     ": > $d/args && set -f && for a in ${FLEETD_ARGS-}; do printf '%s\\n' \"$a\" >> $d/args; "
     "done; set +f; "
 )
-STACK_MODEL_VARIABLE = "FLEETD_MODEL"  # a stack service's model, unless `model_env:` names one
 
 
 def stack_model_variable(service: ServiceConfig) -> str:
-    """The variable a stack service's model is in: `model_env:`, else FLEETD_MODEL."""
-    return service.model_env or STACK_MODEL_VARIABLE
+    """The variable a stack service's model is in: `model_env:`, else FLEETD_MODEL (the one
+    fleetd's service update changes, supervisor/daemon/handoff.py)."""
+    return service.model_env or SWARM_MODEL_VARIABLE
 
 
 def build_stack(plan: FleetPlan, template_dir: Path | None = None) -> StackFile:
