@@ -473,9 +473,12 @@ def _stack_service(svc: ServicePlan, plan: FleetPlan, host_port: int | None) -> 
         node_id=sites[0].node_id if sites[0] else None,
         published_port=port,
         handoff_tmpfs=script is not None,
-        # A port published on the node is held by the old task until it stops, so a new
-        # task cannot start first there.
-        update_order="stop-first" if port else "start-first",
+        # Stop-first for a service on GPUs: two rungs at once may not fit the GPU (what the
+        # ladder is there to avoid), and the update of a task that keeps failing (a step
+        # down) races its restart: start-first can leave two tasks in one slot (seen on
+        # Docker 20.10). And for a port published on the node: the old task holds it until
+        # it stops, so a new task cannot start first there.
+        update_order="stop-first" if port or base.gpu_reservation else "start-first",
     )
 
 

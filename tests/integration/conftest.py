@@ -30,9 +30,10 @@ from docker.models.networks import Network
 from docker.models.resource import Model
 from docker.models.volumes import Volume
 
+from supervisor.core.nodesetup import gpu_labels
 from tests.integration.fleet_harness import IMAGE as EMITTER_IMAGE
 from tests.integration.fleet_harness import Fleet
-from tests.integration.swarm import Swarm, single_node_swarm
+from tests.integration.swarm import GPUS, Swarm, single_node_swarm
 
 # The reaper image cannot be pulled here; tests that use testcontainers clean up themselves.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -350,3 +351,17 @@ def swarm(docker_client: docker.DockerClient) -> Iterator[Swarm]:
             yield found
     except docker.errors.APIError as e:
         _unavailable(f"cannot run a single-node swarm on this engine: {e}")
+
+
+@pytest.fixture
+def gpu_node_labels(docker_client: docker.DockerClient, swarm: Swarm) -> Iterator[dict[str, str]]:
+    """This node labelled with the stand-in GPUs as `node init` would; labels restored after."""
+    node = docker_client.nodes.get(swarm.node_id)
+    before = dict(node.attrs["Spec"].get("Labels") or {})
+    labels = dict(label.split("=", 1) for label in gpu_labels(GPUS))
+    node.update({**node.attrs["Spec"], "Labels": {**before, **labels}})
+    try:
+        yield labels
+    finally:
+        node.reload()
+        node.update({**node.attrs["Spec"], "Labels": before})

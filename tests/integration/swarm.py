@@ -21,11 +21,19 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from supervisor.core.nodesetup import NodeGpu
+
 LOCK_PATH = Path(
     os.environ.get("FLEETD_SWARM_LOCK", Path(tempfile.gettempdir()) / "fleetd-swarm.lock")
 )
 ADVERTISE = "127.0.0.1"
 LEFT_BEHIND = ("docker_gwbridge",)  # networks swarm mode creates and `leave` keeps
+# The stand-in GPUs the swarm tests describe the test node with, as `node init` would.
+GIB = 1024**3
+GPUS = (
+    NodeGpu(0, "GPU-5a11d0c0-0000-4000-8000-000000000000", "Stand-in GPU", 24 * GIB),
+    NodeGpu(1, "GPU-5a11d0c0-0000-4000-8000-000000000001", "Stand-in GPU", 24 * GIB),
+)
 
 
 @dataclass(frozen=True)

@@ -16,23 +16,15 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
-import pytest
 import yaml
 
-from supervisor.core.nodesetup import NodeGpu, gpu_labels
 from tests.entrypoints import entry_point
-from tests.integration.swarm import Swarm
+from tests.integration.swarm import GPUS, Swarm
 
-GIB = 1024**3
-GPUS = (
-    NodeGpu(0, "GPU-5a11d0c0-0000-4000-8000-000000000000", "Stand-in GPU", 24 * GIB),
-    NodeGpu(1, "GPU-5a11d0c0-0000-4000-8000-000000000001", "Stand-in GPU", 24 * GIB),
-)
 DEPLOY_TIMEOUT_S = 90
 REMOVE_TIMEOUT_S = 60
 
@@ -75,20 +67,6 @@ def fleetctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [entry_point("fleetctl"), *args], capture_output=True, text=True, timeout=60, check=False
     )
-
-
-@pytest.fixture
-def gpu_node_labels(docker_client: docker.DockerClient, swarm: Swarm) -> Iterator[dict[str, str]]:
-    """This node labelled with the stand-in GPUs as `node init` would; labels restored after."""
-    node = docker_client.nodes.get(swarm.node_id)
-    before = dict(node.attrs["Spec"].get("Labels") or {})
-    labels = dict(label.split("=", 1) for label in gpu_labels(GPUS))
-    node.update({**node.attrs["Spec"], "Labels": {**before, **labels}})
-    try:
-        yield labels
-    finally:
-        node.reload()
-        node.update({**node.attrs["Spec"], "Labels": before})
 
 
 def running_task(client: docker.DockerClient, service: str) -> dict[str, Any] | None:
