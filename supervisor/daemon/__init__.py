@@ -40,7 +40,7 @@ from supervisor.core.detector import Detector, compile_rule
 from supervisor.core.endpoints import endpoint_of
 from supervisor.core.errors import FleetdError, UsageError
 from supervisor.core.gpus import Discovery, Gpu, GpuReader, declared_gpus, resolve_gpus
-from supervisor.core.plan import RungNeed, gpu_budget_bytes
+from supervisor.core.plan import RungNeed, gpu_budget_bytes, place
 from supervisor.core.rules import BUILTIN_RULES
 from supervisor.core.rungs import RungSetup
 from supervisor.core.runtimes import Runtime, spec_of
@@ -66,6 +66,7 @@ from supervisor.edges.nvml import GPU_LOST_ERRORS, Nvml
 from supervisor.edges.runtime_api import RuntimeApiError, api_for
 from supervisor.edges.sdnotify import Notifier
 from supervisor.edges.store import StateStore
+from supervisor.edges.swarm import SwarmGpus
 from supervisor.edges.watch import (
     EventsEnded,
     EventWatcher,
@@ -151,7 +152,7 @@ class Daemon:
         self._gpu_read_problem: str | None = None  # why the last GPU reading was missed
         self._lane_read_at = float("-inf")  # when the reads lane last read NVML
         config = load_config(config_path)  # invalid: fail before anything
-        self.nvml = nvml or device_reader(config)
+        self.nvml = nvml or self._gpu_reader(config)
         self.detectors = _detectors(config)
         info = {"pid": os.getpid(), "version": __version__, "config": str(config_path)}
         self.world = step.initial_world(
@@ -159,6 +160,12 @@ class Daemon:
         )
         self.metrics = FleetMetrics()
         self.metrics_at = self._metrics_address(metrics_address, serve_metrics)
+
+    def _gpu_reader(self, config: FleetConfig) -> GpuReader:
+        """NVML (or host memory); in `mode: swarm`, the GPUs the swarm's nodes published."""
+        if config.mode == "swarm":
+            return SwarmGpus(self.docker_factory)
+        return device_reader(config)
 
     @property
     def config(self) -> FleetConfig:
@@ -547,7 +554,11 @@ class Daemon:
         self._gpus_read_at = time.monotonic()
         if not discovery.gpus:
             return {}
-        plan = analyze(config, discovery, pids)
+        if isinstance(self.nvml, SwarmGpus):  # each service on one node, as generate did
+            needs = prices(config, None)
+            plan = place(config, discovery, needs, pids, sites=self.nvml.sites)
+        else:
+            plan = analyze(config, discovery, pids)
         return {name: p.rung for name, p in plan.services.items()}
 
     def _discover(self, config: FleetConfig) -> Discovery:
@@ -1145,7 +1156,7 @@ class Daemon:
             return
         if config.accelerator != self.config.accelerator:  # GPUs <-> host memory
             self._close_nvml()
-            self.nvml = device_reader(config)
+            self.nvml = self._gpu_reader(config)
         client = self.client
 
         def read_then_apply() -> list[object]:

@@ -89,18 +89,18 @@ def task_of(raw: Mapping[str, Any], service: str) -> Task:
     )
 
 
-def check_manager(client: docker.DockerClient) -> str:
-    """This engine's node ID, when it is a manager of an active swarm; else NotAManager."""
+def check_manager(client: docker.DockerClient) -> None:
+    """NotAManager unless this engine is a manager of an active swarm."""
+    from supervisor.edges.swarm import manager_state
+
     with translated("cannot read the swarm state (docker info)"):
-        swarm = client.info().get("Swarm") or {}
-    state = swarm.get("LocalNodeState") or "inactive"
-    if state != "active" or not swarm.get("ControlAvailable"):
-        role = "a worker" if state == "active" else f"not in a swarm (state {state})"
+        info = client.info()
+    refused = manager_state(info)
+    if refused is not None:
         raise NotAManager(
-            f"this Docker engine is {role}, not a swarm manager: `mode: swarm` needs fleetd "
-            "on a manager (docker node ls works there)"
+            f"this Docker engine is not a Swarm manager (docker info: {refused}): `mode: "
+            "swarm` needs fleetd on a manager (where `docker node ls` works)"
         )
-    return str(swarm.get("NodeID", ""))
 
 
 class NoSuchService(DockerError):

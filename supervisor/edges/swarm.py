@@ -7,8 +7,11 @@ node objects go to `supervisor.core.swarm` as the API returns them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from supervisor.core.gpus import Discovery
+from supervisor.core.plan import GpuSite
 from supervisor.core.swarm import SwarmLayout, layout, read_nodes
 from supervisor.edges.engine import DockerError, translated
 
@@ -46,3 +49,29 @@ def read_swarm(client: docker.DockerClient) -> SwarmLayout:
         objects = [n.attrs for n in client.nodes.list()]
     nodes, notes = read_nodes(objects)
     return layout(nodes, notes)
+
+
+class SwarmGpus:
+    """`mode: swarm`: fleetd's GPU reader on a manager. The swarm's GPUs are those `node
+    init` published on every node (read from the manager, not NVML: the manager may have
+    none of its own), with their fleet-wide indexes and their nodes (`sites`, for the
+    planner); memory in use is not known there."""
+
+    def __init__(self, factory: Callable[[], docker.DockerClient]) -> None:
+        self._factory = factory
+        self.sites: dict[int, GpuSite] = {}
+
+    def discover(self) -> Discovery:
+        try:
+            client = self._factory()
+            try:
+                found = read_swarm(client)
+            finally:
+                client.close()
+        except DockerError as e:
+            return Discovery(gpus=(), problem=f"cannot read the swarm's GPUs: {e}")
+        self.sites = dict(found.sites)
+        return found.discovery
+
+    def shutdown(self) -> None:
+        return None

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.integration.fleet_harness import IMAGE, SIZES, Fleet, at_rung
-from tests.integration.swarm import Swarm
+from tests.integration.swarm import GPUS, Swarm
 from tests.integration.test_daemon_reconnect import ENGINE, SocketProxy
 
 CAPACITY_MIB = 3000  # big (4000 MiB) runs out of memory at every start; medium fits
@@ -100,24 +100,33 @@ def _run(*argv: str) -> str:
 
 
 def _config(fleet: Fleet, stack: Stack) -> None:
-    """One service on the stand-in: `big` (4000 MiB) runs out of the stand-in's 3000 MiB at
-    every start, `medium` fits. The plan puts `big` on a 24 GiB stand-in GPU."""
-    service = fleet.service("generic", "llm", model_env="MODEL", image=IMAGE)
-    del service["containers"]  # `mode: swarm`: the service `llm` of the stack
-    service["environment"] = {
+    """`llm` on the stand-in: `big` (4000 MiB) runs out of the stand-in's 3000 MiB at every
+    start, `medium` fits; the plan puts `big` on a 24 GiB stand-in GPU. `batch`: its first
+    rung needs more than a GPU, so the plan (and the stack) start it on its second, which
+    runs fine; fleetd must keep it there."""
+    emitter = {
         "RUNTIME": "vllm",
         "CAPACITY_MIB": str(CAPACITY_MIB),
         "MODEL_SIZES": SIZES,
         "MODEL_FROM_ENV": "1",
     }
-    fleet.write_config({"llm": service}, mode="swarm", swarm={"stack": stack.name})
-    del_gpus = fleet.config.read_text()
-    body = yaml.safe_load(del_gpus)
-    del body["gpus"]  # the swarm's nodes say what GPUs there are
+    llm = fleet.service("generic", "llm", model_env="MODEL", image=IMAGE, environment=emitter)
+    batch = {
+        "runtime": "generic",
+        "model_env": "MODEL",
+        "image": IMAGE,
+        "environment": emitter,
+        "ladder": [{"model": "huge", "vram": "40GiB"}, {"model": "small", "vram": "1000MiB"}],
+    }
+    del llm["containers"]  # `mode: swarm`: the service `llm` of the stack
+    fleet.write_config({"llm": llm, "batch": batch}, mode="swarm", swarm={"stack": stack.name})
+    body = yaml.safe_load(fleet.config.read_text())
+    del body["gpus"]  # the swarm's nodes say what GPUs there are (node labels here)
     fleet.config.write_text(yaml.safe_dump(body))
     stack.generate(fleet)
-    generated = yaml.safe_load(stack.path.read_text())["services"]["llm"]
-    assert generated["environment"]["MODEL"] == "big"
+    generated = yaml.safe_load(stack.path.read_text())["services"]
+    assert generated["llm"]["environment"]["MODEL"] == "big"
+    assert generated["batch"]["environment"]["MODEL"] == "small"
 
 
 def _fleetctl(fleet: Fleet, *args: str) -> str:
@@ -173,6 +182,12 @@ def test_steps_a_swarm_service_down_by_service_update_and_keeps_it(
     assert report["node"] == swarm.hostname
     assert report["node_id"] == swarm.node_id
     assert report["state"] == "running"
+    # the GPUs are the swarm's, as node init published them, not the manager's NVML
+    gpus = _status(fleet)["gpus"]
+    assert [(g["uuid"], g["total_bytes"]) for g in gpus] == [(g.uuid, g.memory_bytes) for g in GPUS]
+    # batch started where the plan put it, and stayed: fleetd did not update it
+    assert fleet.state()["services"]["batch"]["rung"] == 1
+    assert "batch: service" not in fleet.log.read_text()
     text = _fleetctl(fleet, "status")
     print(text)  # the README's example
     assert f"llm: task {report['id'][:12]} on node {swarm.hostname} (running since" in text
