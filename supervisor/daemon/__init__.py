@@ -73,6 +73,7 @@ from supervisor.edges.watch import (
     FollowerEnded,
     LogFollower,
     LogLine,
+    NodeBack,
     ServiceLogFollower,
     SwarmWatcher,
 )
@@ -635,13 +636,15 @@ class Daemon:
             self._on_event(item)
         elif isinstance(item, FollowerEnded):
             follower = self.followers.get(item.container)
-            if follower is not None and follower.container_id == item.container_id:
+            if follower is not None and id(follower) == item.follower:
                 self._remember_cursor(follower)
                 del self.followers[item.container]
         elif isinstance(item, GpuFaultSeen):
             self._on_gpu_fault(item)
         elif isinstance(item, GpuWatchEnded):
             logger.info(f"GPU faults: {item.source} not watched: {item.error}")
+        elif isinstance(item, NodeBack):
+            self._reopen_logs(item)
         elif isinstance(item, EventsEnded):
             logger.warning(f"Docker event stream ended ({item.error}); reconnecting")
             self.events = None
@@ -656,6 +659,20 @@ class Daemon:
             self._when_fresh(item)
         else:
             self.feed(item)  # type: ignore[arg-type]  # the workers' results are messages
+
+    def _reopen_logs(self, back: NodeBack) -> None:
+        """A lost node is back: every service log is read again from where it was (the
+        streams opened before deliver nothing more of that node; lines read twice are
+        dropped by their stamps)."""
+        logger.info(
+            f"swarm node {back.name or back.node_id[:12]} is ready again: reading the "
+            "services' logs on from where they were"
+        )
+        for container, follower in list(self.followers.items()):
+            self._remember_cursor(follower)
+            follower.stop()
+            del self.followers[container]
+        self._attach_all()
 
     def drain(self, timeout_s: float = 0.0) -> None:
         """Handle everything queued, and the messages waiting for a GPU reading (tests and
@@ -807,6 +824,8 @@ class Daemon:
         before = Discovery(gpus=self.world.gpus)
         self.feed(read)
         self._gpus_read_at = time.monotonic()
+        if isinstance(self.nvml, SwarmGpus):
+            return  # a node down takes its GPUs out of the swarm's list: no GPU fault
         for lost in lost_gpus(before, Discovery(gpus=read.gpus), self.clock()):
             self._on_gpu_fault(lost, before.gpus)  # a lost GPU's record no longer names it
 

@@ -42,6 +42,16 @@ class LogLine:
 class FollowerEnded:
     container: str
     container_id: str
+    follower: int = 0  # id() of the follower that ended (a new one may follow the same run)
+
+
+@dataclass(frozen=True)
+class NodeBack:
+    """`mode: swarm`: a node the manager had lost is ready again. A service log stream
+    opened before stops delivering that node's lines: its followers must be reopened."""
+
+    node_id: str
+    name: str
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class LogFollower(_StreamThread):
             if not self._stopped.is_set():
                 logger.warning(f"log of {self.container} ended: {e}")
         finally:
-            self._out.put(FollowerEnded(self.container, self.container_id))
+            self._out.put(FollowerEnded(self.container, self.container_id, id(self)))
 
     def _open(self, since_s: float) -> engine.Stream:
         return engine.log_stream(self.client, self.container_id, since_s)
@@ -212,8 +222,9 @@ class SwarmWatcher(_StreamThread):
         error = "stopped"
         try:
             self._stream = services.events(self.client, self.since_s)
-            for _ in self._stream:
+            for event in self._stream:
                 self._wake.set()
+                self._node_event(event)
         except DockerError as e:
             error = str(e)
         stopped = self._stopped.is_set()
@@ -225,6 +236,16 @@ class SwarmWatcher(_StreamThread):
     def stop(self) -> None:
         super().stop()
         self._wake.set()
+
+    def _node_event(self, event: dict[str, Any]) -> None:
+        """A node back to `ready` from another state (down, disconnected) is a NodeBack."""
+        if event.get("Type") != "node":
+            return
+        actor = event.get("Actor") or {}
+        attrs = actor.get("Attributes") or {}
+        old = attrs.get("state.old")
+        if attrs.get("state.new") == "ready" and old not in (None, "ready", "unknown"):
+            self._out.put(NodeBack(str(actor.get("ID", "")), str(attrs.get("name", ""))))
 
     def _poll_loop(self) -> None:
         while not self._stopped.is_set():

@@ -598,14 +598,9 @@ def set_link(nodes: TwoNodes, up: bool) -> None:
     assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
 
 
-# After the worker is cut off and back, its new tasks fail with out-of-memory lines that a
-# fresh read of the service's log through the manager gives, but the follow stream fleetd
-# opened before the cut delivers none of them: fleetd sees no incident and never steps down.
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fleetd does not reopen a service's log stream when a lost node comes back (#16)",
-)
+# After the worker is cut off and back, a service log stream opened before the cut delivers
+# none of the worker's new lines (a fresh read through the manager does): fleetd reopens
+# its streams from where they were when the manager says the node is ready again.
 def test_fleetd_survives_losing_the_worker_and_steps_down_once_it_is_back(
     tmp_path: Path,
     two_nodes: TwoNodes,
@@ -652,6 +647,10 @@ def test_fleetd_survives_losing_the_worker_and_steps_down_once_it_is_back(
         ) from None
     [change] = state["history"]
     assert (change["from_model"], change["to_model"]) == ("big", "medium")
+    log = fleet.log.read_text()
+    assert "is ready again: reading the services' logs on from where they were" in log
+    # a node down takes its GPUs out of the swarm's list: that is no GPU fault
+    assert not state.get("cordoned") and "cordoned" not in log
     manager = two_nodes.manager.client
     task = until(
         "a task of medium running",
