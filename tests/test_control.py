@@ -669,3 +669,16 @@ def test_idle_connections_hold_a_bounded_number_of_threads_and_are_dropped(
         for s in idle:
             s.close()
         server.stop()
+
+
+@pytest.mark.parametrize("command", [["plan", "--gpu", "24GiB"], ["generate"], ["node", "init"]])
+def test_host_before_a_command_that_runs_here_is_refused(
+    fleet: tuple[Path, Path], command: list[str]
+) -> None:
+    config, state_dir = fleet
+    args = [*command, "--config", config] if command[0] != "node" else command
+    done = fleetctl("--host", "ssh://gpu-1", *args, env={"FLEETD_STATE_DIR": str(state_dir)})
+    assert done.returncode == 2
+    assert f"`fleetctl {command[0]}` runs on this machine" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (state_dir / "services").exists()  # no hand-off file written

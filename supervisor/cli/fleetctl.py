@@ -64,12 +64,21 @@ if TYPE_CHECKING:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetctl")
 @host_option
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Plan, generate and control a fleet of LLM serving containers on GPU hosts.
 
     Exit codes: 0 ok, 1 failure (a service that fits nowhere, a refused change),
     2 usage or config error, 3 the command needs a running fleetd and none answers.
     """
+    name = ctx.invoked_subcommand
+    command = cli.get_command(ctx, name) if name else None
+    runs_here = command is not None and not any(p.name == "host" for p in command.params)
+    if runs_here and ctx.meta.get("fleetctl.hosts"):
+        raise click.UsageError(
+            f"--host: `fleetctl {name}` runs on this machine, not through another "
+            f"host's fleetd; run it there (ssh HOST fleetctl {name} ...)"
+        )
 
 
 def _plan(
