@@ -9,7 +9,7 @@ one. fleetd reads all of it from the manager's API, so the tasks may run on any 
   replacements;
 - a change of rung as a service update (`update_env`): the new variables in the task
   template, rolled out by Swarm with the service's own update policy (stop-first or
-  start-first, rollback on failure), then `wait_rolled` until a task of the new spec runs;
+  start-first), then `wait_rolled` until a task of the new spec has started;
 - `scale`, to stop a service at the bottom of its ladder (replicas 0).
 Every call goes through `engine.translated`, so docker-py's errors become DockerError once.
 """
