@@ -124,3 +124,39 @@ def test_a_reload_that_switches_to_swarm_mode_is_refused_and_changes_nothing(
     assert refused == ["done"]
     assert daemon.config.mode == "host"
     daemon.shutdown()
+
+
+def test_task_states_become_the_events_a_container_would_give() -> None:
+    import queue
+
+    from supervisor.core.step import ContainerEvent
+    from supervisor.edges.watch import SwarmWatcher
+
+    out: queue.Queue[object] = queue.Queue()
+    started_s = 1_796_392_290.0  # the watcher starts before FAILED was created
+    watcher = SwarmWatcher(None, started_s, out, dict, lambda tasks: None)  # type: ignore[arg-type]
+    running = task_of(RUNNING, "fleet_llm")
+    failed = task_of(FAILED, "fleet_llm")
+    shut = task_of(
+        {**RUNNING, "ID": "shut", "Status": {**RUNNING["Status"], "State": "shutdown"}}, "fleet_llm"
+    )
+    for task in (running, running, failed, failed, shut):  # read twice: reported once
+        watcher._emit("llm", task)
+    events = [out.get_nowait() for _ in range(out.qsize())]
+    assert events == [
+        ContainerEvent("llm", running.id, "start", running.created_ns),
+        ContainerEvent(
+            "llm", failed.id, "die", failed.changed_ns, 1, ("swarm: task: non-zero exit (1)",)
+        ),
+    ]  # Swarm's own shutdown is no exit of the service's
+
+
+def test_a_task_that_ended_before_fleetd_watched_is_no_event() -> None:
+    import queue
+
+    from supervisor.edges.watch import SwarmWatcher
+
+    out: queue.Queue[object] = queue.Queue()
+    watcher = SwarmWatcher(None, 1_796_392_300.0, out, dict, lambda tasks: None)  # type: ignore[arg-type]
+    watcher._emit("llm", task_of(FAILED, "fleet_llm"))
+    assert out.empty()

@@ -745,7 +745,8 @@ class Daemon:
             # follower read it (a run that ends at once may be over before one attaches).
             explained = any(detector.classify(line) is not None for line in lines)
             kept = tuple(line[:EXIT_TAIL_CHARS] for line in lines[-EXIT_TAIL_LINES:])
-            read = replace(event, last_lines=kept, explained=explained)
+            # a Swarm task that never started printed nothing: its error is the evidence
+            read = replace(event, last_lines=kept or event.last_lines, explained=explained)
             self.queue.put(LoopTask(lambda: self._exit_read(read)))
 
         threading.Thread(target=read, name=f"tail-{event.container}", daemon=True).start()

@@ -283,7 +283,10 @@ class SwarmWatcher(_StreamThread):
             exited = task.state in ("failed", "complete") and task.exit_code is not None
             if task.changed_ns < self._started_ns or not exited:
                 return
-            self._out.put(ContainerEvent(name, task.id, "die", task.changed_ns, task.exit_code))
+            said = (f"swarm: {task.error}",) if task.error else ()
+            self._out.put(
+                ContainerEvent(name, task.id, "die", task.changed_ns, task.exit_code, said)
+            )
         elif task.running and (before is None or before[0] != "running"):
             self._seen[task.id] = (task.state, False)
             self._out.put(ContainerEvent(name, task.id, "start", task.created_ns))

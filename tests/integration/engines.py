@@ -104,7 +104,10 @@ def throwaway_engine(daemon_json: Path, netns: str | None = None) -> Iterator[En
 
 
 def _start(root: Path, daemon_json: Path, netns: str | None) -> subprocess.Popen[bytes]:
-    namespace = f"fleetd-test-{root.name}"  # never the shared engine's `moby` namespace
+    # Never the shared engine's `moby` namespace. containerd takes [A-Za-z0-9] runs joined
+    # by one of `._-`: mkdtemp's random part may hold `_` (`fleetd-engine-_8j4k211` was
+    # refused), so only its letters and digits are kept.
+    namespace = "fleetdtest" + "".join(c for c in root.name if c.isalnum())
     argv = [
         DOCKERD,
         f"--data-root={root / 'data'}",
