@@ -66,7 +66,7 @@ from supervisor.edges.nvml import GPU_LOST_ERRORS, Nvml
 from supervisor.edges.runtime_api import RuntimeApiError, api_for
 from supervisor.edges.sdnotify import Notifier
 from supervisor.edges.store import StateStore
-from supervisor.edges.swarm import SwarmGpus
+from supervisor.edges.swarm import SwarmGpus, require_manager
 from supervisor.edges.watch import (
     EventsEnded,
     EventWatcher,
@@ -871,7 +871,8 @@ class Daemon:
             client = engine.connect(self.docker_factory)
             if self.config.mode == "swarm":
                 try:
-                    services.check_manager(client)
+                    hint = "`mode: swarm` needs fleetd on a manager (where `docker node ls` works)"
+                    require_manager(client, hint)
                 except DockerError:
                     client.close()
                     raise

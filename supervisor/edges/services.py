@@ -16,6 +16,7 @@ Every call goes through `engine.translated`, so docker-py's errors become Docker
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,10 +32,6 @@ from supervisor.edges.engine import (
 
 if TYPE_CHECKING:
     import docker
-
-
-class NotAManager(DockerError):
-    """The engine is not a manager of an active swarm."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +84,6 @@ def task_of(raw: Mapping[str, Any], service: str) -> Task:
         error=str(status.get("Err", "")),
         env=tuple(str(e) for e in spec.get("Env") or ()),
     )
-
-
-def check_manager(client: docker.DockerClient) -> None:
-    """NotAManager unless this engine is a manager of an active swarm."""
-    from supervisor.edges.swarm import manager_state
-
-    with translated("cannot read the swarm state (docker info)"):
-        info = client.info()
-    refused = manager_state(info)
-    if refused is not None:
-        raise NotAManager(
-            f"this Docker engine is not a Swarm manager (docker info: {refused}): `mode: "
-            "swarm` needs fleetd on a manager (where `docker node ls` works)"
-        )
 
 
 class NoSuchService(DockerError):
@@ -226,24 +209,19 @@ def env_matches(env: tuple[str, ...] | list[str], changes: Mapping[str, str | No
     return all(values.get(k) == v if v is not None else k not in values for k, v in changes.items())
 
 
-def update_env(client: docker.DockerClient, service: str, changes: Mapping[str, str | None]) -> int:
-    """Update the service's task template with the variables `changes` sets (None:
-    removes); Swarm replaces its tasks with its own update policy. Returns when Swarm
-    has taken the update (the spec's new version); `wait_rolled` waits for the tasks."""
-    spec_now = inspect(client, service)
-    spec = spec_now["Spec"]
-    template = dict(spec["TaskTemplate"])
-    container = dict(template.get("ContainerSpec") or {})
-    container["Env"] = set_env(list(container.get("Env") or []), changes)
-    template["ContainerSpec"] = container
-    # A forced update rolls the tasks even when the variables already hold these values
-    # (a rung handed off twice must still restart the service on it).
-    template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
-    version = int(spec_now["Version"]["Index"])
-    with translated(f"cannot update service {service}"):
+def _update_spec(
+    client: docker.DockerClient, service: str, what: str, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    """Update the service with its current spec as `edit` changes it (a copy), at the
+    version read, so a concurrent update is refused rather than overwritten."""
+    current = inspect(client, service)
+    spec = copy.deepcopy(current["Spec"])
+    edit(spec)
+    template = spec["TaskTemplate"]
+    with translated(f"cannot {what} service {service}"):
         client.api.update_service(
-            spec_now["ID"],
-            version,
+            current["ID"],
+            int(current["Version"]["Index"]),
             task_template=template,
             name=spec.get("Name"),
             labels=spec.get("Labels"),
@@ -254,7 +232,24 @@ def update_env(client: docker.DockerClient, service: str, changes: Mapping[str, 
             endpoint_spec=spec.get("EndpointSpec"),
             fetch_current_spec=False,
         )
-    return version
+
+
+def update_env(
+    client: docker.DockerClient, service: str, changes: Mapping[str, str | None]
+) -> None:
+    """Update the service's task template with the variables `changes` sets (None:
+    removes); Swarm replaces its tasks with its own update policy. Returns when Swarm
+    has taken the update; `wait_rolled` waits for the tasks."""
+
+    def edit(spec: dict[str, Any]) -> None:
+        template = spec["TaskTemplate"]
+        container = template.setdefault("ContainerSpec", {})
+        container["Env"] = set_env(list(container.get("Env") or []), changes)
+        # A forced update rolls the tasks even when the variables already hold these
+        # values (a rung handed off twice must still restart the service on it).
+        template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
+
+    _update_spec(client, service, "update", edit)
 
 
 def wait_rolled(
@@ -291,26 +286,14 @@ def wait_rolled(
 
 def scale(client: docker.DockerClient, service: str, replicas: int) -> None:
     """Set a replicated service's replica count (0 stops all of its tasks)."""
-    spec_now = inspect(client, service)
-    spec = spec_now["Spec"]
-    mode = dict(spec.get("Mode") or {})
-    if "Replicated" not in mode:
-        raise DockerError(f"service {service} is not replicated (mode {mode}); cannot stop it")
-    mode["Replicated"] = {"Replicas": replicas}
-    with translated(f"cannot scale service {service}"):
-        client.api.update_service(
-            spec_now["ID"],
-            int(spec_now["Version"]["Index"]),
-            task_template=spec["TaskTemplate"],
-            name=spec.get("Name"),
-            labels=spec.get("Labels"),
-            mode=mode,
-            update_config=spec.get("UpdateConfig"),
-            rollback_config=spec.get("RollbackConfig"),
-            networks=spec["TaskTemplate"].get("Networks") or spec.get("Networks"),
-            endpoint_spec=spec.get("EndpointSpec"),
-            fetch_current_spec=False,
-        )
+
+    def edit(spec: dict[str, Any]) -> None:
+        mode = spec.get("Mode") or {}
+        if "Replicated" not in mode:
+            raise DockerError(f"service {service} is not replicated (mode {mode}); cannot stop it")
+        mode["Replicated"] = {"Replicas": replicas}
+
+    _update_spec(client, service, "scale", edit)
 
 
 def events(client: docker.DockerClient, since_s: float) -> Stream:

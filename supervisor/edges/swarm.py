@@ -35,16 +35,21 @@ def manager_state(info: dict[str, Any]) -> str | None:
     return f"Swarm: {state}{error}"
 
 
-def read_swarm(client: docker.DockerClient) -> SwarmLayout:
-    """Every node of the swarm this engine manages, and their GPUs."""
+def require_manager(client: docker.DockerClient, hint: str) -> None:
+    """NoSwarmManager, saying what the engine is and then `hint`, unless it manages an
+    active swarm (for `plan --swarm` and for fleetd in `mode: swarm`)."""
     with translated("cannot read docker info"):
         info = client.info()
     refused = manager_state(info)
     if refused is not None:
         raise NoSwarmManager(
-            f"this Docker engine is not a Swarm manager (docker info: {refused}); run "
-            "`fleetctl plan --swarm` on a manager, or point DOCKER_HOST at one"
+            f"this Docker engine is not a Swarm manager (docker info: {refused}); {hint}"
         )
+
+
+def read_swarm(client: docker.DockerClient) -> SwarmLayout:
+    """Every node of the swarm this engine manages, and their GPUs."""
+    require_manager(client, "run `fleetctl plan --swarm` on a manager, or point DOCKER_HOST at one")
     with translated("cannot list the swarm's nodes", error=NoSwarmManager):
         objects = [n.attrs for n in client.nodes.list()]
     nodes, notes = read_nodes(objects)
